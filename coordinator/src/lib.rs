@@ -1,0 +1,2 @@
+//! The lorasweep coordinator.
+#![warn(missing_docs)]

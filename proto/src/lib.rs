@@ -1,0 +1,2 @@
+//! The lorasweep gRPC contract.
+#![warn(missing_docs)]
