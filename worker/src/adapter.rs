@@ -1,0 +1,685 @@
+//! Low-rank adapters and their variants, as PEFT defines them.
+//!
+//! An adapter on a frozen projection `W` (`d_out × d_in`) learns `ΔW = s·B·A` with `A`
+//! (`r × d_in`), `B` (`d_out × r`):
+//!
+//! | variant    | scale `s` | init                                                   | forward |
+//! |------------|-----------|--------------------------------------------------------|---------|
+//! | `lora`     | `α/r`     | `A` kaiming-uniform(a=√5) = U(±1/√d_in), `B = 0`        | `Wx + s·BAx` |
+//! | `rslora`   | `α/√r`    | as lora                                                 | as lora |
+//! | `loraplus` | `α/r`     | as lora; the optimizer gives `B` `ratio ×` the lr of `A` | as lora |
+//! | `dora`     | `α/r`     | as lora, magnitude `m = ‖W‖` per output row            | `m ⊙ (W + sBA)x / ‖W + sBA‖` with the norm detached |
+//! | `pissa`    | `α/r`     | `A = √S_r Vᵀ_r / √s`, `B = U_r √S_r / √s` (top `r` singular triplets); base becomes `W − sBA` | as lora |
+//! | `milora`   | `α/r`     | as pissa with the `r` *smallest* singular triplets       | as lora |
+//!
+//! All adapter parameters are f32 (they are cast to the compute dtype in the forward pass).
+
+use std::sync::Mutex;
+
+use candle_core::{DType, Device, Tensor, Var, D};
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+use crate::model::{ModelConfig, ModuleId, ModuleKind};
+
+/// The adapter variants lorasweep trains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Variant {
+    /// Vanilla LoRA (Hu et al., 2021).
+    Lora,
+    /// Rank-stabilised LoRA: scale `α/√r` (Kalajdzievski, 2023).
+    #[serde(rename = "rslora")]
+    RsLora,
+    /// Weight-decomposed LoRA (Liu et al., 2024).
+    Dora,
+    /// Principal singular values and vectors adaptation (Meng et al., 2024).
+    Pissa,
+    /// LoRA with a larger learning rate for `B` (Hayou et al., 2024).
+    #[serde(rename = "loraplus")]
+    LoraPlus,
+    /// Minor singular components adaptation (Wang et al., 2024).
+    Milora,
+}
+
+impl Variant {
+    /// All variants, for listings and errors.
+    pub const ALL: [Variant; 6] = [
+        Self::Lora,
+        Self::RsLora,
+        Self::Dora,
+        Self::Pissa,
+        Self::LoraPlus,
+        Self::Milora,
+    ];
+
+    /// The name used on the command line and in sweeps.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Lora => "lora",
+            Self::RsLora => "rslora",
+            Self::Dora => "dora",
+            Self::Pissa => "pissa",
+            Self::LoraPlus => "loraplus",
+            Self::Milora => "milora",
+        }
+    }
+
+    /// Parses a variant name.
+    pub fn parse(name: &str) -> Result<Self, AdapterError> {
+        Self::ALL
+            .into_iter()
+            .find(|v| v.name() == name)
+            .ok_or_else(|| AdapterError::UnknownVariant(name.to_string()))
+    }
+}
+
+impl std::str::FromStr for Variant {
+    type Err = AdapterError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::parse(s)
+    }
+}
+
+/// How `A` is initialised for the lora-style variants (and sampled by the PAGE probe).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AInit {
+    /// PEFT's default, kaiming-uniform with a=√5: U(−1/√d_in, 1/√d_in), variance 1/(3·d_in).
+    #[default]
+    Kaiming,
+    /// PEFT's `init_lora_weights="gaussian"`: N(0, 1/r²).
+    Gaussian,
+}
+
+impl AInit {
+    /// The variance σ_A² of one entry of `A`.
+    pub fn variance(self, d_in: usize, rank: usize) -> f64 {
+        match self {
+            Self::Kaiming => 1.0 / (3.0 * d_in as f64),
+            Self::Gaussian => 1.0 / (rank as f64 * rank as f64),
+        }
+    }
+
+    /// The name used on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Kaiming => "kaiming",
+            Self::Gaussian => "gaussian",
+        }
+    }
+
+    /// Parses `kaiming` / `gaussian`.
+    pub fn parse(name: &str) -> Result<Self, AdapterError> {
+        match name {
+            "kaiming" => Ok(Self::Kaiming),
+            "gaussian" => Ok(Self::Gaussian),
+            other => Err(AdapterError::UnknownInit(other.to_string())),
+        }
+    }
+}
+
+/// Settings shared by every adapter of one run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AdapterSettings {
+    /// Which variant.
+    pub variant: Variant,
+    /// Rank `r`.
+    pub rank: usize,
+    /// `α`.
+    pub alpha: f64,
+    /// Init of `A` for lora-style variants.
+    pub a_init: AInit,
+    /// Seed of the random init.
+    pub seed: u64,
+}
+
+impl AdapterSettings {
+    /// The scale `s`: `α/√r` for rsLoRA, `α/r` otherwise.
+    pub fn scale(&self) -> f64 {
+        scale_for(self.variant, self.alpha, self.rank)
+    }
+}
+
+/// `α/√r` for rsLoRA, `α/r` otherwise.
+pub fn scale_for(variant: Variant, alpha: f64, rank: usize) -> f64 {
+    match variant {
+        Variant::RsLora => alpha / (rank as f64).sqrt(),
+        _ => alpha / rank as f64,
+    }
+}
+
+/// Errors setting up adapters.
+#[derive(Debug, thiserror::Error)]
+pub enum AdapterError {
+    /// Unknown variant name.
+    #[error("unknown variant {0:?} (expected one of lora, rslora, dora, pissa, loraplus, milora)")]
+    UnknownVariant(String),
+    /// Unknown init name.
+    #[error("unknown A init {0:?} (expected kaiming or gaussian)")]
+    UnknownInit(String),
+    /// A rank that the module cannot hold.
+    #[error(
+        "rank {rank} is invalid for {module} ({d_out}×{d_in}): it must be between 1 and {max}"
+    )]
+    BadRank {
+        /// The module.
+        module: String,
+        /// Requested rank.
+        rank: usize,
+        /// Output width.
+        d_out: usize,
+        /// Input width.
+        d_in: usize,
+        /// Largest allowed rank.
+        max: usize,
+    },
+    /// A tensor operation failed.
+    #[error("{0}")]
+    Tensor(#[from] candle_core::Error),
+}
+
+/// Which optimizer group a parameter belongs to (LoRA+ gives `B` its own learning rate).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParamGroup {
+    /// `lora_A`.
+    A,
+    /// `lora_B`.
+    B,
+    /// DoRA's magnitude vector.
+    Magnitude,
+}
+
+/// What the PAGE probe needs to see of a forward pass: the module's input and the adapter
+/// branch's output (whose gradient is the gradient at the module's output).
+#[derive(Debug, Clone)]
+pub struct Captured {
+    /// Module input `x`, `(batch, seq, d_in)`.
+    pub input: Tensor,
+    /// Adapter branch output, `(batch, seq, d_out)`.
+    pub branch: Tensor,
+}
+
+/// One trainable adapter on one projection.
+#[derive(Debug)]
+pub struct Adapter {
+    variant: Variant,
+    rank: usize,
+    scale: f64,
+    a: Var,
+    b: Var,
+    magnitude: Option<Var>,
+    capture: Option<Mutex<Option<Captured>>>,
+}
+
+impl Adapter {
+    /// Creates the adapter for `weight` (`d_out × d_in`) and, for PiSSA/MiLoRA, the residual
+    /// base weight `W − s·B·A` that must replace it.
+    pub fn init(
+        module: ModuleId,
+        weight: &Tensor,
+        rank: usize,
+        settings: &AdapterSettings,
+    ) -> Result<(Self, Option<Tensor>), AdapterError> {
+        let (d_out, d_in) = weight.dims2()?;
+        check_rank(module, rank, d_in, d_out)?;
+        let device = weight.device();
+        let scale = scale_for(settings.variant, settings.alpha, rank);
+        let mut residual = None;
+        let (a, b) = match settings.variant {
+            Variant::Pissa | Variant::Milora => {
+                let principal = settings.variant == Variant::Pissa;
+                let (a, b, res) = svd_init(weight, rank, scale, principal)?;
+                residual = Some(res);
+                (a, b)
+            }
+            _ => {
+                let a = sample_a(module, d_in, rank, settings.a_init, settings.seed, device)?;
+                (a, Tensor::zeros((d_out, rank), DType::F32, device)?)
+            }
+        };
+        let magnitude = if settings.variant == Variant::Dora {
+            Some(Var::from_tensor(&row_norms(
+                &weight.to_dtype(DType::F32)?,
+            )?)?)
+        } else {
+            None
+        };
+        let adapter = Self {
+            variant: settings.variant,
+            rank,
+            scale,
+            a: Var::from_tensor(&a)?,
+            b: Var::from_tensor(&b)?,
+            magnitude,
+            capture: None,
+        };
+        Ok((adapter, residual))
+    }
+
+    /// An adapter from given tensors (e.g. loaded from disk).
+    pub fn from_parts(
+        variant: Variant,
+        scale: f64,
+        a: Tensor,
+        b: Tensor,
+        magnitude: Option<Tensor>,
+    ) -> Result<Self, AdapterError> {
+        let rank = a.dim(0)?;
+        Ok(Self {
+            variant,
+            rank,
+            scale,
+            a: Var::from_tensor(&a.to_dtype(DType::F32)?)?,
+            b: Var::from_tensor(&b.to_dtype(DType::F32)?)?,
+            magnitude: magnitude
+                .map(|m| Var::from_tensor(&m.to_dtype(DType::F32)?))
+                .transpose()?,
+            capture: None,
+        })
+    }
+
+    /// The variant.
+    pub fn variant(&self) -> Variant {
+        self.variant
+    }
+
+    /// The rank.
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    /// The scale `s`.
+    pub fn scale(&self) -> f64 {
+        self.scale
+    }
+
+    /// `lora_A`, `r × d_in`.
+    pub fn a(&self) -> &Var {
+        &self.a
+    }
+
+    /// `lora_B`, `d_out × r`.
+    pub fn b(&self) -> &Var {
+        &self.b
+    }
+
+    /// DoRA's magnitude, `d_out`.
+    pub fn magnitude(&self) -> Option<&Var> {
+        self.magnitude.as_ref()
+    }
+
+    /// Trainable parameters with their optimizer group. The PAGE probe trains nothing and
+    /// only reads `B`'s gradient.
+    pub fn parameters(&self) -> Vec<(ParamGroup, &Var)> {
+        let mut params = vec![(ParamGroup::A, &self.a), (ParamGroup::B, &self.b)];
+        if let Some(m) = &self.magnitude {
+            params.push((ParamGroup::Magnitude, m));
+        }
+        params
+    }
+
+    /// Number of trainable scalars.
+    pub fn parameter_count(&self) -> usize {
+        self.parameters().iter().map(|(_, v)| v.elem_count()).sum()
+    }
+
+    /// Makes the next forward passes record their input and branch output (for the probe).
+    pub fn enable_capture(&mut self) {
+        self.capture = Some(Mutex::new(None));
+    }
+
+    /// What the last forward pass recorded, if capture is on.
+    pub fn captured(&self) -> Option<Captured> {
+        self.capture
+            .as_ref()
+            .and_then(|c| c.lock().ok().and_then(|guard| guard.clone()))
+    }
+
+    /// Adds the adapter to `base = x·Wᵀ` (no bias). `weight` is the frozen weight (needed by
+    /// DoRA's norm).
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        base: &Tensor,
+        weight: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        let dtype = x.dtype();
+        let a = self.a.as_tensor().to_dtype(dtype)?;
+        let b = self.b.as_tensor().to_dtype(dtype)?;
+        let branch = (x.broadcast_matmul(&a.t()?)?.broadcast_matmul(&b.t()?)? * self.scale)?;
+        if let Some(capture) = &self.capture {
+            if let Ok(mut slot) = capture.lock() {
+                *slot = Some(Captured {
+                    input: x.clone(),
+                    branch: branch.clone(),
+                });
+            }
+        }
+        let summed = (base + &branch)?;
+        let Some(magnitude) = &self.magnitude else {
+            return Ok(summed);
+        };
+        // DoRA: the column norm of the adapted weight is treated as a constant (detached), as
+        // the paper's section 4.3 and PEFT do, so no gradient flows through it.
+        let delta = (self.b.as_tensor().matmul(self.a.as_tensor())? * self.scale)?;
+        let adapted = (weight.to_dtype(DType::F32)? + delta)?;
+        let norm = row_norms(&adapted)?.detach();
+        let ratio = magnitude.as_tensor().div(&norm)?.to_dtype(dtype)?;
+        summed.broadcast_mul(&ratio)
+    }
+
+    /// The weight this adapter computes when folded into `weight`.
+    pub fn merged_weight(&self, weight: &Tensor) -> candle_core::Result<Tensor> {
+        let dtype = weight.dtype();
+        let delta = (self.b.as_tensor().matmul(self.a.as_tensor())? * self.scale)?;
+        let adapted = (weight.to_dtype(DType::F32)? + delta)?;
+        let merged = match &self.magnitude {
+            Some(m) => {
+                adapted.broadcast_mul(&m.as_tensor().div(&row_norms(&adapted)?)?.unsqueeze(1)?)?
+            }
+            None => adapted,
+        };
+        merged.to_dtype(dtype)
+    }
+}
+
+/// Checks `1 ≤ rank ≤ min(d_in, d_out)`.
+pub fn check_rank(
+    module: ModuleId,
+    rank: usize,
+    d_in: usize,
+    d_out: usize,
+) -> Result<(), AdapterError> {
+    let max = d_in.min(d_out);
+    if rank == 0 || rank > max {
+        return Err(AdapterError::BadRank {
+            module: module.name(),
+            rank,
+            d_out,
+            d_in,
+            max,
+        });
+    }
+    Ok(())
+}
+
+/// Trainable parameters of one adapter of `rank` on `module` for a variant.
+pub fn adapter_parameter_count(
+    config: &ModelConfig,
+    module: ModuleId,
+    rank: usize,
+    variant: Variant,
+) -> usize {
+    let (d_in, d_out) = config.module_dims(module.kind);
+    rank * (d_in + d_out) + if variant == Variant::Dora { d_out } else { 0 }
+}
+
+/// L2 norm of each row of a `d_out × d_in` matrix: a `d_out` vector.
+fn row_norms(w: &Tensor) -> candle_core::Result<Tensor> {
+    w.sqr()?.sum(D::Minus1)?.sqrt()
+}
+
+/// Deterministic per-module RNG: the run seed mixed with the module's identity.
+fn module_rng(module: ModuleId, seed: u64) -> rand::rngs::StdRng {
+    let kind = ModuleKind::ALL
+        .iter()
+        .position(|&k| k == module.kind)
+        .unwrap_or(0) as u64;
+    let mixed = seed
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        .wrapping_add((module.layer as u64) << 8 | kind)
+        .wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    rand::rngs::StdRng::seed_from_u64(mixed)
+}
+
+/// Draws `A` (`rank × d_in`, f32) from the chosen init, seeded per module.
+pub fn sample_a(
+    module: ModuleId,
+    d_in: usize,
+    rank: usize,
+    init: AInit,
+    seed: u64,
+    device: &Device,
+) -> candle_core::Result<Tensor> {
+    let mut rng = module_rng(module, seed);
+    let values: Vec<f32> = match init {
+        AInit::Kaiming => {
+            let bound = 1.0 / (d_in as f32).sqrt();
+            (0..rank * d_in)
+                .map(|_| rng.random_range(-bound..bound))
+                .collect()
+        }
+        AInit::Gaussian => {
+            let normal = rand_distr::Normal::new(0.0f32, 1.0 / rank as f32).expect("positive std");
+            (0..rank * d_in).map(|_| rng.sample(normal)).collect()
+        }
+    };
+    Tensor::from_vec(values, (rank, d_in), device)
+}
+
+/// PiSSA / MiLoRA init from the SVD `W = U S Vᵀ`: with the chosen `r` triplets,
+/// `A = diag(√(S/s)) Vᵀ`, `B = U diag(√(S/s))`, so that `s·B·A = U S Vᵀ` restricted to them, and
+/// the residual `W − s·B·A` becomes the frozen base.
+fn svd_init(
+    weight: &Tensor,
+    rank: usize,
+    scale: f64,
+    principal: bool,
+) -> Result<(Tensor, Tensor, Tensor), AdapterError> {
+    let device = weight.device();
+    let w32 = weight.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
+    let (d_out, d_in) = w32.dims2()?;
+    let values = w32.flatten_all()?.to_vec1::<f32>()?;
+    let matrix =
+        nalgebra::DMatrix::<f64>::from_row_iterator(d_out, d_in, values.iter().map(|&v| v as f64));
+    let svd = matrix.svd(true, true);
+    let (u, v_t) = (svd.u.expect("u requested"), svd.v_t.expect("v_t requested"));
+    // nalgebra does not promise an order: sort singular values descending ourselves.
+    let mut order: Vec<usize> = (0..svd.singular_values.len()).collect();
+    order.sort_by(|&i, &j| svd.singular_values[j].total_cmp(&svd.singular_values[i]));
+    let chosen: Vec<usize> = if principal {
+        order[..rank].to_vec()
+    } else {
+        order[order.len() - rank..].to_vec()
+    };
+    let mut a = vec![0f32; rank * d_in];
+    let mut b = vec![0f32; d_out * rank];
+    for (slot, &index) in chosen.iter().enumerate() {
+        let root = (svd.singular_values[index] / scale).sqrt();
+        for col in 0..d_in {
+            a[slot * d_in + col] = (root * v_t[(index, col)]) as f32;
+        }
+        for row in 0..d_out {
+            b[row * rank + slot] = (root * u[(row, index)]) as f32;
+        }
+    }
+    let a = Tensor::from_vec(a, (rank, d_in), &Device::Cpu)?;
+    let b = Tensor::from_vec(b, (d_out, rank), &Device::Cpu)?;
+    let residual = (w32 - (b.matmul(&a)? * scale)?)?;
+    Ok((
+        a.to_device(device)?,
+        b.to_device(device)?,
+        residual.to_dtype(weight.dtype())?.to_device(device)?,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(variant: Variant) -> AdapterSettings {
+        AdapterSettings {
+            variant,
+            rank: 4,
+            alpha: 8.0,
+            a_init: AInit::Kaiming,
+            seed: 7,
+        }
+    }
+
+    fn module() -> ModuleId {
+        ModuleId {
+            layer: 1,
+            kind: ModuleKind::DownProj,
+        }
+    }
+
+    fn max_abs(t: &Tensor) -> f32 {
+        t.abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    fn setup(variant: Variant) -> (Tensor, Tensor, Adapter, Option<Tensor>) {
+        let device = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (12, 10), &device).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 10), &device).unwrap();
+        let (adapter, residual) = Adapter::init(module(), &w, 4, &settings(variant)).unwrap();
+        (w, x, adapter, residual)
+    }
+
+    #[test]
+    fn lora_style_variants_start_as_the_base_model() {
+        for variant in [
+            Variant::Lora,
+            Variant::RsLora,
+            Variant::LoraPlus,
+            Variant::Dora,
+        ] {
+            let (w, x, adapter, residual) = setup(variant);
+            assert!(residual.is_none());
+            let base = crate::ops::frozen_linear(&x, &w).unwrap();
+            let out = adapter.forward(&x, &base, &w).unwrap();
+            assert!(
+                max_abs(&(out - &base).unwrap()) < 1e-5,
+                "{variant:?} changes the output at init"
+            );
+            assert_eq!(
+                max_abs(adapter.b().as_tensor()),
+                0.0,
+                "B must start at zero"
+            );
+        }
+    }
+
+    #[test]
+    fn scales_follow_the_variant() {
+        assert_eq!(settings(Variant::Lora).scale(), 2.0);
+        assert_eq!(settings(Variant::RsLora).scale(), 4.0);
+    }
+
+    #[test]
+    fn kaiming_a_is_bounded_and_seeded() {
+        let a = sample_a(module(), 100, 8, AInit::Kaiming, 3, &Device::Cpu).unwrap();
+        assert!(max_abs(&a) <= 0.1);
+        let again = sample_a(module(), 100, 8, AInit::Kaiming, 3, &Device::Cpu).unwrap();
+        assert_eq!(max_abs(&(a.clone() - again).unwrap()), 0.0);
+        let other = sample_a(module(), 100, 8, AInit::Kaiming, 4, &Device::Cpu).unwrap();
+        assert!(max_abs(&(a - other).unwrap()) > 0.0);
+        let var = sample_a(module(), 300, 64, AInit::Kaiming, 3, &Device::Cpu)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .mean_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!((var - 1.0 / 900.0).abs() < 1e-4, "variance {var}");
+        let var = sample_a(module(), 300, 4, AInit::Gaussian, 3, &Device::Cpu)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .mean_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!((var - 1.0 / 16.0).abs() < 5e-3, "variance {var}");
+    }
+
+    #[test]
+    fn pissa_and_milora_reproduce_the_weight_at_init() {
+        for variant in [Variant::Pissa, Variant::Milora] {
+            let (w, x, adapter, residual) = setup(variant);
+            let residual = residual.expect("svd variants replace the base");
+            let rebuilt = (&residual
+                + (adapter
+                    .b()
+                    .as_tensor()
+                    .matmul(adapter.a().as_tensor())
+                    .unwrap()
+                    * adapter.scale())
+                .unwrap())
+            .unwrap();
+            assert!(
+                max_abs(&(rebuilt - &w).unwrap()) < 1e-4,
+                "{variant:?}: base + s·B·A != W"
+            );
+            let base = crate::ops::frozen_linear(&x, &residual).unwrap();
+            let out = adapter.forward(&x, &base, &residual).unwrap();
+            let reference = crate::ops::frozen_linear(&x, &w).unwrap();
+            assert!(
+                max_abs(&(out - reference).unwrap()) < 1e-3,
+                "{variant:?} changes the output at init"
+            );
+        }
+        // PiSSA takes the largest singular directions, MiLoRA the smallest.
+        let (_, _, pissa, _) = setup(Variant::Pissa);
+        let (_, _, milora, _) = setup(Variant::Milora);
+        let energy = |a: &Adapter| {
+            a.a()
+                .as_tensor()
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        assert!(energy(&pissa) > energy(&milora));
+    }
+
+    #[test]
+    fn dora_magnitude_is_the_row_norm_and_merge_matches_forward() {
+        let (w, x, adapter, _) = setup(Variant::Dora);
+        let m = adapter.magnitude().unwrap().as_tensor();
+        assert!(max_abs(&(m - row_norms(&w).unwrap()).unwrap()) < 1e-5);
+        // Move B off zero, then compare the unmerged forward with the merged weight.
+        adapter
+            .b()
+            .set(&Tensor::randn(0f32, 0.1, (12, 4), &Device::Cpu).unwrap())
+            .unwrap();
+        let base = crate::ops::frozen_linear(&x, &w).unwrap();
+        let unmerged = adapter.forward(&x, &base, &w).unwrap();
+        let merged = crate::ops::frozen_linear(&x, &adapter.merged_weight(&w).unwrap()).unwrap();
+        assert!(max_abs(&(unmerged - merged).unwrap()) < 1e-4);
+    }
+
+    #[test]
+    fn dora_norm_is_detached() {
+        let (w, x, adapter, _) = setup(Variant::Dora);
+        let base = crate::ops::frozen_linear(&x, &w).unwrap();
+        let out = adapter.forward(&x, &base, &w).unwrap();
+        let grads = out.sum_all().unwrap().backward().unwrap();
+        // At B = 0 with a detached norm, ∂L/∂m = Σ (x·Wᵀ)/‖W‖ per row.
+        let gm = grads.get(adapter.magnitude().unwrap().as_tensor()).unwrap();
+        let expected = base
+            .sum((0, 1))
+            .unwrap()
+            .div(&row_norms(&w).unwrap())
+            .unwrap();
+        assert!(max_abs(&(gm - expected).unwrap()) < 1e-3);
+    }
+
+    #[test]
+    fn rank_bounds_are_checked() {
+        let w = Tensor::zeros((12, 10), DType::F32, &Device::Cpu).unwrap();
+        for rank in [0, 11] {
+            let err = Adapter::init(module(), &w, rank, &settings(Variant::Lora)).unwrap_err();
+            assert!(err.to_string().contains("between 1 and 10"), "{err}");
+        }
+    }
+}

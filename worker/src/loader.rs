@@ -1,0 +1,135 @@
+//! Loading a whole model: weights, tokenizer and chat template, from a GGUF file or a Hugging
+//! Face directory, with a content digest that identifies the weights (for probe caching).
+
+use std::io::Read;
+use std::path::Path;
+
+use candle_core::{DType, Device};
+use sha2::{Digest, Sha256};
+
+use crate::chat::ChatTemplate;
+use crate::model::{weights, ModelConfig, ModelError, ModelSource, Transformer};
+use crate::tokenizer::Tokenizer;
+
+/// A model ready to run: the decoder, its tokenizer and chat template.
+#[derive(Debug)]
+pub struct LoadedModel {
+    /// The decoder.
+    pub transformer: Transformer,
+    /// Its tokenizer.
+    pub tokenizer: Tokenizer,
+    /// Its chat template.
+    pub chat_template: ChatTemplate,
+    /// Where it came from.
+    pub source: ModelSource,
+    /// sha256 of the weight file(s).
+    pub digest: String,
+}
+
+impl LoadedModel {
+    /// The model configuration.
+    pub fn config(&self) -> &ModelConfig {
+        self.transformer.config()
+    }
+}
+
+/// Loads a model onto `device`, with frozen weights in `dtype` (f32 on CPU, bf16 on CUDA).
+pub fn load(
+    source: &ModelSource,
+    device: &Device,
+    dtype: DType,
+) -> Result<LoadedModel, ModelError> {
+    let path = source.path();
+    let (config, tensors, tokenizer, chat_template, digest) = match source {
+        ModelSource::Gguf(path) => {
+            let (mut file, content) = weights::read_gguf_header(path)?;
+            let config = weights::gguf_config(path, &content)?;
+            let tokenizer = Tokenizer::from_gguf(&content)
+                .map_err(|e| weights::invalid(path, format!("tokenizer: {e}")))?;
+            let template = ChatTemplate::from_gguf(&content)
+                .map_err(|e| weights::invalid(path, format!("chat template: {e}")))?;
+            let tensors = weights::gguf_tensors(path, &mut file, &content, &config)?;
+            (
+                config,
+                tensors,
+                tokenizer,
+                template,
+                file_digest(&[path.to_path_buf()])?,
+            )
+        }
+        ModelSource::HfDir(dir) => {
+            let config = weights::hf_config(dir)?;
+            let tokenizer = Tokenizer::from_hf_dir(dir)
+                .map_err(|e| weights::invalid(dir, format!("tokenizer: {e}")))?;
+            let template = ChatTemplate::from_hf_dir(dir)
+                .map_err(|e| weights::invalid(dir, format!("chat template: {e}")))?;
+            let tensors = weights::hf_tensors(dir)?;
+            let mut files: Vec<_> = std::fs::read_dir(dir)
+                .map_err(|source| ModelError::Io {
+                    path: dir.clone(),
+                    source,
+                })?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|ext| ext == "safetensors"))
+                .collect();
+            files.sort();
+            (config, tensors, tokenizer, template, file_digest(&files)?)
+        }
+    };
+    let transformer = Transformer::new(config, tensors, dtype, device, path)?;
+    Ok(LoadedModel {
+        transformer,
+        tokenizer,
+        chat_template,
+        source: source.clone(),
+        digest,
+    })
+}
+
+/// sha256 over the bytes of the files, in order.
+pub fn file_digest(files: &[std::path::PathBuf]) -> Result<String, ModelError> {
+    let mut hasher = Sha256::new();
+    let mut buffer = vec![0u8; 1 << 20];
+    for path in files {
+        let mut file = std::fs::File::open(path).map_err(|source| ModelError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        loop {
+            let read = file.read(&mut buffer).map_err(|source| ModelError::Io {
+                path: path.clone(),
+                source,
+            })?;
+            if read == 0 {
+                break;
+            }
+            hasher.update(&buffer[..read]);
+        }
+    }
+    Ok(hex::encode(hasher.finalize()))
+}
+
+/// The default device: CUDA 0 when built with CUDA and a GPU is present, else the CPU.
+pub fn default_device() -> Device {
+    #[cfg(feature = "cuda")]
+    {
+        if let Ok(device) = Device::new_cuda(0) {
+            return device;
+        }
+    }
+    Device::Cpu
+}
+
+/// The compute dtype for a device: bf16 on CUDA, f32 on the CPU.
+pub fn default_dtype(device: &Device) -> DType {
+    if device.is_cuda() {
+        DType::BF16
+    } else {
+        DType::F32
+    }
+}
+
+/// Whether a path looks like a model on disk (as opposed to a packaged model name).
+pub fn is_path(spec: &str) -> bool {
+    Path::new(spec).exists() || spec.contains('/') || spec.ends_with(".gguf")
+}

@@ -1,0 +1,339 @@
+//! Causal language models: configuration, loading (GGUF and Hugging Face directories) and the
+//! decoder itself.
+//!
+//! Both supported families, Llama and Qwen2, share one decoder ([`transformer`]); the family
+//! files ([`llama`], [`qwen2`]) say how each reads its configuration and weights.
+
+pub mod llama;
+pub mod qwen2;
+pub mod transformer;
+pub mod weights;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+pub use transformer::{KvCache, Transformer};
+
+/// The model families lorasweep can load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Architecture {
+    /// Llama (SmolLM2 and friends): no attention biases.
+    Llama,
+    /// Qwen2 (Qwen2.5 and friends): biases on the q, k and v projections.
+    Qwen2,
+}
+
+impl Architecture {
+    /// Parses the architecture name used by GGUF metadata and `config.json` `model_type`.
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "llama" => Some(Self::Llama),
+            "qwen2" => Some(Self::Qwen2),
+            _ => None,
+        }
+    }
+}
+
+/// The geometry and numerics of a decoder-only transformer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelConfig {
+    /// Model family.
+    pub architecture: Architecture,
+    /// Vocabulary size (rows of the embedding).
+    pub vocab_size: usize,
+    /// Width of the residual stream.
+    pub hidden_size: usize,
+    /// Width of the FFN's inner layer.
+    pub intermediate_size: usize,
+    /// Number of decoder layers.
+    pub num_layers: usize,
+    /// Number of query heads.
+    pub num_heads: usize,
+    /// Number of key/value heads (grouped-query attention).
+    pub num_kv_heads: usize,
+    /// Width of one head.
+    pub head_dim: usize,
+    /// RoPE base frequency.
+    pub rope_theta: f64,
+    /// RMSNorm epsilon.
+    pub rms_norm_eps: f64,
+    /// Whether the LM head shares the embedding matrix.
+    pub tie_word_embeddings: bool,
+    /// Whether q, k and v projections have biases.
+    pub attention_bias: bool,
+    /// Longest context the model was trained for.
+    pub max_position_embeddings: usize,
+}
+
+impl ModelConfig {
+    /// `(d_in, d_out)` of one projection kind.
+    pub fn module_dims(&self, kind: ModuleKind) -> (usize, usize) {
+        let q = self.num_heads * self.head_dim;
+        let kv = self.num_kv_heads * self.head_dim;
+        match kind {
+            ModuleKind::QProj => (self.hidden_size, q),
+            ModuleKind::KProj | ModuleKind::VProj => (self.hidden_size, kv),
+            ModuleKind::OProj => (q, self.hidden_size),
+            ModuleKind::GateProj | ModuleKind::UpProj => (self.hidden_size, self.intermediate_size),
+            ModuleKind::DownProj => (self.intermediate_size, self.hidden_size),
+        }
+    }
+
+    /// Every candidate module: 7 kinds × every layer, in layer-major order.
+    pub fn all_modules(&self) -> Vec<ModuleId> {
+        (0..self.num_layers)
+            .flat_map(|layer| ModuleKind::ALL.map(|kind| ModuleId { layer, kind }))
+            .collect()
+    }
+
+    /// Total parameters of the base model (embedding counted once when tied).
+    pub fn parameter_count(&self) -> usize {
+        let per_layer: usize = ModuleKind::ALL
+            .iter()
+            .map(|&kind| {
+                let (d_in, d_out) = self.module_dims(kind);
+                d_in * d_out
+            })
+            .sum::<usize>()
+            + 2 * self.hidden_size
+            + if self.attention_bias {
+                self.module_dims(ModuleKind::QProj).1 + 2 * self.module_dims(ModuleKind::KProj).1
+            } else {
+                0
+            };
+        let embedding = self.vocab_size * self.hidden_size;
+        let head = if self.tie_word_embeddings {
+            0
+        } else {
+            embedding
+        };
+        embedding + head + self.hidden_size + self.num_layers * per_layer
+    }
+}
+
+/// The seven linear projections of a decoder layer that can carry an adapter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum ModuleKind {
+    /// Attention query projection.
+    #[serde(rename = "q_proj")]
+    QProj,
+    /// Attention key projection.
+    #[serde(rename = "k_proj")]
+    KProj,
+    /// Attention value projection.
+    #[serde(rename = "v_proj")]
+    VProj,
+    /// Attention output projection.
+    #[serde(rename = "o_proj")]
+    OProj,
+    /// FFN gate projection.
+    #[serde(rename = "gate_proj")]
+    GateProj,
+    /// FFN up projection.
+    #[serde(rename = "up_proj")]
+    UpProj,
+    /// FFN down projection.
+    #[serde(rename = "down_proj")]
+    DownProj,
+}
+
+impl ModuleKind {
+    /// All kinds in the order of a layer's forward pass.
+    pub const ALL: [ModuleKind; 7] = [
+        Self::QProj,
+        Self::KProj,
+        Self::VProj,
+        Self::OProj,
+        Self::GateProj,
+        Self::UpProj,
+        Self::DownProj,
+    ];
+
+    /// The Hugging Face attribute name (`q_proj`, …, `down_proj`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::QProj => "q_proj",
+            Self::KProj => "k_proj",
+            Self::VProj => "v_proj",
+            Self::OProj => "o_proj",
+            Self::GateProj => "gate_proj",
+            Self::UpProj => "up_proj",
+            Self::DownProj => "down_proj",
+        }
+    }
+
+    /// The submodule that holds it: `self_attn` or `mlp`.
+    pub fn block(self) -> &'static str {
+        match self {
+            Self::QProj | Self::KProj | Self::VProj | Self::OProj => "self_attn",
+            Self::GateProj | Self::UpProj | Self::DownProj => "mlp",
+        }
+    }
+
+    /// Parses `q_proj` … `down_proj`.
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|kind| kind.name() == name)
+    }
+}
+
+impl fmt::Display for ModuleKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// One candidate module: a projection kind in one layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ModuleId {
+    /// Decoder layer index, from 0.
+    pub layer: usize,
+    /// Projection kind.
+    pub kind: ModuleKind,
+}
+
+impl ModuleId {
+    /// The Hugging Face module path without the leading `model.`: `layers.3.mlp.down_proj`.
+    pub fn name(&self) -> String {
+        format!(
+            "layers.{}.{}.{}",
+            self.layer,
+            self.kind.block(),
+            self.kind.name()
+        )
+    }
+
+    /// Parses `layers.N.self_attn.q_proj` / `layers.N.mlp.down_proj` (a leading `model.` is
+    /// accepted).
+    pub fn parse(name: &str) -> Option<Self> {
+        let name = name.strip_prefix("model.").unwrap_or(name);
+        let mut parts = name.split('.');
+        if parts.next()? != "layers" {
+            return None;
+        }
+        let layer = parts.next()?.parse().ok()?;
+        let block = parts.next()?;
+        let kind = ModuleKind::parse(parts.next()?)?;
+        if parts.next().is_some() || kind.block() != block {
+            return None;
+        }
+        Some(Self { layer, kind })
+    }
+}
+
+impl fmt::Display for ModuleId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.name())
+    }
+}
+
+impl Serialize for ModuleId {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.name())
+    }
+}
+
+impl<'de> Deserialize<'de> for ModuleId {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(deserializer)?;
+        Self::parse(&name)
+            .ok_or_else(|| serde::de::Error::custom(format!("not a module path: {name:?}")))
+    }
+}
+
+/// Where a model's files are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelSource {
+    /// One GGUF file holding weights, tokenizer and chat template.
+    Gguf(PathBuf),
+    /// A Hugging Face directory: config.json, *.safetensors, tokenizer.json.
+    HfDir(PathBuf),
+}
+
+impl ModelSource {
+    /// A GGUF file or a Hugging Face directory, judged by what is on disk.
+    pub fn from_path(path: &Path) -> Result<Self, ModelError> {
+        if path.is_dir() {
+            if path.join("config.json").is_file() {
+                return Ok(Self::HfDir(path.to_path_buf()));
+            }
+            return Err(ModelError::Invalid {
+                path: path.to_path_buf(),
+                reason:
+                    "a model directory must contain config.json, *.safetensors and tokenizer.json"
+                        .into(),
+            });
+        }
+        if path.is_file() {
+            return Ok(Self::Gguf(path.to_path_buf()));
+        }
+        Err(ModelError::Missing(path.to_path_buf()))
+    }
+
+    /// The file or directory path.
+    pub fn path(&self) -> &Path {
+        match self {
+            Self::Gguf(path) | Self::HfDir(path) => path,
+        }
+    }
+}
+
+/// Why a model could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// The path does not exist.
+    #[error("model not found: {0} (give a packaged name, a .gguf file or a Hugging Face model directory)")]
+    Missing(PathBuf),
+    /// The file exists but is not a usable model.
+    #[error("{path}: {reason}")]
+    Invalid {
+        /// The offending file.
+        path: PathBuf,
+        /// What was wrong.
+        reason: String,
+    },
+    /// An architecture lorasweep does not implement.
+    #[error("{path}: unsupported architecture {found:?} (supported: llama, qwen2)")]
+    UnsupportedArchitecture {
+        /// The offending file.
+        path: PathBuf,
+        /// The architecture it declares.
+        found: String,
+    },
+    /// An I/O error reading a model file.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file being read.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// A tensor operation failed while building the model.
+    #[error("{0}")]
+    Tensor(#[from] candle_core::Error),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn module_names_round_trip() {
+        for kind in ModuleKind::ALL {
+            let id = ModuleId { layer: 12, kind };
+            assert_eq!(ModuleId::parse(&id.name()), Some(id));
+        }
+        assert_eq!(
+            ModuleId::parse("model.layers.3.mlp.down_proj"),
+            Some(ModuleId {
+                layer: 3,
+                kind: ModuleKind::DownProj
+            })
+        );
+        assert_eq!(ModuleId::parse("layers.3.self_attn.down_proj"), None);
+        assert_eq!(ModuleId::parse("layers.x.mlp.down_proj"), None);
+        assert_eq!(ModuleId::parse("layers.3.mlp.down_proj.extra"), None);
+    }
+}

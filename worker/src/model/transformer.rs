@@ -1,0 +1,452 @@
+//! The decoder shared by Llama and Qwen2: pre-norm blocks of grouped-query attention with RoPE
+//! and a SwiGLU FFN, RMSNorm, and an (optionally tied) LM head.
+//!
+//! Every linear projection is a [`Projection`]: a frozen weight (never given a gradient, see
+//! [`crate::ops::frozen_linear`]) that may carry one trainable [`Adapter`].
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor, D};
+
+use super::{ModelConfig, ModelError, ModuleId, ModuleKind};
+use crate::adapter::Adapter;
+use crate::ops;
+
+/// A frozen linear projection with an optional bias and an optional adapter.
+#[derive(Debug)]
+pub struct Projection {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    adapter: Option<Adapter>,
+}
+
+impl Projection {
+    /// `y = x·Wᵀ + b (+ adapter)`.
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let base = ops::frozen_linear(x, &self.weight)?;
+        let out = match &self.adapter {
+            Some(adapter) => adapter.forward(x, &base, &self.weight)?,
+            None => base,
+        };
+        match &self.bias {
+            Some(bias) => out.broadcast_add(bias),
+            None => Ok(out),
+        }
+    }
+
+    /// The frozen weight, `d_out × d_in` (for PiSSA/MiLoRA: the residual once attached).
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// The adapter, if one is attached.
+    pub fn adapter(&self) -> Option<&Adapter> {
+        self.adapter.as_ref()
+    }
+
+    /// Attaches an adapter, replacing the frozen weight with `residual` when the variant says so.
+    pub fn attach(&mut self, adapter: Adapter, residual: Option<Tensor>) {
+        if let Some(residual) = residual {
+            self.weight = residual;
+        }
+        self.adapter = Some(adapter);
+    }
+
+    /// Folds the adapter into the frozen weight (for fast generation); afterwards the
+    /// projection has no adapter.
+    pub fn merge(&mut self) -> candle_core::Result<()> {
+        if let Some(adapter) = self.adapter.take() {
+            self.weight = adapter.merged_weight(&self.weight)?;
+        }
+        Ok(())
+    }
+}
+
+/// Cached keys and values of every layer, for incremental decoding.
+#[derive(Debug, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    /// An empty cache.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Number of positions cached so far.
+    pub fn len(&self) -> usize {
+        self.layers
+            .first()
+            .and_then(|entry| entry.as_ref())
+            .map_or(0, |(k, _)| k.dim(2).unwrap_or(0))
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn append(
+        &mut self,
+        layer: usize,
+        k: Tensor,
+        v: Tensor,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        if self.layers.len() <= layer {
+            self.layers.resize(layer + 1, None);
+        }
+        let (k, v) = match self.layers[layer].take() {
+            Some((old_k, old_v)) => (
+                Tensor::cat(&[&old_k, &k], 2)?,
+                Tensor::cat(&[&old_v, &v], 2)?,
+            ),
+            None => (k, v),
+        };
+        self.layers[layer] = Some((k.clone(), v.clone()));
+        Ok((k, v))
+    }
+}
+
+#[derive(Debug)]
+struct DecoderLayer {
+    input_norm: Tensor,
+    post_attention_norm: Tensor,
+    /// Indexed by the position of the kind in [`ModuleKind::ALL`].
+    projections: Vec<Projection>,
+}
+
+impl DecoderLayer {
+    fn projection(&self, kind: ModuleKind) -> &Projection {
+        &self.projections[kind_index(kind)]
+    }
+}
+
+fn kind_index(kind: ModuleKind) -> usize {
+    ModuleKind::ALL
+        .iter()
+        .position(|&k| k == kind)
+        .expect("every kind is in ALL")
+}
+
+/// A decoder-only transformer ready for training (adapters) and generation.
+#[derive(Debug)]
+pub struct Transformer {
+    config: ModelConfig,
+    embed_tokens: Tensor,
+    layers: Vec<DecoderLayer>,
+    norm: Tensor,
+    lm_head: Option<Tensor>,
+    cos: Tensor,
+    sin: Tensor,
+    dtype: DType,
+    device: Device,
+}
+
+/// The weights a transformer is built from, keyed by Hugging Face names
+/// (`model.layers.0.self_attn.q_proj.weight`, …).
+pub type NamedTensors = HashMap<String, Tensor>;
+
+impl Transformer {
+    /// Builds the model from named tensors (already in the Hugging Face layout), casting them
+    /// to `dtype` on `device`.
+    pub fn new(
+        config: ModelConfig,
+        mut tensors: NamedTensors,
+        dtype: DType,
+        device: &Device,
+        origin: &std::path::Path,
+    ) -> Result<Self, ModelError> {
+        let mut take = |name: &str| -> Result<Tensor, ModelError> {
+            let tensor = tensors.remove(name).ok_or_else(|| ModelError::Invalid {
+                path: origin.to_path_buf(),
+                reason: format!("missing tensor {name}"),
+            })?;
+            Ok(tensor.to_device(device)?.to_dtype(dtype)?)
+        };
+        let embed_tokens = take("model.embed_tokens.weight")?;
+        check_shape(
+            origin,
+            "model.embed_tokens.weight",
+            &embed_tokens,
+            &[config.vocab_size, config.hidden_size],
+        )?;
+        let mut layers = Vec::with_capacity(config.num_layers);
+        for layer in 0..config.num_layers {
+            let prefix = format!("model.layers.{layer}");
+            let input_norm = take(&format!("{prefix}.input_layernorm.weight"))?;
+            let post_attention_norm = take(&format!("{prefix}.post_attention_layernorm.weight"))?;
+            let mut projections = Vec::with_capacity(ModuleKind::ALL.len());
+            for kind in ModuleKind::ALL {
+                let name = format!("{prefix}.{}.{}", kind.block(), kind.name());
+                let weight = take(&format!("{name}.weight"))?;
+                let (d_in, d_out) = config.module_dims(kind);
+                check_shape(origin, &format!("{name}.weight"), &weight, &[d_out, d_in])?;
+                let has_bias = config.attention_bias
+                    && matches!(
+                        kind,
+                        ModuleKind::QProj | ModuleKind::KProj | ModuleKind::VProj
+                    );
+                let bias = if has_bias {
+                    Some(take(&format!("{name}.bias"))?)
+                } else {
+                    None
+                };
+                projections.push(Projection {
+                    weight,
+                    bias,
+                    adapter: None,
+                });
+            }
+            layers.push(DecoderLayer {
+                input_norm,
+                post_attention_norm,
+                projections,
+            });
+        }
+        let norm = take("model.norm.weight")?;
+        let lm_head = if config.tie_word_embeddings {
+            None
+        } else {
+            Some(take("lm_head.weight")?)
+        };
+        let (cos, sin) = rope_tables(&config, device)?;
+        Ok(Self {
+            config,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            cos,
+            sin,
+            dtype,
+            device: device.clone(),
+        })
+    }
+
+    /// The model's configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// The compute dtype of the frozen weights and activations.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The device holding the model.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// One projection.
+    pub fn projection(&self, module: ModuleId) -> &Projection {
+        self.layers[module.layer].projection(module.kind)
+    }
+
+    /// One projection, mutably (to attach or merge an adapter).
+    pub fn projection_mut(&mut self, module: ModuleId) -> &mut Projection {
+        &mut self.layers[module.layer].projections[kind_index(module.kind)]
+    }
+
+    /// Every module that carries an adapter, in layer order.
+    pub fn adapters(&self) -> Vec<(ModuleId, &Adapter)> {
+        self.config
+            .all_modules()
+            .into_iter()
+            .filter_map(|module| self.projection(module).adapter().map(|a| (module, a)))
+            .collect()
+    }
+
+    /// Merges every adapter into its frozen weight.
+    pub fn merge_adapters(&mut self) -> candle_core::Result<()> {
+        for module in self.config.all_modules() {
+            self.projection_mut(module).merge()?;
+        }
+        Ok(())
+    }
+
+    /// Final hidden states (after the last norm), `(batch, seq, hidden)`. `start_pos` is the
+    /// position of the first token (non-zero only with a cache).
+    pub fn hidden_states(
+        &self,
+        input_ids: &Tensor,
+        start_pos: usize,
+        mut cache: Option<&mut KvCache>,
+    ) -> candle_core::Result<Tensor> {
+        let (batch, seq_len) = input_ids.dims2()?;
+        let mut x = self
+            .embed_tokens
+            .index_select(&input_ids.flatten_all()?, 0)?
+            .reshape((batch, seq_len, self.config.hidden_size))?;
+        let cos = self.cos.narrow(0, start_pos, seq_len)?;
+        let sin = self.sin.narrow(0, start_pos, seq_len)?;
+        let mask = causal_mask(seq_len, start_pos, &self.device)?;
+        for (index, layer) in self.layers.iter().enumerate() {
+            let residual = &x;
+            let h = ops::rms_norm(&x, &layer.input_norm, self.config.rms_norm_eps)?;
+            let attended =
+                self.attention(index, layer, &h, &cos, &sin, &mask, cache.as_deref_mut())?;
+            let x1 = (residual + attended)?;
+            let h = ops::rms_norm(&x1, &layer.post_attention_norm, self.config.rms_norm_eps)?;
+            let gate = layer.projection(ModuleKind::GateProj).forward(&h)?;
+            let up = layer.projection(ModuleKind::UpProj).forward(&h)?;
+            let mlp = layer
+                .projection(ModuleKind::DownProj)
+                .forward(&ops::swiglu(&gate, &up)?)?;
+            x = (x1 + mlp)?;
+        }
+        ops::rms_norm(&x, &self.norm, self.config.rms_norm_eps)
+    }
+
+    /// Logits `(batch, seq, vocab)` in f32.
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        start_pos: usize,
+        cache: Option<&mut KvCache>,
+    ) -> candle_core::Result<Tensor> {
+        let hidden = self.hidden_states(input_ids, start_pos, cache)?;
+        self.logits(&hidden)?.to_dtype(DType::F32)
+    }
+
+    /// LM head applied to hidden states.
+    pub fn logits(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
+        ops::frozen_linear(hidden, self.lm_head.as_ref().unwrap_or(&self.embed_tokens))
+    }
+
+    /// Mean cross-entropy of `targets` under the logits at each position, weighted by
+    /// `weights` (1 on response tokens, 0 elsewhere): the response-only fine-tuning loss.
+    /// `input_ids`, `targets`: `(batch, seq)` u32; `weights`: `(batch, seq)` f32.
+    pub fn loss(
+        &self,
+        input_ids: &Tensor,
+        targets: &Tensor,
+        weights: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        let hidden = self.hidden_states(input_ids, 0, None)?;
+        let logits = self.logits(&hidden)?.to_dtype(DType::F32)?;
+        let vocab = logits.dim(D::Minus1)?;
+        let logits = logits.reshape(((), vocab))?;
+        let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+        let targets = targets.flatten_all()?.unsqueeze(1)?;
+        let picked = log_probs.gather(&targets, 1)?.squeeze(1)?;
+        let weights = weights.flatten_all()?.to_dtype(DType::F32)?;
+        let total = weights.sum_all()?;
+        (picked.mul(&weights)?.sum_all()?.neg()? / total)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        index: usize,
+        layer: &DecoderLayer,
+        h: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Tensor,
+        cache: Option<&mut KvCache>,
+    ) -> candle_core::Result<Tensor> {
+        let (batch, seq_len, _) = h.dims3()?;
+        let cfg = &self.config;
+        let head_dim = cfg.head_dim;
+        let q = layer.projection(ModuleKind::QProj).forward(h)?;
+        let k = layer.projection(ModuleKind::KProj).forward(h)?;
+        let v = layer.projection(ModuleKind::VProj).forward(h)?;
+        let q = q
+            .reshape((batch, seq_len, cfg.num_heads, head_dim))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let k = k
+            .reshape((batch, seq_len, cfg.num_kv_heads, head_dim))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let v = v
+            .reshape((batch, seq_len, cfg.num_kv_heads, head_dim))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let q = ops::rope(&q, cos, sin)?;
+        let k = ops::rope(&k, cos, sin)?;
+        let (k, v) = match cache {
+            Some(cache) => cache.append(index, k, v)?,
+            None => (k, v),
+        };
+        let groups = cfg.num_heads / cfg.num_kv_heads;
+        let k = repeat_kv(&k, groups)?;
+        let v = repeat_kv(&v, groups)?;
+        let scale = 1.0 / (head_dim as f64).sqrt();
+        let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
+        let scores = scores.broadcast_add(mask)?;
+        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(self.dtype)?;
+        let out = probs.matmul(&v)?;
+        let out = out
+            .transpose(1, 2)?
+            .reshape((batch, seq_len, cfg.num_heads * head_dim))?;
+        layer.projection(ModuleKind::OProj).forward(&out)
+    }
+}
+
+/// `(batch, kv_heads, seq, dim)` → `(batch, kv_heads·groups, seq, dim)`.
+fn repeat_kv(x: &Tensor, groups: usize) -> candle_core::Result<Tensor> {
+    if groups == 1 {
+        return Ok(x.clone());
+    }
+    let (batch, kv_heads, seq, dim) = x.dims4()?;
+    x.unsqueeze(2)?
+        .expand((batch, kv_heads, groups, seq, dim))?
+        .reshape((batch, kv_heads * groups, seq, dim))
+}
+
+/// Additive mask `(seq, start_pos + seq)`: 0 where query `i` may see key `j`, −∞ after it.
+fn causal_mask(seq_len: usize, start_pos: usize, device: &Device) -> candle_core::Result<Tensor> {
+    let total = start_pos + seq_len;
+    let values: Vec<f32> = (0..seq_len)
+        .flat_map(|i| {
+            (0..total).map(move |j| {
+                if j <= start_pos + i {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+        })
+        .collect();
+    Tensor::from_vec(values, (seq_len, total), device)
+}
+
+/// cos/sin tables `(max_positions, head_dim/2)` for RoPE, in f32.
+fn rope_tables(config: &ModelConfig, device: &Device) -> candle_core::Result<(Tensor, Tensor)> {
+    let half = config.head_dim / 2;
+    let inv_freq: Vec<f32> = (0..half)
+        .map(|i| {
+            1.0 / config
+                .rope_theta
+                .powf(2.0 * i as f64 / config.head_dim as f64) as f32
+        })
+        .collect();
+    let positions = config.max_position_embeddings.min(32_768);
+    let inv_freq = Tensor::from_vec(inv_freq, (1, half), device)?;
+    let t = Tensor::arange(0u32, positions as u32, device)?
+        .to_dtype(DType::F32)?
+        .reshape((positions, 1))?;
+    let freqs = t.broadcast_mul(&inv_freq)?;
+    Ok((freqs.cos()?, freqs.sin()?))
+}
+
+fn check_shape(
+    origin: &std::path::Path,
+    name: &str,
+    tensor: &Tensor,
+    expected: &[usize],
+) -> Result<(), ModelError> {
+    if tensor.dims() != expected {
+        return Err(ModelError::Invalid {
+            path: origin.to_path_buf(),
+            reason: format!(
+                "tensor {name} has shape {:?}, the config implies {expected:?}",
+                tensor.dims()
+            ),
+        });
+    }
+    Ok(())
+}

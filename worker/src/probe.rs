@@ -1,0 +1,395 @@
+//! The PAGE probe (Projected Adapter Gradient Energy).
+//!
+//! At the standard adapter init (`B = 0`, `A` random) the only non-zero adapter gradient is
+//! `∇_B L = s·G·Aᵀ` with `G = ∇_W L = Σ_t δ_t x_tᵀ`. PAGE of a module is `‖∇_B L‖²_F` averaged
+//! over probe batches. Two estimators:
+//! - `sample`: attach real adapters (A drawn from its init, seeded) and read `‖∇_B L‖²`;
+//! - `expected`: its expectation over A, `s²·r·σ_A²·‖G‖²_F`, with `G` formed one module at a
+//!   time from the captured module input `x` and output gradient `δ`.
+//!
+//! One forward/backward per batch with a rank-`r` adapter on every candidate module gives both;
+//! no optimizer and no full-weight gradient of every module at once is ever held.
+
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::adapter::{AInit, Adapter, AdapterSettings, Variant};
+use crate::data::Collated;
+use crate::model::{ModelConfig, ModuleId, ModuleKind, Transformer};
+
+/// Which estimator of PAGE to report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Estimator {
+    /// `‖s·G·Aᵀ‖²` with A sampled from its init.
+    #[default]
+    Sample,
+    /// `s²·r·σ_A²·‖G‖²`, the expectation over A.
+    Expected,
+}
+
+impl Estimator {
+    /// Parses `sample` / `expected`.
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "sample" => Some(Self::Sample),
+            "expected" => Some(Self::Expected),
+            _ => None,
+        }
+    }
+}
+
+/// Probe settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProbeSettings {
+    /// Number of probe batches averaged.
+    pub batches: usize,
+    /// Conversations per batch.
+    pub batch_size: usize,
+    /// Longest tokenized conversation (longer ones are truncated).
+    pub max_len: usize,
+    /// Adapter rank `r`.
+    pub rank: usize,
+    /// Adapter `α` (scale `α/r`).
+    pub alpha: f64,
+    /// The estimator reported as `score`.
+    pub estimator: Estimator,
+    /// Init of A (and its variance in the expected estimator).
+    pub a_init: AInit,
+    /// Seed for A and for which examples form the batches.
+    pub seed: u64,
+}
+
+impl Default for ProbeSettings {
+    fn default() -> Self {
+        Self {
+            batches: 8,
+            batch_size: 8,
+            max_len: 256,
+            rank: 16,
+            alpha: 32.0,
+            estimator: Estimator::Sample,
+            a_init: AInit::Kaiming,
+            seed: 0,
+        }
+    }
+}
+
+/// PAGE of one candidate module.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModuleScore {
+    /// Module path, e.g. `layers.3.mlp.down_proj`.
+    pub name: String,
+    /// Layer index.
+    pub layer: usize,
+    /// Projection kind.
+    pub kind: ModuleKind,
+    /// Mean PAGE over batches (the chosen estimator).
+    pub score: f64,
+    /// `score / Σ score`.
+    pub share: f64,
+}
+
+/// The probe's output file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProbeResult {
+    /// The model as the user named it.
+    pub model: String,
+    /// sha256 of the model file(s).
+    pub model_digest: String,
+    /// The data set (task name or path).
+    pub data: String,
+    /// sha256 of the conversations probed.
+    pub data_digest: String,
+    /// Settings used (the estimator and A init among them).
+    pub settings: ProbeSettings,
+    /// Every candidate module, in layer-major order.
+    pub modules: Vec<ModuleScore>,
+    /// The argmax module (the dominant adaptation module).
+    pub dominant: String,
+    /// Share of the dominant module.
+    pub top1_share: f64,
+    /// Share per module kind.
+    pub share_by_kind: BTreeMap<String, f64>,
+    /// Share per layer.
+    pub share_by_layer: Vec<f64>,
+    /// Argmax of each batch on its own.
+    pub batch_argmax: Vec<String>,
+    /// Fraction of batches whose own argmax is the overall dominant module.
+    pub argmax_stability: f64,
+    /// Response tokens seen over all batches.
+    pub tokens: usize,
+    /// Wall time of the probe, seconds.
+    pub wall_s: f64,
+}
+
+impl ProbeResult {
+    /// Modules sorted by descending score.
+    pub fn ranking(&self) -> Vec<ModuleId> {
+        let mut scored: Vec<_> = self.modules.iter().collect();
+        scored.sort_by(|a, b| {
+            b.score
+                .total_cmp(&a.score)
+                .then_with(|| a.name.cmp(&b.name))
+        });
+        scored
+            .iter()
+            .filter_map(|m| ModuleId::parse(&m.name))
+            .collect()
+    }
+}
+
+/// Why the probe failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    /// No batch to probe.
+    #[error("the probe got no batch with response tokens")]
+    NoData,
+    /// Loss or gradient not finite.
+    #[error("probe batch {batch}: the loss is {loss} (not finite)")]
+    NotFinite {
+        /// Batch index.
+        batch: usize,
+        /// The loss value.
+        loss: f32,
+    },
+    /// Adapter set-up failed.
+    #[error(transparent)]
+    Adapter(#[from] crate::adapter::AdapterError),
+    /// A tensor operation failed.
+    #[error("{0}")]
+    Tensor(#[from] candle_core::Error),
+}
+
+/// Per-batch PAGE of every candidate module, in `config.all_modules()` order.
+pub struct BatchScores {
+    /// The `sample` estimator.
+    pub sample: Vec<f64>,
+    /// The `expected` estimator (when requested).
+    pub expected: Option<Vec<f64>>,
+    /// Response tokens in the batch.
+    pub tokens: usize,
+}
+
+/// Attaches a probe adapter (B = 0, A from `settings.a_init`) to every candidate module.
+pub fn attach_probe_adapters(
+    model: &mut Transformer,
+    settings: &ProbeSettings,
+) -> Result<(), ProbeError> {
+    let adapter_settings = AdapterSettings {
+        variant: Variant::Lora,
+        rank: settings.rank,
+        alpha: settings.alpha,
+        a_init: settings.a_init,
+        seed: settings.seed,
+    };
+    let capture = settings.estimator == Estimator::Expected;
+    for module in model.config().all_modules() {
+        let weight = model.projection(module).weight().clone();
+        let (mut adapter, _) = Adapter::init(module, &weight, settings.rank, &adapter_settings)?;
+        if capture {
+            adapter.enable_capture();
+        }
+        model.projection_mut(module).attach(adapter, None);
+    }
+    Ok(())
+}
+
+/// One probe batch: forward, backward, and the PAGE of every module.
+pub fn score_batch(
+    model: &Transformer,
+    batch: &Collated,
+    settings: &ProbeSettings,
+    index: usize,
+) -> Result<BatchScores, ProbeError> {
+    let device = model.device();
+    let shape = (batch.batch, batch.seq_len);
+    let ids = Tensor::from_slice(&batch.ids, shape, device)?;
+    let targets = Tensor::from_slice(&batch.targets, shape, device)?;
+    let weights = Tensor::from_slice(&batch.weights, shape, device)?;
+    let tokens = batch.weights.iter().filter(|&&w| w > 0.0).count();
+    let loss = model.loss(&ids, &targets, &weights)?;
+    let loss_value = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+    if !loss_value.is_finite() {
+        return Err(ProbeError::NotFinite {
+            batch: index,
+            loss: loss_value,
+        });
+    }
+    let grads = loss.backward()?;
+    let config = model.config().clone();
+    let mut sample = Vec::new();
+    let mut expected = (settings.estimator == Estimator::Expected).then(Vec::new);
+    for module in config.all_modules() {
+        let adapter = model
+            .projection(module)
+            .adapter()
+            .expect("probe adapters are attached everywhere");
+        let grad_b = grads.get(adapter.b().as_tensor());
+        let energy = match grad_b {
+            Some(g) => g
+                .to_dtype(DType::F32)?
+                .sqr()?
+                .sum_all()?
+                .to_scalar::<f32>()? as f64,
+            None => 0.0,
+        };
+        sample.push(energy);
+        if let Some(expected) = expected.as_mut() {
+            expected.push(expected_energy(&config, module, adapter, &grads, settings)?);
+        }
+    }
+    Ok(BatchScores {
+        sample,
+        expected,
+        tokens,
+    })
+}
+
+/// `s²·r·σ_A²·‖G‖²_F` for one module, with `G = δᵀx` formed from the captured tensors in
+/// whichever order is cheaper: `G` itself (`N·d_in·d_out`) or the Gram identity
+/// `‖δᵀx‖² = Σ (δδᵀ) ⊙ (xxᵀ)` (`N²·(d_in + d_out)`).
+fn expected_energy(
+    config: &ModelConfig,
+    module: ModuleId,
+    adapter: &Adapter,
+    grads: &candle_core::backprop::GradStore,
+    settings: &ProbeSettings,
+) -> Result<f64, ProbeError> {
+    let captured = adapter
+        .captured()
+        .expect("capture is enabled for the expected estimator");
+    let Some(delta) = grads.get(&captured.branch) else {
+        return Ok(0.0);
+    };
+    let (d_in, d_out) = config.module_dims(module.kind);
+    let x = captured.input.to_dtype(DType::F32)?.reshape(((), d_in))?;
+    let delta = delta.to_dtype(DType::F32)?.reshape(((), d_out))?;
+    let n = x.dim(0)?;
+    let g_norm_sq = if n * n * (d_in + d_out) < n * d_in * d_out {
+        let gram_x = x.matmul(&x.t()?)?;
+        let gram_d = delta.matmul(&delta.t()?)?;
+        (gram_x * gram_d)?.sum_all()?.to_scalar::<f32>()? as f64
+    } else {
+        delta
+            .t()?
+            .matmul(&x)?
+            .sqr()?
+            .sum_all()?
+            .to_scalar::<f32>()? as f64
+    };
+    let s = adapter.scale();
+    let variance = settings.a_init.variance(d_in, settings.rank);
+    Ok(s * s * settings.rank as f64 * variance * g_norm_sq)
+}
+
+/// Summarises per-batch scores into the probe's result (shares, ranking, stability).
+pub fn summarise(
+    config: &ModelConfig,
+    per_batch: &[Vec<f64>],
+) -> (
+    Vec<ModuleScore>,
+    String,
+    f64,
+    BTreeMap<String, f64>,
+    Vec<f64>,
+    Vec<String>,
+    f64,
+) {
+    let modules = config.all_modules();
+    let batches = per_batch.len().max(1) as f64;
+    let means: Vec<f64> = (0..modules.len())
+        .map(|i| per_batch.iter().map(|b| b[i]).sum::<f64>() / batches)
+        .collect();
+    let total: f64 = means.iter().sum();
+    let share = |v: f64| if total > 0.0 { v / total } else { 0.0 };
+    let scores: Vec<ModuleScore> = modules
+        .iter()
+        .zip(&means)
+        .map(|(m, &score)| ModuleScore {
+            name: m.name(),
+            layer: m.layer,
+            kind: m.kind,
+            score,
+            share: share(score),
+        })
+        .collect();
+    let argmax = |values: &[f64]| -> usize {
+        values
+            .iter()
+            .enumerate()
+            .fold(0, |best, (i, &v)| if v > values[best] { i } else { best })
+    };
+    let top = argmax(&means);
+    let mut by_kind = BTreeMap::new();
+    let mut by_layer = vec![0.0; config.num_layers];
+    for s in &scores {
+        *by_kind.entry(s.kind.name().to_string()).or_insert(0.0) += s.share;
+        by_layer[s.layer] += s.share;
+    }
+    let batch_argmax: Vec<String> = per_batch
+        .iter()
+        .map(|b| modules[argmax(b)].name())
+        .collect();
+    let agree = batch_argmax
+        .iter()
+        .filter(|name| **name == modules[top].name())
+        .count();
+    let stability = agree as f64 / batches;
+    (
+        scores.clone(),
+        modules[top].name(),
+        scores[top].share,
+        by_kind,
+        by_layer,
+        batch_argmax,
+        stability,
+    )
+}
+
+/// Spearman rank correlation of two score vectors (average ranks for ties).
+pub fn spearman(a: &[f64], b: &[f64]) -> f64 {
+    fn ranks(v: &[f64]) -> Vec<f64> {
+        let mut order: Vec<usize> = (0..v.len()).collect();
+        order.sort_by(|&i, &j| v[i].total_cmp(&v[j]));
+        let mut ranks = vec![0.0; v.len()];
+        let mut i = 0;
+        while i < order.len() {
+            let mut j = i;
+            while j + 1 < order.len() && v[order[j + 1]] == v[order[i]] {
+                j += 1;
+            }
+            let rank = (i + j) as f64 / 2.0;
+            for &k in &order[i..=j] {
+                ranks[k] = rank;
+            }
+            i = j + 1;
+        }
+        ranks
+    }
+    let (ra, rb) = (ranks(a), ranks(b));
+    let n = a.len() as f64;
+    let mean = (n - 1.0) / 2.0;
+    let cov: f64 = ra
+        .iter()
+        .zip(&rb)
+        .map(|(x, y)| (x - mean) * (y - mean))
+        .sum();
+    let var_a: f64 = ra.iter().map(|x| (x - mean).powi(2)).sum();
+    let var_b: f64 = rb.iter().map(|y| (y - mean).powi(2)).sum();
+    cov / (var_a * var_b).sqrt()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spearman_of_monotone_and_reversed() {
+        let a = [1.0, 2.0, 3.0, 4.0];
+        assert!((spearman(&a, &[10.0, 20.0, 30.0, 40.0]) - 1.0).abs() < 1e-12);
+        assert!((spearman(&a, &[4.0, 3.0, 2.0, 1.0]) + 1.0).abs() < 1e-12);
+    }
+}
