@@ -1,2 +1,10 @@
 //! The lorasweep coordinator.
 #![warn(missing_docs)]
+
+pub mod graph;
+pub mod spec;
+
+pub mod domain;
+pub mod ids;
+pub mod scheduler;
+pub mod store;
