@@ -21,6 +21,8 @@ enum Command {
     Probe(cli::engine::ProbeArgs),
     /// Train one adapter locally, without a coordinator.
     Train(cli::engine::TrainArgs),
+    /// Check a sweep file and print its job counts; runs nothing.
+    Validate(cli::validate::ValidateArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -30,6 +32,7 @@ fn main() -> std::process::ExitCode {
         Command::Generate(args) => cli::engine::generate(args),
         Command::Probe(args) => cli::engine::probe(args),
         Command::Train(args) => cli::engine::train(args),
+        Command::Validate(args) => cli::validate::validate(args),
     };
     match outcome {
         Ok(()) => std::process::ExitCode::SUCCESS,

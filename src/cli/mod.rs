@@ -1,6 +1,7 @@
 //! Command implementations, one module per group of verbs.
 
 pub mod engine;
+pub mod validate;
 
 /// Structured logs on stderr; `RUST_LOG` sets the level (default `info`).
 pub fn init_tracing() {

@@ -1,0 +1,371 @@
+//! The job graph: a validated [`Sweep`] expanded into probe → train → eval jobs.
+//!
+//! For every (model, task):
+//! - one probe job per probe seed and distinct probe settings, when some train point needs
+//!   PAGE (placements `dominant`, `dominant:KIND`, `top_k`, `budget_matched`) or the sweep
+//!   asks for probes anyway (`probe.always`, the default);
+//! - one train job per sweep point, depending on the probes of its probe settings (every
+//!   seed: the engine uses their mean PAGE) when its placement needs PAGE;
+//! - one eval job per train job, and one eval of the base model.
+//!
+//! A job's key is a content hash of its kind, model, task and parameters, so the same sweep
+//! always gives the same keys, and two points that resolve to the same job share it.
+//! Jobs come out probes first, then trains, then evals, so every job's dependencies come
+//! before it.
+
+use std::collections::HashSet;
+use std::fmt;
+
+use serde_json::{json, Map, Value};
+use sha2::{Digest, Sha256};
+
+use crate::spec::{ProbeField, ProbeSettings, Sweep, SweepPoint, TaskRef, TrainField, Variant};
+
+/// Hex digits of the sha256 kept in a key (64 bits).
+const KEY_HEX_DIGITS: usize = 16;
+
+/// A job's identity: `KIND-HEX`, the kind and a short content hash.
+#[derive(
+    Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(transparent)]
+pub struct JobKey(pub String);
+
+impl fmt::Display for JobKey {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str(&self.0)
+    }
+}
+
+/// What a job does.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum JobKind {
+    /// A PAGE probe of one model on one task with one seed.
+    Probe,
+    /// One adapter training run.
+    Train,
+    /// An evaluation of a trained adapter, or of the base model.
+    Eval,
+}
+
+impl JobKind {
+    /// The lowercase name (`probe`, `train`, `eval`).
+    pub fn name(self) -> &'static str {
+        match self {
+            JobKind::Probe => "probe",
+            JobKind::Train => "train",
+            JobKind::Eval => "eval",
+        }
+    }
+}
+
+impl fmt::Display for JobKind {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str(self.name())
+    }
+}
+
+/// One job of the graph, before it is stored.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct PlannedJob {
+    /// Content-hash key.
+    pub key: JobKey,
+    /// What it does.
+    pub kind: JobKind,
+    /// The model's id ([`crate::spec::ModelRef::id`]).
+    pub model: String,
+    /// The task's id ([`crate::spec::TaskRef::id`]).
+    pub task: String,
+    /// Every resolved setting of the job (see [`probe_params`], [`train_params`],
+    /// [`eval_params`]).
+    pub params: Value,
+    /// Jobs that must succeed first.
+    pub deps: Vec<JobKey>,
+    /// GPUs it needs.
+    pub gpus: u32,
+}
+
+/// Jobs per kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub struct JobCounts {
+    /// Probe jobs.
+    pub probe: usize,
+    /// Train jobs.
+    pub train: usize,
+    /// Eval jobs.
+    pub eval: usize,
+}
+
+impl JobCounts {
+    /// All jobs.
+    pub fn total(&self) -> usize {
+        self.probe + self.train + self.eval
+    }
+}
+
+/// The planned jobs of one sweep, dependencies before dependents.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct JobGraph {
+    jobs: Vec<PlannedJob>,
+}
+
+impl JobGraph {
+    /// Expands a sweep into its jobs.
+    pub fn plan(sweep: &Sweep) -> JobGraph {
+        let points = sweep.points();
+        let mut probes = Collector::default();
+        let mut trains = Collector::default();
+        let mut evals = Collector::default();
+        for model in &sweep.models {
+            let model_id = model.id();
+            for task in &sweep.tasks {
+                let task_id = task.id();
+                let job = |kind: JobKind, params: Value, deps: Vec<JobKey>, gpus: u32| PlannedJob {
+                    key: job_key(kind, &model_id, &task_id, &params),
+                    kind,
+                    model: model_id.clone(),
+                    task: task_id.clone(),
+                    params,
+                    deps,
+                    gpus,
+                };
+                evals.add(job(
+                    JobKind::Eval,
+                    eval_params(sweep, task, None),
+                    Vec::new(),
+                    1,
+                ));
+                if sweep.probe.always {
+                    for point in &points {
+                        for &seed in &sweep.probe.seeds {
+                            probes.add(job(
+                                JobKind::Probe,
+                                probe_params(&point.probe, seed),
+                                Vec::new(),
+                                1,
+                            ));
+                        }
+                    }
+                }
+                for point in &points {
+                    let mut probe_keys = Vec::new();
+                    if point.train.placement.needs_probe() {
+                        for &seed in &sweep.probe.seeds {
+                            let probe = job(
+                                JobKind::Probe,
+                                probe_params(&point.probe, seed),
+                                Vec::new(),
+                                1,
+                            );
+                            probe_keys.push(probe.key.clone());
+                            probes.add(probe);
+                        }
+                    }
+                    let train = job(
+                        JobKind::Train,
+                        train_params(point),
+                        probe_keys,
+                        sweep.resources.gpus_per_job,
+                    );
+                    let train_key = train.key.clone();
+                    trains.add(train);
+                    evals.add(job(
+                        JobKind::Eval,
+                        eval_params(sweep, task, Some(&train_key)),
+                        vec![train_key],
+                        1,
+                    ));
+                }
+            }
+        }
+        let mut jobs = probes.jobs;
+        jobs.extend(trains.jobs);
+        jobs.extend(evals.jobs);
+        JobGraph { jobs }
+    }
+
+    /// The jobs, dependencies before dependents.
+    pub fn jobs(&self) -> &[PlannedJob] {
+        &self.jobs
+    }
+
+    /// The jobs, by value.
+    pub fn into_jobs(self) -> Vec<PlannedJob> {
+        self.jobs
+    }
+
+    /// The job with this key.
+    pub fn get(&self, key: &JobKey) -> Option<&PlannedJob> {
+        self.jobs.iter().find(|job| job.key == *key)
+    }
+
+    /// Jobs per kind.
+    pub fn counts(&self) -> JobCounts {
+        let mut counts = JobCounts::default();
+        for job in &self.jobs {
+            match job.kind {
+                JobKind::Probe => counts.probe += 1,
+                JobKind::Train => counts.train += 1,
+                JobKind::Eval => counts.eval += 1,
+            }
+        }
+        counts
+    }
+}
+
+/// Jobs in first-seen order, each key once.
+#[derive(Default)]
+struct Collector {
+    keys: HashSet<JobKey>,
+    jobs: Vec<PlannedJob>,
+}
+
+impl Collector {
+    fn add(&mut self, job: PlannedJob) {
+        if self.keys.insert(job.key.clone()) {
+            self.jobs.push(job);
+        }
+    }
+}
+
+/// The probe settings as JSON, without seeds (alpha: the one in effect).
+fn probe_settings_json(probe: &ProbeSettings) -> Map<String, Value> {
+    ProbeField::ALL
+        .iter()
+        .map(|field| (field.name().to_string(), field.get(probe).to_json()))
+        .collect()
+}
+
+/// Parameters of a probe job: every probe setting, and its seed.
+pub fn probe_params(probe: &ProbeSettings, seed: u64) -> Value {
+    let mut params = probe_settings_json(probe);
+    params.insert("seed".to_string(), json!(seed));
+    Value::Object(params)
+}
+
+/// Parameters of a train job: every train setting (alpha: the one in effect;
+/// `loraplus_ratio` only for `loraplus`), and for a placement that needs PAGE, the probe
+/// settings and seeds it reads under `probe`.
+pub fn train_params(point: &SweepPoint) -> Value {
+    let train = &point.train;
+    let mut params: Map<String, Value> = TrainField::ALL
+        .iter()
+        .filter(|field| **field != TrainField::LoraplusRatio || train.variant == Variant::Loraplus)
+        .map(|field| (field.name().to_string(), field.get(train).to_json()))
+        .collect();
+    if train.placement.needs_probe() {
+        let mut probe = probe_settings_json(&point.probe);
+        probe.insert("seeds".to_string(), json!(point.probe.seeds));
+        params.insert("probe".to_string(), Value::Object(probe));
+    }
+    Value::Object(params)
+}
+
+/// Parameters of an eval job: the eval settings, the train job whose adapter it evaluates
+/// (`adapter`, null for the base model) and, for a user task, its `metric`.
+pub fn eval_params(sweep: &Sweep, task: &TaskRef, adapter: Option<&JobKey>) -> Value {
+    let mut params = Map::new();
+    params.insert("limit".to_string(), json!(sweep.eval.limit));
+    params.insert(
+        "max_new_tokens".to_string(),
+        json!(sweep.eval.max_new_tokens),
+    );
+    params.insert("batch_size".to_string(), json!(sweep.eval.batch_size));
+    params.insert(
+        "adapter".to_string(),
+        adapter.map_or(Value::Null, |key| Value::String(key.0.clone())),
+    );
+    if let Some(metric) = task.metric() {
+        params.insert("metric".to_string(), json!(metric.name()));
+    }
+    Value::Object(params)
+}
+
+/// JSON with object keys sorted at every level and no whitespace: the same value always
+/// gives the same text, whatever order its maps were built in.
+pub fn canonical_json(value: &Value) -> String {
+    let mut out = String::new();
+    write_canonical(value, &mut out);
+    out
+}
+
+fn write_canonical(value: &Value, out: &mut String) {
+    match value {
+        Value::Object(map) => {
+            let mut keys: Vec<&String> = map.keys().collect();
+            keys.sort();
+            out.push('{');
+            for (index, key) in keys.into_iter().enumerate() {
+                if index > 0 {
+                    out.push(',');
+                }
+                out.push_str(&Value::String(key.clone()).to_string());
+                out.push(':');
+                write_canonical(&map[key], out);
+            }
+            out.push('}');
+        }
+        Value::Array(items) => {
+            out.push('[');
+            for (index, item) in items.iter().enumerate() {
+                if index > 0 {
+                    out.push(',');
+                }
+                write_canonical(item, out);
+            }
+            out.push(']');
+        }
+        scalar => out.push_str(&scalar.to_string()),
+    }
+}
+
+/// The key of a job: `KIND-` and the first 16 hex digits of the sha256 of the canonical JSON
+/// of `{kind, model, task, params}`.
+pub fn job_key(kind: JobKind, model: &str, task: &str, params: &Value) -> JobKey {
+    let identity = json!({
+        "kind": kind.name(),
+        "model": model,
+        "task": task,
+        "params": params,
+    });
+    let digest = Sha256::digest(canonical_json(&identity).as_bytes());
+    let hex = hex::encode(digest);
+    JobKey(format!("{}-{}", kind.name(), &hex[..KEY_HEX_DIGITS]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn canonical_json_sorts_keys_at_every_level() {
+        let left: Value =
+            serde_json::from_str(r#"{"b":1,"a":{"y":[1,{"q":2,"p":3}],"x":"s"}}"#).unwrap();
+        let right: Value =
+            serde_json::from_str(r#"{"a":{"x":"s","y":[1,{"p":3,"q":2}]},"b":1}"#).unwrap();
+        assert_eq!(canonical_json(&left), canonical_json(&right));
+        assert_eq!(
+            canonical_json(&left),
+            r#"{"a":{"x":"s","y":[1,{"p":3,"q":2}]},"b":1}"#
+        );
+    }
+
+    #[test]
+    fn keys_depend_on_every_part() {
+        let params = json!({"rank": 8});
+        let base = job_key(JobKind::Train, "m", "t", &params);
+        assert_eq!(base, job_key(JobKind::Train, "m", "t", &json!({"rank": 8})));
+        assert!(base.0.starts_with("train-"));
+        assert_eq!(base.0.len(), "train-".len() + KEY_HEX_DIGITS);
+        assert_ne!(base, job_key(JobKind::Eval, "m", "t", &params));
+        assert_ne!(base, job_key(JobKind::Train, "m2", "t", &params));
+        assert_ne!(base, job_key(JobKind::Train, "m", "t2", &params));
+        assert_ne!(
+            base,
+            job_key(JobKind::Train, "m", "t", &json!({"rank": 16}))
+        );
+    }
+}

@@ -1,0 +1,249 @@
+//! The job graph: deterministic content-hash keys, dependencies, shared probes and the
+//! parameters each job carries.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::PathBuf;
+
+use lorasweep_coordinator::graph::{JobGraph, JobKey, JobKind, PlannedJob};
+use lorasweep_coordinator::spec::{Sweep, Variant};
+
+fn example_path() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../experiments/domlora-vs-lora.yaml")
+}
+
+fn example() -> Sweep {
+    Sweep::from_file(&example_path()).unwrap()
+}
+
+fn keys(graph: &JobGraph) -> Vec<JobKey> {
+    graph.jobs().iter().map(|job| job.key.clone()).collect()
+}
+
+/// The same sweep written differently: block style, other key order, other comments.
+const REWRITTEN: &str = r#"
+version: 1
+name: domlora-vs-lora
+report:
+  baseline:
+    variant: lora
+    placement: all
+resources:
+  max_attempts: 3
+  gpus_per_job: 1
+sweep:
+  zip:
+    rank: [8, 16]
+    alpha: [16.0, 32.0]
+  grid:
+    placement: [all, dominant, random:1]
+    variant: [lora, dora, pissa]
+    seed: [0, 1, 2]
+eval:
+  max_new_tokens: 256
+  limit: 200
+train:
+  checkpoint_every: 50
+  warmup_ratio: 0.03
+  schedule: cosine
+  lr: 0.0002
+  max_len: 512
+  grad_accum: 1
+  batch_size: 16
+  steps: 300
+probe:
+  seeds: [0]
+  estimator: sample
+  rank: 16
+  max_len: 256
+  batch_size: 8
+  batches: 8
+tasks: [math, chat]
+models: [smollm2-135m]
+"#;
+
+#[test]
+fn the_same_sweep_gives_the_same_keys() {
+    let first = JobGraph::plan(&example());
+    let second = JobGraph::plan(&example());
+    assert_eq!(keys(&first), keys(&second));
+    assert_eq!(first, second);
+}
+
+#[test]
+fn formatting_and_key_order_do_not_change_keys() {
+    let original: BTreeSet<JobKey> = keys(&JobGraph::plan(&example())).into_iter().collect();
+    let rewritten_sweep = Sweep::from_yaml_str(REWRITTEN, "rewritten.yaml", None).unwrap();
+    let rewritten: BTreeSet<JobKey> = keys(&JobGraph::plan(&rewritten_sweep))
+        .into_iter()
+        .collect();
+    assert_eq!(original.len(), 220);
+    assert_eq!(original, rewritten);
+}
+
+#[test]
+fn keys_are_unique_and_deps_come_first() {
+    let graph = JobGraph::plan(&example());
+    let mut position: HashMap<&JobKey, usize> = HashMap::new();
+    for (index, job) in graph.jobs().iter().enumerate() {
+        assert!(
+            position.insert(&job.key, index).is_none(),
+            "duplicate {}",
+            job.key
+        );
+        assert!(
+            job.key.0.starts_with(&format!("{}-", job.kind)),
+            "{}",
+            job.key
+        );
+        for dep in &job.deps {
+            let dep_index = position.get(dep).unwrap_or_else(|| {
+                panic!("{} depends on {dep}, not earlier in the graph", job.key)
+            });
+            assert!(*dep_index < index);
+        }
+    }
+}
+
+fn by_kind(graph: &JobGraph, kind: JobKind) -> Vec<&PlannedJob> {
+    graph.jobs().iter().filter(|job| job.kind == kind).collect()
+}
+
+#[test]
+fn dependencies_follow_the_placement() {
+    let graph = JobGraph::plan(&example());
+    let probes = by_kind(&graph, JobKind::Probe);
+    let probe_of_task: HashMap<&str, &JobKey> = probes
+        .iter()
+        .map(|probe| (probe.task.as_str(), &probe.key))
+        .collect();
+    assert_eq!(probe_of_task.len(), 2);
+    for train in by_kind(&graph, JobKind::Train) {
+        if train.params["placement"] == "dominant" {
+            // Every dominant point of a task shares that task's single probe.
+            assert_eq!(train.deps, vec![probe_of_task[train.task.as_str()].clone()]);
+            assert_eq!(train.params["probe"]["rank"], 16);
+        } else {
+            assert!(train.deps.is_empty(), "{} has deps", train.key);
+            assert!(train.params.get("probe").is_none());
+        }
+    }
+    let trains: HashMap<&JobKey, &PlannedJob> = by_kind(&graph, JobKind::Train)
+        .into_iter()
+        .map(|job| (&job.key, job))
+        .collect();
+    let mut base_evals = 0;
+    for eval in by_kind(&graph, JobKind::Eval) {
+        if eval.params["adapter"].is_null() {
+            base_evals += 1;
+            assert!(eval.deps.is_empty());
+        } else {
+            assert_eq!(eval.deps.len(), 1);
+            let train = trains[&eval.deps[0]];
+            assert_eq!(eval.params["adapter"], train.key.0.as_str());
+            assert_eq!((&eval.model, &eval.task), (&train.model, &train.task));
+        }
+        assert_eq!(eval.params["limit"], 200);
+        assert_eq!(eval.params["max_new_tokens"], 256);
+    }
+    assert_eq!(base_evals, 2);
+}
+
+#[test]
+fn train_params_hold_every_resolved_setting() {
+    let graph = JobGraph::plan(&example());
+    let train = by_kind(&graph, JobKind::Train)[0];
+    let names: BTreeSet<&str> = train
+        .params
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    let expected: BTreeSet<&str> = [
+        "steps",
+        "batch_size",
+        "grad_accum",
+        "max_len",
+        "lr",
+        "schedule",
+        "warmup_ratio",
+        "weight_decay",
+        "max_grad_norm",
+        "alpha",
+        "rank",
+        "variant",
+        "placement",
+        "seed",
+        "checkpoint_every",
+    ]
+    .into_iter()
+    .collect();
+    assert_eq!(names, expected);
+    // The first point: grid axes slowest-first, zip fastest.
+    assert_eq!(train.params["placement"], "all");
+    assert_eq!(train.params["variant"], "lora");
+    assert_eq!(train.params["seed"], 0);
+    assert_eq!(train.params["rank"], 8);
+    assert_eq!(train.params["alpha"], 16.0);
+    assert_eq!(train.params["lr"], 2.0e-4);
+    assert_eq!(train.model, "smollm2-135m");
+    assert_eq!(train.task, "math");
+
+    let probe = by_kind(&graph, JobKind::Probe)[0];
+    assert_eq!(
+        probe.params,
+        serde_json::json!({
+            "batches": 8, "batch_size": 8, "max_len": 256, "rank": 16, "alpha": 32.0,
+            "estimator": "sample", "a_init": "kaiming", "seed": 0
+        })
+    );
+}
+
+#[test]
+fn point_order_is_grid_slowest_first_then_zip() {
+    let sweep = example();
+    let points = sweep.points();
+    assert_eq!(points.len(), 54);
+    let describe = |index: usize| {
+        let train = &points[index].train;
+        (
+            train.placement.to_string(),
+            train.variant,
+            train.seed,
+            train.rank,
+        )
+    };
+    assert_eq!(describe(0), ("all".to_string(), Variant::Lora, 0, 8));
+    assert_eq!(describe(1), ("all".to_string(), Variant::Lora, 0, 16));
+    assert_eq!(describe(2), ("all".to_string(), Variant::Lora, 1, 8));
+    assert_eq!(describe(6), ("all".to_string(), Variant::Dora, 0, 8));
+    assert_eq!(
+        describe(53),
+        ("random:1".to_string(), Variant::Pissa, 2, 16)
+    );
+}
+
+#[test]
+fn a_changed_setting_changes_only_the_jobs_it_reaches() {
+    let before = JobGraph::plan(&example());
+    let mut changed = example();
+    changed.train.lr = 1.0e-4;
+    let after = JobGraph::plan(&changed);
+    let kinds_of = |graph: &JobGraph, kind: JobKind| -> BTreeSet<JobKey> {
+        by_kind(graph, kind)
+            .into_iter()
+            .map(|job| job.key.clone())
+            .collect()
+    };
+    // Probes do not read lr.
+    assert_eq!(
+        kinds_of(&before, JobKind::Probe),
+        kinds_of(&after, JobKind::Probe)
+    );
+    // Every train job changes, and so does every eval of an adapter...
+    assert!(kinds_of(&before, JobKind::Train).is_disjoint(&kinds_of(&after, JobKind::Train)));
+    let before_evals = kinds_of(&before, JobKind::Eval);
+    let after_evals = kinds_of(&after, JobKind::Eval);
+    // ...but the base-model evals stay the same.
+    assert_eq!(before_evals.intersection(&after_evals).count(), 2);
+}
