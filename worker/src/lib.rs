@@ -2,3 +2,7 @@
 //!
 //! This crate knows nothing of gRPC: the coordinator and the worker agent call into it.
 #![warn(missing_docs)]
+
+pub mod chat;
+pub mod data;
+pub mod tokenizer;
