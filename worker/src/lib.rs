@@ -3,6 +3,19 @@
 //! This crate knows nothing of gRPC: the coordinator and the worker agent call into it.
 #![warn(missing_docs)]
 
+pub mod adapter;
+pub mod assets;
 pub mod chat;
 pub mod data;
+pub mod eval;
+pub mod generate;
+pub mod jobs;
+pub mod loader;
+pub mod model;
+pub mod ops;
+pub mod peft;
+pub mod placement;
+pub mod probe;
+pub mod tasks;
 pub mod tokenizer;
+pub mod train;

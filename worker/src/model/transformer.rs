@@ -333,7 +333,7 @@ impl Transformer {
         let picked = log_probs.gather(&targets, 1)?.squeeze(1)?;
         let weights = weights.flatten_all()?.to_dtype(DType::F32)?;
         let total = weights.sum_all()?;
-        (picked.mul(&weights)?.sum_all()?.neg()? / total)
+        picked.mul(&weights)?.sum_all()?.neg()? / total
     }
 
     #[allow(clippy::too_many_arguments)]

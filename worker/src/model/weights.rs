@@ -6,7 +6,7 @@ use std::fs::File;
 use std::path::Path;
 
 use candle_core::quantized::gguf_file;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 
 use super::transformer::NamedTensors;
 use super::{llama, qwen2, Architecture, ModelConfig, ModelError};

@@ -1,0 +1,317 @@
+//! Where adapters go: the placement grammar and its resolution to modules and ranks.
+//!
+//! | placement | modules |
+//! |---|---|
+//! | `all` | every projection of every layer (vanilla LoRA) |
+//! | `dominant` | the PAGE argmax (DomLoRA) |
+//! | `dominant:KIND` | the PAGE argmax among one kind, e.g. `dominant:down_proj` |
+//! | `top_k:N` | the N highest PAGE scores |
+//! | `random:N` | N modules drawn uniformly, seeded (the control) |
+//! | `kind:KIND` | one kind in every layer |
+//! | `explicit:NAME[,NAME…]` | the listed modules, e.g. `layers.3.mlp.down_proj` |
+//! | `budget_matched:PARAMS` | the PAGE argmax, with the rank whose trainable parameters come closest to PARAMS |
+
+use std::fmt;
+
+use rand::seq::IndexedRandom;
+use rand::SeedableRng;
+
+use crate::adapter::{adapter_parameter_count, check_rank, AdapterError, Variant};
+use crate::model::{ModelConfig, ModuleId, ModuleKind};
+use crate::probe::ProbeResult;
+
+/// A parsed placement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Placement {
+    /// Every module.
+    All,
+    /// The PAGE argmax.
+    Dominant,
+    /// The PAGE argmax within one kind.
+    DominantKind(ModuleKind),
+    /// The `k` highest PAGE scores.
+    TopK(usize),
+    /// `n` random modules.
+    Random(usize),
+    /// One kind in every layer.
+    Kind(ModuleKind),
+    /// The listed modules.
+    Explicit(Vec<ModuleId>),
+    /// The PAGE argmax at the rank that matches a parameter budget.
+    BudgetMatched(usize),
+}
+
+/// Errors parsing or resolving a placement.
+#[derive(Debug, thiserror::Error)]
+pub enum PlacementError {
+    /// Not in the grammar.
+    #[error("invalid placement {found:?}: {reason} (expected all, dominant, dominant:KIND, top_k:N, random:N, kind:KIND, explicit:NAME[,NAME…] or budget_matched:PARAMS)")]
+    Syntax {
+        /// The text given.
+        found: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A module outside the model.
+    #[error("placement names {module}, but the model has {layers} layers (0..{layers})")]
+    NoSuchModule {
+        /// The module.
+        module: String,
+        /// Layers the model has.
+        layers: usize,
+    },
+    /// More modules than exist.
+    #[error("placement asks for {asked} modules, but the model has only {available}")]
+    TooMany {
+        /// Requested.
+        asked: usize,
+        /// Available.
+        available: usize,
+    },
+    /// A PAGE placement without a probe result.
+    #[error("placement {0} needs a PAGE probe result")]
+    NeedsProbe(String),
+    /// A budget no rank can meet.
+    #[error("budget_matched:{budget}: {module} needs at least {per_rank} parameters per rank and allows rank ≤ {max_rank}")]
+    Budget {
+        /// The budget.
+        budget: usize,
+        /// The module chosen.
+        module: String,
+        /// Parameters per unit of rank.
+        per_rank: usize,
+        /// Largest rank.
+        max_rank: usize,
+    },
+    /// A rank the module cannot hold.
+    #[error(transparent)]
+    Rank(#[from] AdapterError),
+}
+
+impl Placement {
+    /// Parses the placement grammar.
+    pub fn parse(text: &str) -> Result<Self, PlacementError> {
+        let syntax = |reason: &str| PlacementError::Syntax { found: text.to_string(), reason: reason.to_string() };
+        let count = |value: &str| -> Result<usize, PlacementError> {
+            match value.parse::<usize>() {
+                Ok(n) if n > 0 => Ok(n),
+                _ => Err(syntax("the count must be a positive integer")),
+            }
+        };
+        let kind = |value: &str| ModuleKind::parse(value).ok_or_else(|| syntax("unknown module kind (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)"));
+        let (head, arg) = match text.split_once(':') {
+            Some((head, arg)) => (head, Some(arg)),
+            None => (text, None),
+        };
+        match (head, arg) {
+            ("all", None) => Ok(Self::All),
+            ("dominant", None) => Ok(Self::Dominant),
+            ("dominant", Some(k)) => Ok(Self::DominantKind(kind(k)?)),
+            ("top_k", Some(n)) => Ok(Self::TopK(count(n)?)),
+            ("random", Some(n)) => Ok(Self::Random(count(n)?)),
+            ("kind", Some(k)) => Ok(Self::Kind(kind(k)?)),
+            ("budget_matched", Some(n)) => Ok(Self::BudgetMatched(count(n)?)),
+            ("explicit", Some(list)) => {
+                let modules = list
+                    .split(',')
+                    .map(|name| ModuleId::parse(name.trim()).ok_or_else(|| syntax(&format!("{name:?} is not a module path like layers.3.mlp.down_proj"))))
+                    .collect::<Result<Vec<_>, _>>()?;
+                if modules.is_empty() {
+                    return Err(syntax("the module list is empty"));
+                }
+                Ok(Self::Explicit(modules))
+            }
+            ("all", Some(_)) | ("top_k" | "random" | "kind" | "budget_matched" | "explicit", None) => {
+                Err(syntax("wrong or missing argument"))
+            }
+            _ => Err(syntax("unknown placement")),
+        }
+    }
+
+    /// Whether resolving it needs a PAGE probe result.
+    pub fn needs_probe(&self) -> bool {
+        matches!(self, Self::Dominant | Self::DominantKind(_) | Self::TopK(_) | Self::BudgetMatched(_))
+    }
+
+    /// The modules and their ranks for a model. `rank` is the run's rank (ignored by
+    /// `budget_matched`, which chooses its own); `seed` drives `random`.
+    pub fn resolve(
+        &self,
+        config: &ModelConfig,
+        probe: Option<&ProbeResult>,
+        rank: usize,
+        variant: Variant,
+        seed: u64,
+    ) -> Result<Vec<(ModuleId, usize)>, PlacementError> {
+        let all = config.all_modules();
+        let ranking = || -> Result<Vec<ModuleId>, PlacementError> {
+            probe.map(|p| p.ranking()).ok_or_else(|| PlacementError::NeedsProbe(self.to_string()))
+        };
+        let modules: Vec<ModuleId> = match self {
+            Self::All => all.clone(),
+            Self::Dominant => ranking()?.into_iter().take(1).collect(),
+            Self::DominantKind(kind) => ranking()?.into_iter().filter(|m| m.kind == *kind).take(1).collect(),
+            Self::TopK(k) => {
+                if *k > all.len() {
+                    return Err(PlacementError::TooMany { asked: *k, available: all.len() });
+                }
+                ranking()?.into_iter().take(*k).collect()
+            }
+            Self::Random(n) => {
+                if *n > all.len() {
+                    return Err(PlacementError::TooMany { asked: *n, available: all.len() });
+                }
+                let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x5EED_0F_7A4D);
+                let mut chosen: Vec<ModuleId> = all.choose_multiple(&mut rng, *n).copied().collect();
+                chosen.sort();
+                chosen
+            }
+            Self::Kind(kind) => all.iter().filter(|m| m.kind == *kind).copied().collect(),
+            Self::Explicit(list) => {
+                for module in list {
+                    if module.layer >= config.num_layers {
+                        return Err(PlacementError::NoSuchModule { module: module.name(), layers: config.num_layers });
+                    }
+                }
+                let mut list = list.clone();
+                list.sort();
+                list.dedup();
+                list
+            }
+            Self::BudgetMatched(budget) => {
+                let module = ranking()?.into_iter().next().ok_or_else(|| PlacementError::NeedsProbe(self.to_string()))?;
+                let (d_in, d_out) = config.module_dims(module.kind);
+                let per_rank = d_in + d_out;
+                let max_rank = d_in.min(d_out);
+                let fixed = adapter_parameter_count(config, module, 0, variant);
+                let chosen = ((budget.saturating_sub(fixed)) as f64 / per_rank as f64).round() as usize;
+                if chosen == 0 || chosen > max_rank {
+                    return Err(PlacementError::Budget { budget: *budget, module: module.name(), per_rank, max_rank });
+                }
+                return Ok(vec![(module, chosen)]);
+            }
+        };
+        if modules.is_empty() {
+            return Err(PlacementError::NeedsProbe(self.to_string()));
+        }
+        for module in &modules {
+            let (d_in, d_out) = config.module_dims(module.kind);
+            check_rank(*module, rank, d_in, d_out)?;
+        }
+        Ok(modules.into_iter().map(|m| (m, rank)).collect())
+    }
+}
+
+impl fmt::Display for Placement {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::All => write!(f, "all"),
+            Self::Dominant => write!(f, "dominant"),
+            Self::DominantKind(kind) => write!(f, "dominant:{kind}"),
+            Self::TopK(k) => write!(f, "top_k:{k}"),
+            Self::Random(n) => write!(f, "random:{n}"),
+            Self::Kind(kind) => write!(f, "kind:{kind}"),
+            Self::Explicit(list) => {
+                let names: Vec<String> = list.iter().map(|m| m.name()).collect();
+                write!(f, "explicit:{}", names.join(","))
+            }
+            Self::BudgetMatched(n) => write!(f, "budget_matched:{n}"),
+        }
+    }
+}
+
+impl std::str::FromStr for Placement {
+    type Err = PlacementError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::parse(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Architecture;
+
+    fn config() -> ModelConfig {
+        ModelConfig {
+            architecture: Architecture::Llama,
+            vocab_size: 32,
+            hidden_size: 16,
+            intermediate_size: 24,
+            num_layers: 3,
+            num_heads: 4,
+            num_kv_heads: 2,
+            head_dim: 4,
+            rope_theta: 1e4,
+            rms_norm_eps: 1e-5,
+            tie_word_embeddings: true,
+            attention_bias: false,
+            max_position_embeddings: 64,
+        }
+    }
+
+    fn probe(config: &ModelConfig) -> ProbeResult {
+        // Scores rise with the module index, so the last module (layers.2.mlp.down_proj) wins,
+        // except that layers.0.mlp.down_proj is best among down_proj after it.
+        let per_batch = vec![config.all_modules().iter().enumerate().map(|(i, _)| i as f64 + 1.0).collect::<Vec<_>>()];
+        let (modules, dominant, top1_share, share_by_kind, share_by_layer, batch_argmax, argmax_stability) = crate::probe::summarise(config, &per_batch);
+        ProbeResult {
+            model: "tiny".into(),
+            model_digest: String::new(),
+            data: "tiny".into(),
+            data_digest: String::new(),
+            settings: Default::default(),
+            modules,
+            dominant,
+            top1_share,
+            share_by_kind,
+            share_by_layer,
+            batch_argmax,
+            argmax_stability,
+            tokens: 0,
+            wall_s: 0.0,
+        }
+    }
+
+    #[test]
+    fn grammar_round_trips() {
+        for text in ["all", "dominant", "dominant:down_proj", "top_k:3", "random:2", "kind:q_proj", "explicit:layers.0.mlp.down_proj,layers.1.self_attn.q_proj", "budget_matched:5000"] {
+            assert_eq!(Placement::parse(text).unwrap().to_string(), text);
+        }
+        for bad in ["", "everything", "top_k", "top_k:0", "top_k:x", "kind:foo_proj", "dominant:", "explicit:layers.1.mlp.q_proj", "all:3"] {
+            assert!(Placement::parse(bad).is_err(), "{bad:?} should be rejected");
+        }
+    }
+
+    #[test]
+    fn resolves_each_placement() {
+        let config = config();
+        let probe = probe(&config);
+        let resolve = |text: &str| Placement::parse(text).unwrap().resolve(&config, Some(&probe), 2, Variant::Lora, 1).unwrap();
+        assert_eq!(resolve("all").len(), 21);
+        assert_eq!(resolve("dominant"), vec![(ModuleId::parse("layers.2.mlp.down_proj").unwrap(), 2)]);
+        assert_eq!(resolve("dominant:q_proj"), vec![(ModuleId::parse("layers.2.self_attn.q_proj").unwrap(), 2)]);
+        assert_eq!(resolve("top_k:2").len(), 2);
+        assert_eq!(resolve("kind:down_proj").len(), 3);
+        let random = resolve("random:4");
+        assert_eq!(random.len(), 4);
+        assert_eq!(random, resolve("random:4"), "random placement is seeded");
+        let other_seed = Placement::parse("random:4").unwrap().resolve(&config, None, 2, Variant::Lora, 2).unwrap();
+        assert_ne!(random, other_seed);
+        // down_proj: d_in 24 + d_out 16 = 40 parameters per rank; 200 → rank 5.
+        assert_eq!(resolve("budget_matched:200"), vec![(ModuleId::parse("layers.2.mlp.down_proj").unwrap(), 5)]);
+    }
+
+    #[test]
+    fn bad_placements_are_clear_errors() {
+        let config = config();
+        let err = Placement::parse("explicit:layers.7.mlp.down_proj").unwrap().resolve(&config, None, 2, Variant::Lora, 0).unwrap_err();
+        assert!(err.to_string().contains("has 3 layers"), "{err}");
+        let err = Placement::Dominant.resolve(&config, None, 2, Variant::Lora, 0).unwrap_err();
+        assert!(err.to_string().contains("needs a PAGE probe"), "{err}");
+        let err = Placement::All.resolve(&config, None, 17, Variant::Lora, 0).unwrap_err();
+        assert!(err.to_string().contains("between 1 and"), "{err}");
+        let err = Placement::TopK(99).resolve(&config, Some(&probe(&config)), 2, Variant::Lora, 0).unwrap_err();
+        assert!(err.to_string().contains("only 21"), "{err}");
+    }
+}
