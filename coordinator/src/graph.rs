@@ -13,7 +13,7 @@
 //! Jobs come out probes first, then trains, then evals, so every job's dependencies come
 //! before it.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 
 use serde_json::{json, Map, Value};
@@ -110,6 +110,7 @@ impl JobCounts {
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct JobGraph {
     jobs: Vec<PlannedJob>,
+    index: HashMap<JobKey, usize>,
 }
 
 impl JobGraph {
@@ -184,7 +185,12 @@ impl JobGraph {
         let mut jobs = probes.jobs;
         jobs.extend(trains.jobs);
         jobs.extend(evals.jobs);
-        JobGraph { jobs }
+        let index = jobs
+            .iter()
+            .enumerate()
+            .map(|(position, job)| (job.key.clone(), position))
+            .collect();
+        JobGraph { jobs, index }
     }
 
     /// The jobs, dependencies before dependents.
@@ -199,7 +205,7 @@ impl JobGraph {
 
     /// The job with this key.
     pub fn get(&self, key: &JobKey) -> Option<&PlannedJob> {
-        self.jobs.iter().find(|job| job.key == *key)
+        self.index.get(key).map(|position| &self.jobs[*position])
     }
 
     /// Jobs per kind.

@@ -90,6 +90,7 @@ fn keys_are_unique_and_deps_come_first() {
             "duplicate {}",
             job.key
         );
+        assert_eq!(graph.get(&job.key), Some(job));
         assert!(
             job.key.0.starts_with(&format!("{}-", job.kind)),
             "{}",

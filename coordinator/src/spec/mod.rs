@@ -133,7 +133,7 @@ impl std::error::Error for SpecErrors {}
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     /// The file could not be read at all.
-    #[error("cannot read sweep file {path}: {source}")]
+    #[error("cannot read sweep file {}", path.display())]
     Read {
         /// The file.
         path: PathBuf,
