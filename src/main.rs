@@ -27,6 +27,10 @@ enum Command {
     Train(cli::engine::TrainArgs),
     /// Score outputs made elsewhere: code completions, IFBench responses, math answers.
     Score(cli::score::ScoreArgs),
+    /// Evaluate a model (and optionally an adapter) on a task's eval split; writes a JSON report.
+    Eval(cli::eval::EvalArgs),
+    /// Time a training step or probe batch on a model geometry with random weights.
+    Bench(cli::bench::BenchArgs),
     /// Check a sweep file and print its job counts; runs nothing.
     Validate(cli::validate::ValidateArgs),
 }
@@ -41,6 +45,8 @@ fn main() -> std::process::ExitCode {
         Command::Probe(args) => cli::engine::probe(args),
         Command::Train(args) => cli::engine::train(args),
         Command::Score(args) => cli::score::score(args),
+        Command::Eval(args) => cli::eval::eval(args),
+        Command::Bench(args) => cli::bench::bench(args),
         Command::Validate(args) => cli::validate::validate(args),
     };
     match outcome {

@@ -1,7 +1,9 @@
 //! Command implementations, one module per group of verbs.
 
 pub mod assets;
+pub mod bench;
 pub mod engine;
+pub mod eval;
 pub mod score;
 pub mod validate;
 

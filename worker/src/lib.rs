@@ -5,9 +5,11 @@
 
 pub mod adapter;
 pub mod assets;
+pub mod bench;
 pub mod chat;
 pub mod data;
 pub mod eval;
+pub mod evaluate;
 pub mod generate;
 pub mod jobs;
 pub mod loader;

@@ -184,12 +184,12 @@ pub enum TrainError {
 }
 
 /// One trainable tensor with its optimizer state.
-struct Param {
-    name: String,
-    group: ParamGroup,
-    var: Var,
-    m: Tensor,
-    v: Tensor,
+pub(crate) struct Param {
+    pub(crate) name: String,
+    pub(crate) group: ParamGroup,
+    pub(crate) var: Var,
+    pub(crate) m: Tensor,
+    pub(crate) v: Tensor,
 }
 
 /// Position in the seeded data order.
@@ -201,7 +201,8 @@ struct Cursor {
 
 fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
     let mut order: Vec<usize> = (0..n).collect();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ epoch);
+    let mut rng =
+        rand::rngs::StdRng::seed_from_u64(seed.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ epoch);
     order.shuffle(&mut rng);
     order
 }
@@ -247,10 +248,15 @@ pub fn train(
     on_step: &mut dyn FnMut(&StepRecord),
 ) -> Result<TrainMetrics, TrainError> {
     if settings.steps == 0 || settings.batch_size == 0 || settings.grad_accum == 0 {
-        return Err(TrainError::Settings("steps, batch_size and grad_accum must be positive".into()));
+        return Err(TrainError::Settings(
+            "steps, batch_size and grad_accum must be positive".into(),
+        ));
     }
     if !(settings.lr.is_finite() && settings.lr > 0.0) {
-        return Err(TrainError::Settings(format!("lr must be a positive number, got {}", settings.lr)));
+        return Err(TrainError::Settings(format!(
+            "lr must be a positive number, got {}",
+            settings.lr
+        )));
     }
     if examples.is_empty() {
         return Err(TrainError::NoData);
@@ -328,12 +334,25 @@ pub fn train(
         history.push(record);
         let done = step + 1 == settings.steps;
         if done || (settings.checkpoint_every > 0 && (step + 1) % settings.checkpoint_every == 0) {
-            let state = CheckpointState { step: step + 1, cursor, history: history.clone(), wall_s, settings: settings.clone() };
+            let state = CheckpointState {
+                step: step + 1,
+                cursor,
+                history: history.clone(),
+                wall_s,
+                settings: settings.clone(),
+            };
             save_checkpoint(&checkpoint_dir, &params, &state)?;
         }
     }
     let tokens: usize = history.iter().map(|r| r.tokens).sum();
-    Ok(TrainMetrics { steps: history, trainable_parameters, tokens, tokens_per_s: tokens as f64 / wall_s.max(1e-9), wall_s, resumed_from })
+    Ok(TrainMetrics {
+        steps: history,
+        trainable_parameters,
+        tokens,
+        tokens_per_s: tokens as f64 / wall_s.max(1e-9),
+        wall_s,
+        resumed_from,
+    })
 }
 
 fn non_finite(step: usize, value: f64, checkpoint_dir: &Path) -> TrainError {
@@ -342,10 +361,14 @@ fn non_finite(step: usize, value: f64, checkpoint_dir: &Path) -> TrainError {
     } else {
         "none yet".to_string()
     };
-    TrainError::NonFinite { step, value, checkpoint }
+    TrainError::NonFinite {
+        step,
+        value,
+        checkpoint,
+    }
 }
 
-fn collect_params(model: &Transformer) -> Result<Vec<Param>, TrainError> {
+pub(crate) fn collect_params(model: &Transformer) -> Result<Vec<Param>, TrainError> {
     let mut params = Vec::new();
     for (module, adapter) in model.adapters() {
         for (group, var) in adapter.parameters() {
@@ -369,7 +392,7 @@ fn collect_params(model: &Transformer) -> Result<Vec<Param>, TrainError> {
     Ok(params)
 }
 
-fn global_norm(grads: &[Option<Tensor>]) -> Result<f64, TrainError> {
+pub(crate) fn global_norm(grads: &[Option<Tensor>]) -> Result<f64, TrainError> {
     let mut total = 0.0f64;
     for g in grads.iter().flatten() {
         total += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
@@ -378,13 +401,24 @@ fn global_norm(grads: &[Option<Tensor>]) -> Result<f64, TrainError> {
 }
 
 /// AdamW as PyTorch defines it: `p ← p·(1 − lr·λ)`, then `p ← p − lr·m̂/(√v̂ + ε)`.
-fn adamw_step(params: &mut [Param], grads: &[Option<Tensor>], t: usize, lr: f64, clip: f64, s: &TrainSettings) -> Result<(), TrainError> {
+pub(crate) fn adamw_step(
+    params: &mut [Param],
+    grads: &[Option<Tensor>],
+    t: usize,
+    lr: f64,
+    clip: f64,
+    s: &TrainSettings,
+) -> Result<(), TrainError> {
     let bias1 = 1.0 - s.beta1.powi(t as i32);
     let bias2 = 1.0 - s.beta2.powi(t as i32);
     for (param, grad) in params.iter_mut().zip(grads) {
         let Some(grad) = grad else { continue };
         let grad = (grad * clip)?;
-        let group_lr = if param.group == ParamGroup::B { lr * s.b_lr_ratio } else { lr };
+        let group_lr = if param.group == ParamGroup::B {
+            lr * s.b_lr_ratio
+        } else {
+            lr
+        };
         param.m = ((&param.m * s.beta1)? + (&grad * (1.0 - s.beta1))?)?;
         param.v = ((&param.v * s.beta2)? + (grad.sqr()? * (1.0 - s.beta2))?)?;
         let m_hat = (&param.m / bias1)?;
@@ -396,14 +430,24 @@ fn adamw_step(params: &mut [Param], grads: &[Option<Tensor>], t: usize, lr: f64,
     Ok(())
 }
 
-fn save_checkpoint(dir: &Path, params: &[Param], state: &CheckpointState) -> Result<(), TrainError> {
-    let fail = |reason: String| TrainError::Checkpoint { path: dir.to_path_buf(), reason };
+fn save_checkpoint(
+    dir: &Path,
+    params: &[Param],
+    state: &CheckpointState,
+) -> Result<(), TrainError> {
+    let fail = |reason: String| TrainError::Checkpoint {
+        path: dir.to_path_buf(),
+        reason,
+    };
     let partial = dir.with_extension("partial");
     let _ = std::fs::remove_dir_all(&partial);
     std::fs::create_dir_all(&partial).map_err(|e| fail(e.to_string()))?;
     let mut tensors = HashMap::new();
     for p in params {
-        tensors.insert(format!("param/{}", p.name), p.var.as_tensor().to_device(&Device::Cpu)?);
+        tensors.insert(
+            format!("param/{}", p.name),
+            p.var.as_tensor().to_device(&Device::Cpu)?,
+        );
         tensors.insert(format!("m/{}", p.name), p.m.to_device(&Device::Cpu)?);
         tensors.insert(format!("v/{}", p.name), p.v.to_device(&Device::Cpu)?);
     }
@@ -421,16 +465,30 @@ fn save_checkpoint(dir: &Path, params: &[Param], state: &CheckpointState) -> Res
     Ok(())
 }
 
-fn load_checkpoint(dir: &Path, params: &mut [Param], settings: &TrainSettings, device: &Device) -> Result<CheckpointState, TrainError> {
-    let fail = |reason: String| TrainError::Checkpoint { path: dir.to_path_buf(), reason };
+fn load_checkpoint(
+    dir: &Path,
+    params: &mut [Param],
+    settings: &TrainSettings,
+    device: &Device,
+) -> Result<CheckpointState, TrainError> {
+    let fail = |reason: String| TrainError::Checkpoint {
+        path: dir.to_path_buf(),
+        reason,
+    };
     let text = std::fs::read_to_string(dir.join("state.json")).map_err(|e| fail(e.to_string()))?;
-    let state: CheckpointState = serde_json::from_str(&text).map_err(|e| fail(format!("state.json: {e}")))?;
+    let state: CheckpointState =
+        serde_json::from_str(&text).map_err(|e| fail(format!("state.json: {e}")))?;
     if state.settings != *settings {
         return Err(fail("it was written with different training settings; start a new output directory or use the same settings".into()));
     }
     let tensors = candle_core::safetensors::load(dir.join("state.safetensors"), device)?;
     for p in params.iter_mut() {
-        let get = |prefix: &str| tensors.get(&format!("{prefix}/{}", p.name)).cloned().ok_or_else(|| fail(format!("missing {prefix}/{}", p.name)));
+        let get = |prefix: &str| {
+            tensors
+                .get(&format!("{prefix}/{}", p.name))
+                .cloned()
+                .ok_or_else(|| fail(format!("missing {prefix}/{}", p.name)))
+        };
         p.var.set(&get("param")?)?;
         p.m = get("m")?;
         p.v = get("v")?;
@@ -444,12 +502,19 @@ mod tests {
 
     #[test]
     fn warmup_then_cosine_matches_the_usual_formula() {
-        let s = TrainSettings { steps: 100, warmup_ratio: 0.1, ..Default::default() };
+        let s = TrainSettings {
+            steps: 100,
+            warmup_ratio: 0.1,
+            ..Default::default()
+        };
         assert_eq!(s.lr_factor(0), 0.0);
         assert!((s.lr_factor(5) - 0.5).abs() < 1e-12);
         assert!((s.lr_factor(10) - 1.0).abs() < 1e-12);
         assert!((s.lr_factor(55) - 0.5).abs() < 1e-12);
-        let linear = TrainSettings { schedule: Schedule::Linear, ..s.clone() };
+        let linear = TrainSettings {
+            schedule: Schedule::Linear,
+            ..s.clone()
+        };
         assert!((linear.lr_factor(55) - 0.5).abs() < 1e-12);
     }
 

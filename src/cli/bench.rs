@@ -1,0 +1,159 @@
+//! `lorasweep bench train|probe`: step time, tokens/s, peak memory and TFLOP/s of the engine on
+//! a named geometry with random weights, in the JSON shape of `bench/peft_baseline.py`.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use clap::{Args, ValueEnum};
+use lorasweep_worker::bench::{self, BenchOptions};
+use lorasweep_worker::loader;
+
+/// What to time.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum Mode {
+    /// A training step: forward, backward, AdamW.
+    Train,
+    /// A PAGE probe batch: adapters everywhere, forward, backward, every ‖∇B‖².
+    Probe,
+}
+
+/// Arguments of `lorasweep bench`.
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// train or probe.
+    #[arg(value_enum)]
+    mode: Mode,
+    /// smollm2-135m, qwen2.5-0.5b or tiny.
+    #[arg(long, default_value = "smollm2-135m")]
+    geometry: String,
+    /// all, explicit:layers.2.mlp.down_proj, one:2.down_proj, kind:K, random:N.
+    #[arg(long, default_value = "all")]
+    placement: String,
+    /// Sequences per step.
+    #[arg(long, default_value_t = 16)]
+    batch: usize,
+    /// Tokens per sequence.
+    #[arg(long, default_value_t = 512)]
+    seq_len: usize,
+    /// Adapter rank.
+    #[arg(long, default_value_t = 16)]
+    rank: usize,
+    /// Adapter alpha.
+    #[arg(long, default_value_t = 32.0)]
+    alpha: f64,
+    /// Timed steps.
+    #[arg(long, default_value_t = 20)]
+    steps: usize,
+    /// Untimed steps first.
+    #[arg(long, default_value_t = 5)]
+    warmup: usize,
+    /// AdamW learning rate.
+    #[arg(long, default_value_t = 1e-4)]
+    lr: f64,
+    /// Seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// cpu or cuda (default: cuda when built with it and present).
+    #[arg(long)]
+    device: Option<String>,
+    /// Write the result object here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+/// `lorasweep bench`.
+pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.steps > 0, "--steps must be at least 1");
+    let device = match args.device.as_deref() {
+        None => loader::default_device(),
+        Some("cpu") => candle_core::Device::Cpu,
+        Some("cuda") => candle_core::Device::new_cuda(0)?,
+        Some(other) => anyhow::bail!("--device {other:?}: expected cpu or cuda"),
+    };
+    let options = BenchOptions {
+        geometry: args.geometry.clone(),
+        mode: match args.mode {
+            Mode::Train => "train".into(),
+            Mode::Probe => "probe".into(),
+        },
+        placement: args.placement.clone(),
+        batch: args.batch,
+        seq_len: args.seq_len,
+        rank: args.rank,
+        alpha: args.alpha,
+        steps: args.steps,
+        warmup: args.warmup,
+        lr: args.lr,
+        seed: args.seed,
+    };
+    let sampler = device.is_cuda().then(MemorySampler::start);
+    let mut result = bench::run(&options, &device).map_err(anyhow::Error::msg)?;
+    if let Some(sampler) = sampler {
+        result.peak_mem_gib = sampler.stop();
+    }
+    let text = serde_json::to_string_pretty(&result)?;
+    if let Some(path) = &args.json {
+        std::fs::write(path, format!("{text}\n"))?;
+    }
+    let peak = result
+        .peak_mem_gib
+        .map_or("n/a".to_string(), |g| format!("{g:.1} GiB"));
+    println!(
+        "lorasweep {} {} {}: {:.1} ms/step (p10 {:.1}, p90 {:.1}), {:.1} k tok/s, {peak}, {:.2} TFLOP/s, {}",
+        result.mode, result.geometry, result.placement, result.step_ms_median, result.step_ms_p10, result.step_ms_p90,
+        result.tokens_per_s / 1e3, result.tflops, result.device
+    );
+    Ok(())
+}
+
+/// Samples the GPU's used memory with `nvidia-smi` every 50 ms; the peak minus what was used
+/// before the run (the CUDA context) approximates the run's peak allocation. This includes
+/// memory the allocator keeps cached, so it never understates.
+struct MemorySampler {
+    running: Arc<AtomicBool>,
+    handle: std::thread::JoinHandle<Option<(f64, f64)>>,
+}
+
+impl MemorySampler {
+    fn start() -> Self {
+        let running = Arc::new(AtomicBool::new(true));
+        let flag = running.clone();
+        let handle = std::thread::spawn(move || {
+            let read = || -> Option<f64> {
+                let out = std::process::Command::new("nvidia-smi")
+                    .args([
+                        "--query-gpu=memory.used",
+                        "--format=csv,noheader,nounits",
+                        "-i",
+                        "0",
+                    ])
+                    .output()
+                    .ok()?;
+                String::from_utf8_lossy(&out.stdout)
+                    .trim()
+                    .lines()
+                    .next()?
+                    .trim()
+                    .parse::<f64>()
+                    .ok()
+            };
+            let base = read()?;
+            let mut peak = base;
+            while flag.load(Ordering::Relaxed) {
+                if let Some(used) = read() {
+                    peak = peak.max(used);
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            Some((base, peak))
+        });
+        Self { running, handle }
+    }
+
+    fn stop(self) -> Option<f64> {
+        self.running.store(false, Ordering::Relaxed);
+        let (base, peak) = self.handle.join().ok()??;
+        Some((peak - base) / 1024.0)
+    }
+}
