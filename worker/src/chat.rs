@@ -50,6 +50,7 @@ pub enum ChatError {
 }
 
 /// A compiled chat template with the special token strings it may refer to.
+#[derive(Clone)]
 pub struct ChatTemplate {
     env: Environment<'static>,
     source: String,

@@ -296,7 +296,8 @@ impl Tokenizer {
     }
 
     /// Encodes text to ids. Special tokens written in the text become their single ids;
-    /// no BOS or other token is added.
+    /// no BOS or other token is added. Qwen2 tokenizers first normalize the text to Unicode
+    /// NFC, as the model's own tokenizer does, so decoding gives back the NFC form.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
         let encoding = self
             .inner
