@@ -357,11 +357,19 @@ pub fn has_ended(counts: &StateCounts) -> bool {
         && counts.get(&JobState::Running).copied().unwrap_or(0) == 0
 }
 
-/// A sweep with its jobs.
+/// A sweep with its jobs (without its file text; see [`SweepResults`] for that).
 #[derive(Debug, Clone, PartialEq)]
 pub struct SweepStatus {
     /// The sweep.
-    pub sweep: SweepRecord,
+    pub id: SweepId,
+    /// The name from the file.
+    pub name: String,
+    /// The file name it was submitted as.
+    pub file_name: String,
+    /// When it was submitted.
+    pub created: Timestamp,
+    /// When it was cancelled.
+    pub cancelled: Option<Timestamp>,
     /// Jobs by state.
     pub counts: StateCounts,
     /// Whether no job is queued or running.

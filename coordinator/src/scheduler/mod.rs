@@ -174,7 +174,11 @@ pub fn schedule(snapshot: &Snapshot) -> Vec<Decision> {
     let mut busy: HashSet<(&WorkerId, u32)> = HashSet::new();
 
     // 1. Leases: an expired lease ends the whole attempt (every rank of a gang).
-    for job in snapshot.jobs.iter().filter(|job| job.state == JobState::Running) {
+    for job in snapshot
+        .jobs
+        .iter()
+        .filter(|job| job.state == JobState::Running)
+    {
         let expired = job
             .leases
             .iter()
@@ -247,7 +251,10 @@ pub fn schedule(snapshot: &Snapshot) -> Vec<Decision> {
                 None => Some(format!("dependency job {dep} is unknown")),
             });
             if let Some(reason) = blocking {
-                decisions.push(Decision::Skip { job: job.id, reason });
+                decisions.push(Decision::Skip {
+                    job: job.id,
+                    reason,
+                });
                 states.insert(job.id, JobState::Skipped);
                 changed = true;
             }
@@ -289,7 +296,11 @@ pub fn schedule(snapshot: &Snapshot) -> Vec<Decision> {
     // 4. Free slots of live workers, by worker id.
     let mut free: BTreeMap<&WorkerId, Vec<u32>> = BTreeMap::new();
     let mut live_slot_count = 0usize;
-    for worker in snapshot.workers.iter().filter(|worker| is_live(worker, snapshot)) {
+    for worker in snapshot
+        .workers
+        .iter()
+        .filter(|worker| is_live(worker, snapshot))
+    {
         live_slot_count += worker.slots.len();
         let slots: Vec<u32> = worker
             .slots
@@ -327,7 +338,10 @@ pub fn schedule(snapshot: &Snapshot) -> Vec<Decision> {
         if needed > 1 && !reservation_made && waited >= patience {
             // Hold what is free for this gang; slots freed later come to it first because
             // every later job is placed only from what is left.
-            let held = spread(&free, free.values().map(Vec::len).sum::<usize>().min(needed));
+            let held = spread(
+                &free,
+                free.values().map(Vec::len).sum::<usize>().min(needed),
+            );
             take_slots(&mut free, &held);
             reservation_made = true;
         }
@@ -450,16 +464,18 @@ pub fn check_decisions(snapshot: &Snapshot, decisions: &[Decision]) -> Result<()
             return Err(format!("decision for job {job_id} not in the snapshot"));
         };
         let requeued_then_assigned = matches!(decision, Decision::Assign(_))
-            && decisions.iter().any(|other| {
-                matches!(other, Decision::Requeue { job, .. } if *job == job_id)
-            });
+            && decisions
+                .iter()
+                .any(|other| matches!(other, Decision::Requeue { job, .. } if *job == job_id));
         if !decided.insert(job_id) && !requeued_then_assigned {
             return Err(format!("job {job_id} decided twice"));
         }
         match decision {
             Decision::Requeue { epoch, .. } | Decision::Fail { epoch, .. } => {
                 if job.state != JobState::Running || *epoch != job.epoch {
-                    return Err(format!("job {job_id} ended but was not running at epoch {epoch}"));
+                    return Err(format!(
+                        "job {job_id} ended but was not running at epoch {epoch}"
+                    ));
                 }
                 let expired = job.leases.is_empty()
                     || job.leases.iter().any(|lease| lease.deadline < snapshot.now);
@@ -482,19 +498,30 @@ pub fn check_decisions(snapshot: &Snapshot, decisions: &[Decision]) -> Result<()
                 }
                 for dep in &job.deps {
                     if jobs.get(dep).map(|dep| dep.state) != Some(JobState::Succeeded) {
-                        return Err(format!("job {job_id} assigned before dependency {dep} succeeded"));
+                        return Err(format!(
+                            "job {job_id} assigned before dependency {dep} succeeded"
+                        ));
                     }
                 }
                 if assignment.epoch != job.epoch + 1 || assignment.attempt != job.attempts + 1 {
-                    return Err(format!("job {job_id} assigned with a wrong epoch or attempt"));
+                    return Err(format!(
+                        "job {job_id} assigned with a wrong epoch or attempt"
+                    ));
                 }
                 if assignment.world_size != job.gpus.max(1) {
-                    return Err(format!("job {job_id} assigned {} ranks, needs {}", assignment.world_size, job.gpus.max(1)));
+                    return Err(format!(
+                        "job {job_id} assigned {} ranks, needs {}",
+                        assignment.world_size,
+                        job.gpus.max(1)
+                    ));
                 }
                 let mut ranks: Vec<u32> = Vec::new();
                 for placement in &assignment.placements {
                     let Some(worker) = workers.get(&placement.worker) else {
-                        return Err(format!("job {job_id} placed on unknown worker {}", placement.worker));
+                        return Err(format!(
+                            "job {job_id} placed on unknown worker {}",
+                            placement.worker
+                        ));
                     };
                     if !is_live(worker, snapshot) {
                         return Err(format!("job {job_id} placed on lost worker {}", worker.id));
@@ -504,7 +531,10 @@ pub fn check_decisions(snapshot: &Snapshot, decisions: &[Decision]) -> Result<()
                     }
                     for rank in &placement.ranks {
                         if !worker.slots.contains(&rank.gpu) {
-                            return Err(format!("job {job_id} placed on missing slot {} of {}", rank.gpu, worker.id));
+                            return Err(format!(
+                                "job {job_id} placed on missing slot {} of {}",
+                                rank.gpu, worker.id
+                            ));
                         }
                         if !held.insert((placement.worker.clone(), rank.gpu)) {
                             return Err(format!("slot {} of {} leased twice", rank.gpu, worker.id));
@@ -516,7 +546,11 @@ pub fn check_decisions(snapshot: &Snapshot, decisions: &[Decision]) -> Result<()
                 if ranks != (0..assignment.world_size).collect::<Vec<_>>() {
                     return Err(format!("job {job_id} ranks are {ranks:?}"));
                 }
-                if assignment.placements[0].ranks.iter().all(|rank| rank.rank != 0) {
+                if assignment.placements[0]
+                    .ranks
+                    .iter()
+                    .all(|rank| rank.rank != 0)
+                {
                     return Err(format!("job {job_id}: rank 0 is not on the first worker"));
                 }
             }

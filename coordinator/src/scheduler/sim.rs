@@ -19,7 +19,9 @@
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
-use super::{check_decisions, schedule, Decision, JobView, LeaseView, SchedulerConfig, Snapshot, WorkerView};
+use super::{
+    check_decisions, schedule, Decision, JobView, LeaseView, SchedulerConfig, Snapshot, WorkerView,
+};
 use crate::domain::{JobState, Timestamp};
 use crate::ids::{JobId, WorkerId};
 
@@ -204,7 +206,11 @@ impl SimCluster {
             if job.view.state != JobState::Running {
                 continue;
             }
-            let all_alive = job.view.leases.iter().all(|lease| live.contains(&lease.worker));
+            let all_alive = job
+                .view
+                .leases
+                .iter()
+                .all(|lease| live.contains(&lease.worker));
             for lease in job.view.leases.iter_mut() {
                 if live.contains(&lease.worker) {
                     lease.deadline = deadline;
@@ -214,12 +220,20 @@ impl SimCluster {
             if !all_alive || Duration::from_millis(now.millis_since(started)) < job.duration {
                 continue;
             }
-            let slots: u32 = job.view.leases.iter().map(|lease| lease.ranks.len() as u32).sum();
+            let slots: u32 = job
+                .view
+                .leases
+                .iter()
+                .map(|lease| lease.ranks.len() as u32)
+                .sum();
             self.slot_time_used += job.duration * slots;
             job.view.leases.clear();
             if job.failing_attempts > 0 {
                 job.failing_attempts -= 1;
-                job.view.last_error = Some(format!("simulated failure of attempt {}", job.view.attempts));
+                job.view.last_error = Some(format!(
+                    "simulated failure of attempt {}",
+                    job.view.attempts
+                ));
                 if job.view.attempts >= job.view.max_attempts {
                     job.view.state = JobState::Failed;
                     job.view.finished_at = Some(now);
@@ -236,7 +250,10 @@ impl SimCluster {
         let snapshot = self.snapshot();
         let decisions = schedule(&snapshot);
         if let Err(violation) = check_decisions(&snapshot, &decisions) {
-            panic!("scheduler post-condition violated at {:?}: {violation}", self.now);
+            panic!(
+                "scheduler post-condition violated at {:?}: {violation}",
+                self.now
+            );
         }
         for decision in &decisions {
             self.apply(decision);
@@ -301,7 +318,11 @@ impl SimCluster {
             now: self.now,
             config: self.config,
             jobs: self.jobs.values().map(|job| job.view.clone()).collect(),
-            workers: self.workers.values().map(|worker| worker.view.clone()).collect(),
+            workers: self
+                .workers
+                .values()
+                .map(|worker| worker.view.clone())
+                .collect(),
         }
     }
 
@@ -331,7 +352,10 @@ impl SimCluster {
                 job.view.last_error = Some(reason.clone());
             }
             Decision::Assign(assignment) => {
-                let job = self.jobs.get_mut(&assignment.job).expect("decided job exists");
+                let job = self
+                    .jobs
+                    .get_mut(&assignment.job)
+                    .expect("decided job exists");
                 job.view.state = JobState::Running;
                 job.view.epoch = assignment.epoch;
                 job.view.attempts = assignment.attempt;

@@ -38,7 +38,11 @@ fn a_job_runs_only_after_its_dependencies_succeeded() {
     let eval = cluster.add_job(SimJob::new(5 * SECOND).after(&[train]));
     let first = cluster.tick(SECOND);
     let assigned: Vec<JobId> = assignments(&first).iter().map(|a| a.job).collect();
-    assert_eq!(assigned, vec![probe], "only the probe is ready, two workers are free");
+    assert_eq!(
+        assigned,
+        vec![probe],
+        "only the probe is ready, two workers are free"
+    );
     for _ in 0..4 {
         cluster.tick(SECOND);
         assert_eq!(cluster.state(train), JobState::Queued);
@@ -93,11 +97,22 @@ fn out_of_attempts_fails_with_the_error_kept_and_dependents_are_skipped_with_the
     assert!(cluster.run_until_idle(SECOND, 100));
     assert_eq!(cluster.state(probe), JobState::Failed);
     assert_eq!(cluster.assignments(probe), 2);
-    assert!(cluster.job(probe).last_error.as_deref().unwrap().contains("simulated failure"));
+    assert!(cluster
+        .job(probe)
+        .last_error
+        .as_deref()
+        .unwrap()
+        .contains("simulated failure"));
     assert_eq!(cluster.state(train), JobState::Skipped);
     assert_eq!(cluster.state(eval), JobState::Skipped);
-    assert_eq!(cluster.job(train).last_error.as_deref(), Some("dependency job-1 failed"));
-    assert_eq!(cluster.job(eval).last_error.as_deref(), Some("dependency job-2 skipped"));
+    assert_eq!(
+        cluster.job(train).last_error.as_deref(),
+        Some("dependency job-1 failed")
+    );
+    assert_eq!(
+        cluster.job(eval).last_error.as_deref(),
+        Some("dependency job-2 skipped")
+    );
     assert_eq!(cluster.state(unrelated), JobState::Succeeded);
     assert_eq!(cluster.assignments(train), 0);
 }
@@ -155,9 +170,20 @@ fn a_gang_spans_workers_when_no_single_worker_has_room() {
     let decisions = cluster.tick(SECOND);
     let assignment = assignments(&decisions)[0].clone();
     assert_eq!(assignment.job, gang);
-    let workers: Vec<&str> = assignment.placements.iter().map(|p| p.worker.as_str()).collect();
-    assert_eq!(workers, vec!["b", "a", "c"], "most free slots first, rank 0 on b");
-    assert_eq!(assignment.placements[0].ranks[0], RankSlot { rank: 0, gpu: 0 });
+    let workers: Vec<&str> = assignment
+        .placements
+        .iter()
+        .map(|p| p.worker.as_str())
+        .collect();
+    assert_eq!(
+        workers,
+        vec!["b", "a", "c"],
+        "most free slots first, rank 0 on b"
+    );
+    assert_eq!(
+        assignment.placements[0].ranks[0],
+        RankSlot { rank: 0, gpu: 0 }
+    );
     assert!(cluster.run_until_idle(SECOND, 50));
     assert_eq!(cluster.completions(gang), 1);
 }
@@ -171,13 +197,20 @@ fn losing_one_rank_of_a_gang_requeues_the_whole_job_and_frees_the_other_ranks() 
     let gang = cluster.add_job(SimJob::new(60 * SECOND).gpus(2));
     cluster.tick(SECOND);
     assert_eq!(cluster.job(gang).leases.len(), 2);
-    let holders: Vec<WorkerId> = cluster.job(gang).leases.iter().map(|l| l.worker.clone()).collect();
+    let holders: Vec<WorkerId> = cluster
+        .job(gang)
+        .leases
+        .iter()
+        .map(|l| l.worker.clone())
+        .collect();
     assert!(holders.contains(&a));
     cluster.lose_worker(&a);
     let mut requeue_seen = false;
     for _ in 0..15 {
         let decisions = cluster.tick(SECOND);
-        requeue_seen |= decisions.iter().any(|d| matches!(d, Decision::Requeue { .. }));
+        requeue_seen |= decisions
+            .iter()
+            .any(|d| matches!(d, Decision::Requeue { .. }));
         if requeue_seen {
             break;
         }
@@ -204,7 +237,11 @@ fn small_jobs_run_past_a_waiting_gang_before_its_patience_runs_out() {
     let small = cluster.add_job(SimJob::new(3 * SECOND));
     let decisions = cluster.tick(SECOND);
     let assigned: Vec<JobId> = assignments(&decisions).iter().map(|a| a.job).collect();
-    assert_eq!(assigned, vec![small], "the gang cannot fit; the small job backfills");
+    assert_eq!(
+        assigned,
+        vec![small],
+        "the gang cannot fit; the small job backfills"
+    );
     assert_eq!(cluster.state(gang), JobState::Queued);
     assert!(cluster.run_until_idle(SECOND, 100));
     for job in [long, gang, small] {
@@ -255,7 +292,10 @@ fn a_gang_larger_than_the_cluster_waits_without_holding_slots_and_runs_when_work
         .into_iter()
         .filter(|job| *job != huge)
         .all(|job| cluster.state(job) == JobState::Succeeded);
-    assert!(others_done, "small jobs must not be blocked by a gang that cannot fit");
+    assert!(
+        others_done,
+        "small jobs must not be blocked by a gang that cannot fit"
+    );
     cluster.add_worker("b", &[0, 1]);
     assert!(cluster.run_until_idle(SECOND, 20));
     assert_eq!(cluster.completions(huge), 1);
@@ -311,7 +351,12 @@ fn random_clusters_always_drain_with_every_job_done_at_most_once() {
             max_slots = max_slots.max(slots.len());
             workers.push(cluster.add_worker(&format!("w{index}"), &slots));
         }
-        let total_slots: usize = cluster.snapshot().workers.iter().map(|w| w.slots.len()).sum();
+        let total_slots: usize = cluster
+            .snapshot()
+            .workers
+            .iter()
+            .map(|w| w.slots.len())
+            .sum();
         let mut jobs: Vec<JobId> = Vec::new();
         for _ in 0..rng.random_range(5..30) {
             let mut deps = Vec::new();
@@ -325,7 +370,11 @@ fn random_clusters_always_drain_with_every_job_done_at_most_once() {
                 .gpus(gpus)
                 .after(&deps)
                 .max_attempts(rng.random_range(1..4))
-                .failing(if rng.random_bool(0.2) { rng.random_range(1..3) } else { 0 });
+                .failing(if rng.random_bool(0.2) {
+                    rng.random_range(1..3)
+                } else {
+                    0
+                });
             jobs.push(cluster.add_job(job));
         }
         let mut lost = Vec::new();
@@ -347,15 +396,30 @@ fn random_clusters_always_drain_with_every_job_done_at_most_once() {
         for back in lost.drain(..) {
             cluster.revive_worker(&back);
         }
-        assert!(cluster.run_until_idle(SECOND, 2000), "seed {seed}: cluster did not drain");
+        assert!(
+            cluster.run_until_idle(SECOND, 2000),
+            "seed {seed}: cluster did not drain"
+        );
         for job in &jobs {
             let view = cluster.job(*job).clone();
             let completions = cluster.completions(*job);
-            assert!(completions <= 1, "seed {seed}: job {job} completed {completions} times");
-            assert_eq!(completions == 1, view.state == JobState::Succeeded, "seed {seed}");
-            let deps_ok = view.deps.iter().all(|dep| cluster.state(*dep) == JobState::Succeeded);
+            assert!(
+                completions <= 1,
+                "seed {seed}: job {job} completed {completions} times"
+            );
+            assert_eq!(
+                completions == 1,
+                view.state == JobState::Succeeded,
+                "seed {seed}"
+            );
+            let deps_ok = view
+                .deps
+                .iter()
+                .all(|dep| cluster.state(*dep) == JobState::Succeeded);
             match view.state {
-                JobState::Succeeded | JobState::Failed => assert!(deps_ok, "seed {seed}: job {job} ran early"),
+                JobState::Succeeded | JobState::Failed => {
+                    assert!(deps_ok, "seed {seed}: job {job} ran early")
+                }
                 JobState::Skipped => assert!(!deps_ok, "seed {seed}: job {job} skipped wrongly"),
                 other => panic!("seed {seed}: job {job} ended {other}"),
             }

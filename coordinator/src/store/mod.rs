@@ -16,9 +16,8 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::domain::{
-    ArtifactInfo, ArtifactRecord, CacheHit, FailureKind, JobAssignment, JobRecord,
-    MetricsSnapshot, Progress, ReportOutcome, SweepResults, SweepStatus, SweepSummary,
-    Timestamp, WorkerRecord,
+    ArtifactInfo, ArtifactRecord, CacheHit, FailureKind, JobAssignment, JobRecord, MetricsSnapshot,
+    Progress, ReportOutcome, SweepResults, SweepStatus, SweepSummary, Timestamp, WorkerRecord,
 };
 use crate::graph::PlannedJob;
 use crate::ids::{JobId, SweepId, WorkerId};

@@ -34,7 +34,9 @@ pub struct SqliteStore {
 
 impl std::fmt::Debug for SqliteStore {
     fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        formatter.debug_struct("SqliteStore").finish_non_exhaustive()
+        formatter
+            .debug_struct("SqliteStore")
+            .finish_non_exhaustive()
     }
 }
 
@@ -98,7 +100,12 @@ fn timestamp(value: i64) -> Timestamp {
     Timestamp(from_sql(value))
 }
 
-fn parse_json(table: &'static str, column: &'static str, row: i64, text: &str) -> StoreResult<Value> {
+fn parse_json(
+    table: &'static str,
+    column: &'static str,
+    row: i64,
+    text: &str,
+) -> StoreResult<Value> {
     serde_json::from_str(text).map_err(|error| StoreError::Corrupt {
         table,
         column,
@@ -108,12 +115,13 @@ fn parse_json(table: &'static str, column: &'static str, row: i64, text: &str) -
 }
 
 fn parse_ranks(job: i64, text: &str) -> StoreResult<Vec<RankSlot>> {
-    let pairs: Vec<(u32, u32)> = serde_json::from_str(text).map_err(|error| StoreError::Corrupt {
-        table: "leases",
-        column: "ranks",
-        row: job,
-        detail: error.to_string(),
-    })?;
+    let pairs: Vec<(u32, u32)> =
+        serde_json::from_str(text).map_err(|error| StoreError::Corrupt {
+            table: "leases",
+            column: "ranks",
+            row: job,
+            detail: error.to_string(),
+        })?;
     Ok(pairs
         .into_iter()
         .map(|(rank, gpu)| RankSlot { rank, gpu })
@@ -276,7 +284,11 @@ fn sweep_record(transaction: &Transaction<'_>, sweep: SweepId) -> StoreResult<Sw
 
 /// Jobs matching `filter` (an SQL condition on `jobs`, with `?1` bound to `argument`), with
 /// their dependencies and lease holders, in id order.
-fn load_jobs(transaction: &Transaction<'_>, filter: &str, argument: i64) -> StoreResult<Vec<JobRecord>> {
+fn load_jobs(
+    transaction: &Transaction<'_>,
+    filter: &str,
+    argument: i64,
+) -> StoreResult<Vec<JobRecord>> {
     let mut statement = transaction.prepare(&format!(
         "SELECT {JOB_COLUMNS} FROM jobs WHERE {filter} ORDER BY id"
     ))?;
@@ -330,7 +342,14 @@ fn artifact_infos(transaction: &Transaction<'_>, job: JobId) -> StoreResult<Vec<
     )?;
     let rows: Vec<(String, String, i64, String, String, i64)> = statement
         .query_map(params![to_sql(job.0)], |row| {
-            Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?, row.get(5)?))
+            Ok((
+                row.get(0)?,
+                row.get(1)?,
+                row.get(2)?,
+                row.get(3)?,
+                row.get(4)?,
+                row.get(5)?,
+            ))
         })?
         .collect::<rusqlite::Result<_>>()?;
     rows.into_iter()
@@ -379,14 +398,20 @@ fn lease_state(transaction: &Transaction<'_>, lease: &LeaseRef) -> StoreResult<L
     let ranks: Option<String> = transaction
         .query_row(
             "SELECT ranks FROM leases WHERE job_id = ?1 AND worker_id = ?2 AND epoch = ?3",
-            params![to_sql(lease.job.0), lease.worker.as_str(), to_sql(lease.epoch)],
+            params![
+                to_sql(lease.job.0),
+                lease.worker.as_str(),
+                to_sql(lease.epoch)
+            ],
             |row| row.get(0),
         )
         .optional()?;
     Ok(LeaseState {
         state: state_of(to_sql(lease.job.0), &state)?,
         epoch: from_sql(epoch),
-        held_ranks: ranks.map(|text| parse_ranks(to_sql(lease.job.0), &text)).transpose()?,
+        held_ranks: ranks
+            .map(|text| parse_ranks(to_sql(lease.job.0), &text))
+            .transpose()?,
     })
 }
 
@@ -411,8 +436,14 @@ fn stale_reason(current: &LeaseState, lease: &LeaseRef) -> Option<String> {
 }
 
 fn end_attempt(transaction: &Transaction<'_>, job: JobId) -> StoreResult<()> {
-    transaction.execute("DELETE FROM leases WHERE job_id = ?1", params![to_sql(job.0)])?;
-    transaction.execute("DELETE FROM rendezvous WHERE job_id = ?1", params![to_sql(job.0)])?;
+    transaction.execute(
+        "DELETE FROM leases WHERE job_id = ?1",
+        params![to_sql(job.0)],
+    )?;
+    transaction.execute(
+        "DELETE FROM rendezvous WHERE job_id = ?1",
+        params![to_sql(job.0)],
+    )?;
     Ok(())
 }
 
@@ -436,7 +467,8 @@ fn upsert_worker(transaction: &Transaction<'_>, worker: &WorkerRecord) -> StoreR
 }
 
 fn sweep_counts(transaction: &Transaction<'_>) -> StoreResult<HashMap<i64, Vec<JobState>>> {
-    let mut statement = transaction.prepare("SELECT sweep_id, state, COUNT(*) FROM jobs GROUP BY sweep_id, state")?;
+    let mut statement = transaction
+        .prepare("SELECT sweep_id, state, COUNT(*) FROM jobs GROUP BY sweep_id, state")?;
     let rows: Vec<(i64, String, i64)> = statement
         .query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?
         .collect::<rusqlite::Result<_>>()?;
@@ -451,14 +483,29 @@ fn sweep_counts(transaction: &Transaction<'_>) -> StoreResult<HashMap<i64, Vec<J
     Ok(counts)
 }
 
-fn build_snapshot(transaction: &Transaction<'_>, now: Timestamp, config: SchedulerConfig) -> StoreResult<Snapshot> {
+fn build_snapshot(
+    transaction: &Transaction<'_>,
+    now: Timestamp,
+    config: SchedulerConfig,
+) -> StoreResult<Snapshot> {
     const ACTIVE: &str = "state IN ('queued', 'running')";
     let mut statement = transaction.prepare(&format!(
         "SELECT id, key, state, gpus, attempts, max_attempts, epoch, queued_ms, finished_ms, last_error \
          FROM jobs WHERE {ACTIVE} OR id IN \
          (SELECT d.dep_id FROM job_deps d JOIN jobs a ON a.id = d.job_id WHERE a.{ACTIVE}) ORDER BY id"
     ))?;
-    type Row6 = (i64, String, String, i64, i64, i64, i64, i64, Option<i64>, Option<String>);
+    type Row6 = (
+        i64,
+        String,
+        String,
+        i64,
+        i64,
+        i64,
+        i64,
+        i64,
+        Option<i64>,
+        Option<String>,
+    );
     let rows: Vec<Row6> = statement
         .query_map([], |row| {
             Ok((
@@ -486,7 +533,8 @@ fn build_snapshot(transaction: &Transaction<'_>, now: Timestamp, config: Schedul
             .push(JobId(from_sql(row.get(1)?)));
     }
     let mut leases: HashMap<i64, Vec<LeaseView>> = HashMap::new();
-    let mut statement = transaction.prepare("SELECT job_id, worker_id, ranks, deadline_ms FROM leases")?;
+    let mut statement =
+        transaction.prepare("SELECT job_id, worker_id, ranks, deadline_ms FROM leases")?;
     let mut query = statement.query([])?;
     while let Some(row) = query.next()? {
         let job: i64 = row.get(0)?;
@@ -497,7 +545,9 @@ fn build_snapshot(transaction: &Transaction<'_>, now: Timestamp, config: Schedul
         });
     }
     let mut jobs = Vec::with_capacity(rows.len());
-    for (id, key, state, gpus, attempts, max_attempts, epoch, queued_ms, finished_ms, last_error) in rows {
+    for (id, key, state, gpus, attempts, max_attempts, epoch, queued_ms, finished_ms, last_error) in
+        rows
+    {
         jobs.push(JobView {
             id: JobId(from_sql(id)),
             key,
@@ -513,7 +563,8 @@ fn build_snapshot(transaction: &Transaction<'_>, now: Timestamp, config: Schedul
             leases: leases.remove(&id).unwrap_or_default(),
         });
     }
-    let mut statement = transaction.prepare("SELECT id, gpus, last_heartbeat_ms FROM workers ORDER BY id")?;
+    let mut statement =
+        transaction.prepare("SELECT id, gpus, last_heartbeat_ms FROM workers ORDER BY id")?;
     let worker_rows: Vec<(String, String, i64)> = statement
         .query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?
         .collect::<rusqlite::Result<_>>()?;
@@ -552,7 +603,11 @@ fn changed_one(what: &str, job: JobId, rows: usize) -> StoreResult<()> {
     })
 }
 
-fn apply_decision(transaction: &Transaction<'_>, decision: &Decision, now: Timestamp) -> StoreResult<()> {
+fn apply_decision(
+    transaction: &Transaction<'_>,
+    decision: &Decision,
+    now: Timestamp,
+) -> StoreResult<()> {
     match decision {
         Decision::Requeue { job, epoch, reason } => {
             let rows = transaction.execute(
@@ -563,7 +618,12 @@ fn apply_decision(transaction: &Transaction<'_>, decision: &Decision, now: Times
             changed_one("requeue", *job, rows)?;
             end_attempt(transaction, *job)?;
             bump_counter(transaction, LEASE_EXPIRIES)?;
-            tracing::warn!(job = job.0, epoch, reason = reason.as_str(), "lease expired; job requeued");
+            tracing::warn!(
+                job = job.0,
+                epoch,
+                reason = reason.as_str(),
+                "lease expired; job requeued"
+            );
         }
         Decision::Fail { job, epoch, error } => {
             let rows = transaction.execute(
@@ -574,7 +634,12 @@ fn apply_decision(transaction: &Transaction<'_>, decision: &Decision, now: Times
             changed_one("fail", *job, rows)?;
             end_attempt(transaction, *job)?;
             bump_counter(transaction, LEASE_EXPIRIES)?;
-            tracing::warn!(job = job.0, epoch, error = error.as_str(), "lease expired on the last attempt; job failed");
+            tracing::warn!(
+                job = job.0,
+                epoch,
+                error = error.as_str(),
+                "lease expired on the last attempt; job failed"
+            );
         }
         Decision::Skip { job, reason } => {
             let rows = transaction.execute(
@@ -637,11 +702,16 @@ impl Store for SqliteStore {
                 }
             }
             if !seen.insert(&job.key) {
-                return Err(StoreError::InvalidPlan(format!("job key {} planned twice", job.key)));
+                return Err(StoreError::InvalidPlan(format!(
+                    "job key {} planned twice",
+                    job.key
+                )));
             }
         }
         if sweep.max_attempts == 0 {
-            return Err(StoreError::InvalidPlan("max_attempts must be at least 1".to_string()));
+            return Err(StoreError::InvalidPlan(
+                "max_attempts must be at least 1".to_string(),
+            ));
         }
         self.write(|transaction| {
             transaction.execute(
@@ -696,8 +766,12 @@ impl Store for SqliteStore {
             let jobs = load_jobs(transaction, "jobs.sweep_id = ?1", to_sql(sweep.0))?;
             let counts = count_states(jobs.iter().map(|job| &job.state));
             Ok(SweepStatus {
+                id: record.id,
+                name: record.name,
+                file_name: record.file_name,
+                created: record.created,
+                cancelled: record.cancelled,
                 ended: has_ended(&counts),
-                sweep: record,
                 counts,
                 jobs,
             })
@@ -707,10 +781,13 @@ impl Store for SqliteStore {
     fn list_sweeps(&self) -> StoreResult<Vec<SweepSummary>> {
         self.read(|transaction| {
             let counts = sweep_counts(transaction)?;
-            let mut statement =
-                transaction.prepare("SELECT id, name, created_ms, cancelled_ms FROM sweeps ORDER BY id DESC")?;
+            let mut statement = transaction.prepare(
+                "SELECT id, name, created_ms, cancelled_ms FROM sweeps ORDER BY id DESC",
+            )?;
             let rows: Vec<(i64, String, i64, Option<i64>)> = statement
-                .query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?)))?
+                .query_map([], |row| {
+                    Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
+                })?
                 .collect::<rusqlite::Result<_>>()?;
             Ok(rows
                 .into_iter()
@@ -881,7 +958,9 @@ impl Store for SqliteStore {
     }
 
     fn lease_is_current(&self, lease: &LeaseRef) -> StoreResult<bool> {
-        self.read(|transaction| Ok(stale_reason(&lease_state(transaction, lease)?, lease).is_none()))
+        self.read(
+            |transaction| Ok(stale_reason(&lease_state(transaction, lease)?, lease).is_none()),
+        )
     }
 
     fn record_progress(&self, lease: &LeaseRef, progress: &Progress) -> StoreResult<ReportOutcome> {
@@ -1151,22 +1230,29 @@ impl Store for SqliteStore {
 
     fn metrics(&self, now: Timestamp, worker_timeout: Duration) -> StoreResult<MetricsSnapshot> {
         self.read(|transaction| {
-            let mut statement = transaction.prepare("SELECT state, COUNT(*) FROM jobs GROUP BY state")?;
+            let mut statement =
+                transaction.prepare("SELECT state, COUNT(*) FROM jobs GROUP BY state")?;
             let rows: Vec<(String, i64)> = statement
                 .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?
                 .collect::<rusqlite::Result<_>>()?;
             let mut jobs_by_state: BTreeMap<JobState, u32> =
                 JobState::ALL.into_iter().map(|state| (state, 0)).collect();
             for (state, count) in rows {
-                jobs_by_state.insert(state_of(0, &state)?, u32::try_from(count).unwrap_or(u32::MAX));
+                jobs_by_state.insert(
+                    state_of(0, &state)?,
+                    u32::try_from(count).unwrap_or(u32::MAX),
+                );
             }
-            let since = now.0.saturating_sub(u64::try_from(worker_timeout.as_millis()).unwrap_or(u64::MAX));
+            let since = now
+                .0
+                .saturating_sub(u64::try_from(worker_timeout.as_millis()).unwrap_or(u64::MAX));
             let live_workers: i64 = transaction.query_row(
                 "SELECT COUNT(*) FROM workers WHERE last_heartbeat_ms >= ?1",
                 params![to_sql(since)],
                 |row| row.get(0),
             )?;
-            let known_workers: i64 = transaction.query_row("SELECT COUNT(*) FROM workers", [], |row| row.get(0))?;
+            let known_workers: i64 =
+                transaction.query_row("SELECT COUNT(*) FROM workers", [], |row| row.get(0))?;
             let lease_expiries: Option<i64> = transaction
                 .query_row(
                     "SELECT value FROM counters WHERE name = ?1",
