@@ -57,6 +57,10 @@ pub struct BenchArgs {
     /// cpu or cuda (default: cuda when built with it and present).
     #[arg(long)]
     device: Option<String>,
+    /// Measure the waste this engine avoids: frozen projections through candle's generic
+    /// matmul, whose backward also computes every frozen weight's gradient.
+    #[arg(long)]
+    generic_matmul: bool,
     /// Write the result object here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -87,6 +91,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
         lr: args.lr,
         seed: args.seed,
     };
+    lorasweep_worker::ops::use_generic_matmul(args.generic_matmul);
     let sampler = device.is_cuda().then(MemorySampler::start);
     let mut result = bench::run(&options, &device).map_err(anyhow::Error::msg)?;
     if let Some(sampler) = sampler {

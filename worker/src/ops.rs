@@ -9,9 +9,20 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
+static GENERIC_MATMUL: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// For measurement only (`lorasweep bench --generic-matmul`): route frozen projections through
+/// candle's generic matmul, whose backward also computes the (unused) weight gradient.
+pub fn use_generic_matmul(enabled: bool) {
+    GENERIC_MATMUL.store(enabled, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// `y = x · Wᵀ` where `W` (`d_out × d_in`) gets no gradient. `x` may have any number of leading
 /// dimensions; its last one is `d_in`.
 pub fn frozen_linear(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    if GENERIC_MATMUL.load(std::sync::atomic::Ordering::Relaxed) {
+        return x.broadcast_matmul(&weight.t()?);
+    }
     let (d_out, d_in) = weight.dims2()?;
     let dims = x.dims();
     let Some((&last, leading)) = dims.split_last() else {

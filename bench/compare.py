@@ -1,0 +1,72 @@
+"""Side-by-side table of a device run (bench/device_run.sh): lorasweep vs PyTorch+PEFT.
+
+Reads results.jsonl (one object per run, named ours_*/peft_*/agree_*) and prints Markdown:
+the ratio lorasweep / PEFT for tokens/s (higher is better) and peak memory (lower is better),
+then the CPU-vs-CUDA agreement of losses and probe scores.
+"""
+
+import json
+import sys
+
+
+def spearman(a, b):
+    def ranks(v):
+        order = sorted(range(len(v)), key=lambda i: v[i])
+        r = [0.0] * len(v)
+        for pos, i in enumerate(order):
+            r[i] = float(pos)
+        return r
+
+    ra, rb = ranks(a), ranks(b)
+    n = len(a)
+    m = (n - 1) / 2
+    cov = sum((x - m) * (y - m) for x, y in zip(ra, rb))
+    var = sum((x - m) ** 2 for x in ra)
+    return cov / var if var else float("nan")
+
+
+def main(path):
+    runs = {}
+    for line in open(path):
+        line = line.strip()
+        if line:
+            d = json.loads(line)
+            runs[d["name"]] = d
+    print("| run | lorasweep step ms | PEFT step ms | lorasweep tok/s | PEFT tok/s | tok/s ratio | lorasweep peak GiB | PEFT peak GiB | memory ratio | lorasweep TFLOP/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name, ours in sorted(runs.items()):
+        if not name.startswith("ours_"):
+            continue
+        peft = runs.get("peft_" + name[len("ours_"):], {})
+        if ours.get("failed"):
+            print(f"| {name[5:]} | failed | | | | | | | | |")
+            continue
+        def g(d, k, fmt="{:.1f}"):
+            v = d.get(k)
+            return fmt.format(v) if isinstance(v, (int, float)) else "n/a"
+        ratio = ours["tokens_per_s"] / peft["tokens_per_s"] if peft.get("tokens_per_s") else None
+        mem = (ours["peak_mem_gib"] / peft["peak_mem_gib"]) if ours.get("peak_mem_gib") and peft.get("peak_mem_gib") else None
+        print(
+            f"| {name[5:]} | {g(ours, 'step_ms_median')} | {g(peft, 'step_ms_median')} | {ours['tokens_per_s']/1e3:.1f} k | "
+            f"{(peft.get('tokens_per_s') or 0)/1e3:.1f} k | {'n/a' if ratio is None else f'{ratio:.2f}x'} | {g(ours, 'peak_mem_gib')} | "
+            f"{g(peft, 'peak_mem_gib')} | {'n/a' if mem is None else f'{mem:.2f}x'} | {g(ours, 'tflops', '{:.2f}')} |"
+        )
+    print()
+    for mode in ("train", "probe"):
+        cpu, cuda = runs.get(f"agree_{mode}_cpu"), runs.get(f"agree_{mode}_cuda")
+        if not cpu or not cuda or cpu.get("failed") or cuda.get("failed"):
+            print(f"agreement {mode}: missing or failed")
+            continue
+        rel = max(abs(a - b) / max(abs(a), 1e-9) for a, b in zip(cpu["losses"], cuda["losses"]))
+        line = f"agreement {mode} (tiny geometry, f32 CPU vs bf16 CUDA): losses CPU {['%.4f' % x for x in cpu['losses']]} CUDA {['%.4f' % x for x in cuda['losses']]}; max relative difference {rel:.2e}"
+        if mode == "probe":
+            a, b = cpu["probe_scores"], cuda["probe_scores"]
+            worst = max(abs(x - y) / max(abs(x), 1e-12) for x, y in zip(a, b))
+            argmax_cpu = max(range(len(a)), key=lambda i: a[i])
+            argmax_cuda = max(range(len(b)), key=lambda i: b[i])
+            line += f"; probe scores Spearman {spearman(a, b):.4f}, max relative difference {worst:.2e}, argmax CPU {argmax_cpu} CUDA {argmax_cuda}"
+        print(line)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

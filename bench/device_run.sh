@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# One device call: lorasweep and PyTorch+PEFT side by side on the H200, plus the CPU-vs-CUDA
+# agreement check. Run on the GPU machine from the repository root, with the CUDA build carried:
+#   deploy/cuda/run-on-device.sh bash bench/device_run.sh
+# Writes $OUT/results.jsonl (one JSON object per run) and $OUT/table.md.
+set -uo pipefail
+out="${OUT:-/tmp/lorasweep-bench}"
+mkdir -p "$out/runs"
+steps="${STEPS:-10}"
+warmup="${WARMUP:-3}"
+log() { echo "== $*" >&2; }
+run() { # name, command...
+    local name="$1"; shift
+    log "$name"
+    if timeout 300 "$@" --json "$out/runs/$name.json"; then :; else echo "{\"name\": \"$name\", \"failed\": true}" > "$out/runs/$name.json"; fi
+}
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >&2
+
+# CPU vs CUDA on a small geometry: same seeded weights and batches, f32 on the CPU, bf16 on CUDA.
+for mode in train probe; do
+    for device in cpu cuda; do
+        run "agree_${mode}_${device}" lorasweep bench "$mode" --geometry tiny --device "$device" --batch 4 --seq-len 64 --steps 8 --warmup 0 --lr 1e-3
+    done
+done
+
+# The four configurations of GPU.md plus the probe, ours then PEFT's, batch 16 x 512, r=16, a=32.
+for geometry in smollm2-135m qwen2.5-0.5b; do
+    for placement in all one:2.down_proj; do
+        tag="${geometry}_${placement//[:.]/_}"
+        run "ours_train_$tag" lorasweep bench train --geometry "$geometry" --placement "$placement" --steps "$steps" --warmup "$warmup"
+        run "peft_train_$tag" python3 bench/peft_baseline.py --mode train --geometry "$geometry" --placement "$placement" --steps "$steps" --warmup "$warmup"
+    done
+    run "ours_probe_$geometry" lorasweep bench probe --geometry "$geometry" --steps "$steps" --warmup "$warmup"
+    run "peft_probe_$geometry" python3 bench/peft_baseline.py --mode probe --geometry "$geometry" --steps "$steps" --warmup "$warmup"
+done
+# The waste frozen_linear avoids: candle's generic matmul computes every frozen weight gradient.
+run "ours_generic_matmul_smollm2-135m_one_2_down_proj" lorasweep bench train --geometry smollm2-135m --placement one:2.down_proj --generic-matmul --steps "$steps" --warmup "$warmup"
+
+for f in "$out"/runs/*.json; do python3 -c 'import json,sys,os; d=json.load(open(sys.argv[1])); d["name"]=os.path.basename(sys.argv[1])[:-5]; print(json.dumps(d))' "$f"; done > "$out/results.jsonl"
+python3 bench/compare.py "$out/results.jsonl" | tee "$out/table.md"
