@@ -12,7 +12,7 @@ log() { echo "== $*" >&2; }
 run() { # name, command...
     local name="$1"; shift
     log "$name"
-    if timeout 300 "$@" --json "$out/runs/$name.json"; then :; else echo "{\"name\": \"$name\", \"failed\": true}" > "$out/runs/$name.json"; fi
+    if timeout "${RUN_TIMEOUT:-150}" "$@" --json "$out/runs/$name.json"; then :; else echo "{\"name\": \"$name\", \"failed\": true}" > "$out/runs/$name.json"; fi
 }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >&2
 
