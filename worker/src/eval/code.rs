@@ -80,7 +80,7 @@ pub struct CodeScore {
 #[derive(Debug, thiserror::Error)]
 pub enum CodeError {
     /// A file could not be read.
-    #[error("{path}: {source}")]
+    #[error("reading {path}")]
     Io {
         /// The file.
         path: PathBuf,

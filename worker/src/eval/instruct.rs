@@ -86,7 +86,7 @@ pub struct KwargError {
 #[derive(Debug, thiserror::Error)]
 pub enum InstructError {
     /// A file could not be read.
-    #[error("{path}: {source}")]
+    #[error("reading {path}")]
     Io {
         /// The file.
         path: PathBuf,
@@ -111,7 +111,7 @@ pub enum InstructError {
         path: PathBuf,
     },
     /// A prompt's instruction has bad arguments.
-    #[error("prompt {key}: {source}")]
+    #[error("prompt {key}")]
     Kwargs {
         /// The prompt's key.
         key: String,
@@ -313,7 +313,10 @@ pub fn aggregate(verdicts: &[PromptVerdict]) -> Option<InstructScore> {
     })
 }
 
-fn read_json_lines(path: &Path) -> Result<Vec<(usize, Map<String, Value>)>, InstructError> {
+/// JSON objects with the 1-based line they were on.
+type NumberedObjects = Vec<(usize, Map<String, Value>)>;
+
+fn read_json_lines(path: &Path) -> Result<NumberedObjects, InstructError> {
     let file = std::fs::File::open(path).map_err(|source| InstructError::Io {
         path: path.to_path_buf(),
         source,
@@ -1121,7 +1124,12 @@ mod verify {
 
     /// `words:prime_lengths`: every word's length is a prime number.
     pub fn prime_lengths(_: &Args<'_>, response: &str) -> Result<bool, KwargError> {
-        let is_prime = |n: usize| n >= 2 && (2..n).take_while(|d| d * d <= n).all(|d| n % d != 0);
+        let is_prime = |n: usize| {
+            n >= 2
+                && (2..n)
+                    .take_while(|d| d * d <= n)
+                    .all(|d| !n.is_multiple_of(d))
+        };
         Ok(text::remove_punct(response)
             .split_whitespace()
             .all(|word| is_prime(word.chars().count())))

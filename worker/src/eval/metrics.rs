@@ -70,8 +70,10 @@ pub struct EvalReport {
 #[derive(Debug, thiserror::Error)]
 pub enum ReportError {
     /// The file could not be read or written.
-    #[error("{path}: {source}")]
+    #[error("{action} {path}")]
     Io {
+        /// `"reading"` or `"writing"`.
+        action: &'static str,
         /// The file.
         path: String,
         /// The error.
@@ -79,7 +81,7 @@ pub enum ReportError {
         source: std::io::Error,
     },
     /// The file is not a valid report.
-    #[error("{path}: not a valid eval report: {source}")]
+    #[error("{path}: not a valid eval report")]
     Json {
         /// The file.
         path: String,
@@ -97,6 +99,7 @@ impl EvalReport {
             source,
         })?;
         std::fs::write(path, text + "\n").map_err(|source| ReportError::Io {
+            action: "writing",
             path: path.display().to_string(),
             source,
         })
@@ -105,6 +108,7 @@ impl EvalReport {
     /// Reads a report written by [`write_json`](EvalReport::write_json).
     pub fn read_json(path: &Path) -> Result<EvalReport, ReportError> {
         let text = std::fs::read_to_string(path).map_err(|source| ReportError::Io {
+            action: "reading",
             path: path.display().to_string(),
             source,
         })?;

@@ -24,7 +24,6 @@
 //! chroot), and without a mount namespace it can write to world-writable directories such
 //! as `/tmp` (each file bounded by the file-size limit).
 
-use std::ffi::OsString;
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
 use std::os::unix::ffi::OsStrExt;
@@ -193,7 +192,7 @@ pub enum SandboxError {
     #[error("invalid sandbox configuration: {0}")]
     Config(String),
     /// An operating-system call failed.
-    #[error("{context}: {source}")]
+    #[error("{context}")]
     Io {
         /// What we were doing.
         context: String,
@@ -201,6 +200,18 @@ pub enum SandboxError {
         #[source]
         source: io::Error,
     },
+}
+
+/// An error and its chain of causes on one line.
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 fn io_error(context: impl Into<String>) -> impl FnOnce(io::Error) -> SandboxError {
@@ -338,9 +349,11 @@ impl Sandbox {
                         python.display(),
                         report.outcome
                     )),
-                    Err(error) => {
-                        failures.push(format!("{} with {namespaces:?}: {error}", python.display()))
-                    }
+                    Err(error) => failures.push(format!(
+                        "{} with {namespaces:?}: {}",
+                        python.display(),
+                        with_causes(&error)
+                    )),
                 }
             }
         }
@@ -490,8 +503,6 @@ impl Sandbox {
             .map_err(io_error(format!("starting {}", self.python.display())))?;
         let status = wait_with_deadline(&mut process, started + self.limits.wall);
         let wall_s = started.elapsed().as_secs_f64();
-        // Whatever the program left behind in its process group goes too.
-        kill_process_group(process.id());
         if let Some(lease) = &lease {
             if !self.namespaces.pid {
                 lease.kill_all_processes();
@@ -558,11 +569,14 @@ fn outcome_of(status: ExitStatus, stderr_tail: String) -> Outcome {
 }
 
 /// Waits for the child until `deadline`; `Ok(None)` means it was killed at the deadline.
+/// Either way its process group is killed before the child is reaped, while its pid (the
+/// group's id) cannot yet be reused.
 fn wait_with_deadline(process: &mut Child, deadline: Instant) -> io::Result<Option<ExitStatus>> {
     let mut pause = Duration::from_millis(1);
     loop {
-        if let Some(status) = process.try_wait()? {
-            return Ok(Some(status));
+        if has_exited(process.id())? {
+            kill_process_group(process.id());
+            return process.wait().map(Some);
         }
         let now = Instant::now();
         if now >= deadline {
@@ -575,6 +589,27 @@ fn wait_with_deadline(process: &mut Child, deadline: Instant) -> io::Result<Opti
         std::thread::sleep(pause.min(deadline - now));
         pause = (pause * 2).min(Duration::from_millis(20));
     }
+}
+
+/// Whether the child has exited, without reaping it.
+fn has_exited(pid: u32) -> io::Result<bool> {
+    // SAFETY: an all-zero siginfo_t is a valid value of this plain C struct.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `info` is valid and writable; WNOWAIT leaves the child to be reaped by
+    // `Child::wait`, WNOHANG makes this a poll.
+    let result = unsafe {
+        libc::waitid(
+            libc::P_PID,
+            pid as libc::id_t,
+            &mut info,
+            libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+        )
+    };
+    if result < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: waitid filled `info` (or left it zeroed when nothing changed: si_pid 0).
+    Ok(unsafe { info.si_pid() } != 0)
 }
 
 fn kill_process_group(leader: u32) {
@@ -627,9 +662,7 @@ fn resolve_interpreter(candidate: &Path) -> Result<PathBuf, String> {
             String::from_utf8_lossy(&output.stderr).trim()
         ));
     }
-    let executable = PathBuf::from(OsString::from(
-        std::ffi::OsStr::from_bytes(&output.stdout).to_owned(),
-    ));
+    let executable = PathBuf::from(std::ffi::OsStr::from_bytes(&output.stdout));
     if executable.as_os_str().is_empty() {
         return Ok(candidate.to_path_buf());
     }
@@ -741,7 +774,7 @@ mod child {
     use std::os::unix::ffi::OsStrExt;
     use std::path::PathBuf;
 
-    use super::{io_error, Limits, Namespaces, SandboxError, PRIVATE_WORKDIR, PROGRAM_FILE};
+    use super::{Limits, Namespaces, SandboxError, PRIVATE_WORKDIR, PROGRAM_FILE};
 
     /// The contents of a user namespace's id maps.
     struct IdMaps {
@@ -1021,8 +1054,8 @@ mod child {
             }
         } else {
             tracing::warn!(
-                error = %io_error("forking the uid sweeper")(io::Error::last_os_error()),
-                "could not sweep sandbox processes"
+                error = %io::Error::last_os_error(),
+                "could not fork the sandbox uid sweeper"
             );
         }
     }
