@@ -66,6 +66,14 @@ pub enum GenerateError {
     /// Tokenizing or decoding failed.
     #[error(transparent)]
     Tokenizer(#[from] crate::tokenizer::TokenizerError),
+    /// A prompt leaves no room to generate within the model's positions.
+    #[error("a prompt of {tokens} tokens leaves no room to generate: the model runs at most {limit} positions")]
+    PromptTooLong {
+        /// The prompt's length.
+        tokens: usize,
+        /// The model's positions.
+        limit: usize,
+    },
     /// A tensor operation failed.
     #[error("{0}")]
     Tensor(#[from] candle_core::Error),
@@ -134,6 +142,172 @@ pub fn complete(
         finish: finish.to_string(),
         prompt_tokens: prompt.len(),
     })
+}
+
+/// Continues many token sequences at once: one left-padded batch sharing a KV cache, each
+/// row with its own RoPE positions and an attention mask that hides the padding, so every
+/// row decodes as if it ran alone (greedy outputs equal [`complete`]'s, up to float rounding
+/// in near-ties). Each row stops on its own (end-of-turn token, a stop string,
+/// `max_new_tokens`, or the model's last position); finished rows leave the batch. Sampling
+/// gives every row its own generator seeded with `settings.seed`, as [`complete`] does.
+/// Results are in the order of `prompts`; each row's `tokens_per_s` counts its own tokens
+/// over the decoding time until it finished.
+pub fn complete_batch(
+    model: &Transformer,
+    tokenizer: &Tokenizer,
+    prompts: &[Vec<u32>],
+    settings: &GenerationSettings,
+) -> Result<Vec<Generation>, GenerateError> {
+    if prompts.is_empty() {
+        return Ok(Vec::new());
+    }
+    if prompts.iter().any(Vec::is_empty) {
+        return Err(GenerateError::EmptyPrompt);
+    }
+    let limit = model.max_positions();
+    if let Some(prompt) = prompts.iter().find(|prompt| prompt.len() >= limit) {
+        return Err(GenerateError::PromptTooLong {
+            tokens: prompt.len(),
+            limit,
+        });
+    }
+    let device = model.device();
+    let eos = tokenizer.eos_token_ids();
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let mut ids = Vec::with_capacity(prompts.len() * longest);
+    let mut padding = Vec::with_capacity(prompts.len());
+    for prompt in prompts {
+        let pad = longest - prompt.len();
+        ids.extend(std::iter::repeat_n(tokenizer.pad_token_id(), pad));
+        ids.extend_from_slice(prompt);
+        padding.push(pad);
+    }
+    let mut rows: Vec<BatchRow> = prompts
+        .iter()
+        .map(|prompt| BatchRow {
+            prompt_tokens: prompt.len(),
+            tokens: Vec::new(),
+            text: String::new(),
+            finish: None,
+            decode_s: 0.0,
+            rng: rand::rngs::StdRng::seed_from_u64(settings.seed),
+        })
+        .collect();
+    // Batch position → index into `rows`, for the rows still decoding.
+    let mut active: Vec<usize> = (0..prompts.len()).collect();
+    let mut cache = KvCache::new();
+    let input = Tensor::from_vec(ids, (prompts.len(), longest), device)?;
+    let mut logits = batch_last_logits(model, &input, 0, &mut cache, &padding)?;
+    let started = Instant::now();
+    loop {
+        let mut next_tokens = Vec::with_capacity(active.len());
+        let mut still_active = Vec::with_capacity(active.len());
+        for (position, &index) in active.iter().enumerate() {
+            let row = &mut rows[index];
+            let next = pick(&logits[position], settings, &mut row.rng)?;
+            if let Some(finish) = row.advance(next, eos, tokenizer, settings, limit)? {
+                row.finish = Some(finish);
+                row.decode_s = started.elapsed().as_secs_f64();
+            } else {
+                next_tokens.push(next);
+                still_active.push(position);
+            }
+        }
+        if still_active.is_empty() {
+            break;
+        }
+        if still_active.len() < active.len() {
+            cache.select_rows(&still_active)?;
+            padding = still_active.iter().map(|&p| padding[p]).collect();
+            active = still_active.iter().map(|&p| active[p]).collect();
+            let shared = padding.iter().copied().min().unwrap_or(0);
+            cache.drop_leading(shared)?;
+            padding.iter_mut().for_each(|pad| *pad -= shared);
+        }
+        let start = cache.len();
+        let input = Tensor::from_vec(next_tokens, (active.len(), 1), device)?;
+        logits = batch_last_logits(model, &input, start, &mut cache, &padding)?;
+    }
+    rows.into_iter()
+        .map(|row| {
+            let text = match row.finish {
+                Some("stop") => row.text,
+                _ => tokenizer.decode(&row.tokens)?,
+            };
+            Ok(Generation {
+                text,
+                tokens_per_s: row.tokens.len() as f64 / row.decode_s.max(1e-9),
+                finish: row.finish.unwrap_or("length").to_string(),
+                prompt_tokens: row.prompt_tokens,
+                tokens: row.tokens,
+            })
+        })
+        .collect()
+}
+
+/// The decoding state of one row of [`complete_batch`].
+struct BatchRow {
+    prompt_tokens: usize,
+    tokens: Vec<u32>,
+    /// The decoded text, kept up to date only when there are stop strings.
+    text: String,
+    finish: Option<&'static str>,
+    decode_s: f64,
+    rng: rand::rngs::StdRng,
+}
+
+impl BatchRow {
+    /// Takes the picked token; returns why the row is finished, or `None` when `next` must
+    /// be fed to the model.
+    fn advance(
+        &mut self,
+        next: u32,
+        eos: &[u32],
+        tokenizer: &Tokenizer,
+        settings: &GenerationSettings,
+        limit: usize,
+    ) -> Result<Option<&'static str>, GenerateError> {
+        if self.tokens.len() >= settings.max_new_tokens {
+            return Ok(Some("length"));
+        }
+        if eos.contains(&next) {
+            return Ok(Some("eos"));
+        }
+        self.tokens.push(next);
+        if !settings.stop.is_empty() {
+            self.text = tokenizer.decode(&self.tokens)?;
+            if let Some(cut) = settings
+                .stop
+                .iter()
+                .filter_map(|stop| self.text.find(stop.as_str()))
+                .min()
+            {
+                self.text.truncate(cut);
+                return Ok(Some("stop"));
+            }
+        }
+        // `next` would sit at position prompt + generated − 1.
+        let full = self.tokens.len() >= settings.max_new_tokens
+            || self.prompt_tokens + self.tokens.len() > limit;
+        Ok(full.then_some("length"))
+    }
+}
+
+/// The last column's logits of every row, `[row][vocab]`, in f32.
+fn batch_last_logits(
+    model: &Transformer,
+    input: &Tensor,
+    start: usize,
+    cache: &mut KvCache,
+    padding: &[usize],
+) -> candle_core::Result<Vec<Vec<f32>>> {
+    let hidden = model.hidden_states_padded(input, start, Some(cache), Some(padding))?;
+    let last = hidden.narrow(1, hidden.dim(1)? - 1, 1)?;
+    model
+        .logits(&last)?
+        .squeeze(1)?
+        .to_dtype(DType::F32)?
+        .to_vec2::<f32>()
 }
 
 fn last_logits(

@@ -87,6 +87,31 @@ impl KvCache {
         self.len() == 0
     }
 
+    /// Keeps only the batch rows `rows`, in that order (to drop finished sequences).
+    pub fn select_rows(&mut self, rows: &[usize]) -> candle_core::Result<()> {
+        for (k, v) in self.layers.iter_mut().flatten() {
+            let index: Vec<u32> = rows.iter().map(|&row| row as u32).collect();
+            let index = Tensor::from_vec(index, rows.len(), k.device())?;
+            *k = k.index_select(&index, 0)?;
+            *v = v.index_select(&index, 0)?;
+        }
+        Ok(())
+    }
+
+    /// Drops the first `count` cached positions of every row (left padding that no remaining
+    /// row needs). Positions given to later calls must then count from the new start.
+    pub fn drop_leading(&mut self, count: usize) -> candle_core::Result<()> {
+        if count == 0 {
+            return Ok(());
+        }
+        for (k, v) in self.layers.iter_mut().flatten() {
+            let kept = k.dim(2)?.saturating_sub(count);
+            *k = k.narrow(2, count, kept)?.contiguous()?;
+            *v = v.narrow(2, count, kept)?.contiguous()?;
+        }
+        Ok(())
+    }
+
     fn append(
         &mut self,
         layer: usize,
@@ -266,22 +291,80 @@ impl Transformer {
         Ok(())
     }
 
+    /// The number of positions the RoPE tables cover: the longest sequence the model runs.
+    pub fn max_positions(&self) -> usize {
+        self.cos.dim(0).unwrap_or(0)
+    }
+
     /// Final hidden states (after the last norm), `(batch, seq, hidden)`. `start_pos` is the
     /// position of the first token (non-zero only with a cache).
     pub fn hidden_states(
         &self,
         input_ids: &Tensor,
         start_pos: usize,
+        cache: Option<&mut KvCache>,
+    ) -> candle_core::Result<Tensor> {
+        self.hidden_states_padded(input_ids, start_pos, cache, None)
+    }
+
+    /// [`hidden_states`](Self::hidden_states) for a left-padded batch: row `b` starts with
+    /// `left_padding[b]` padding tokens (counted from the first cached position), which no
+    /// other token attends to and which do not count as positions, so a row's real tokens get
+    /// RoPE positions `0, 1, …` exactly as if the row ran alone. `start_pos` is the index of
+    /// the first input column among all columns (cached ones included). Hidden states at
+    /// padding columns are meaningless. `None` is the unpadded case.
+    pub fn hidden_states_padded(
+        &self,
+        input_ids: &Tensor,
+        start_pos: usize,
         mut cache: Option<&mut KvCache>,
+        left_padding: Option<&[usize]>,
     ) -> candle_core::Result<Tensor> {
         let (batch, seq_len) = input_ids.dims2()?;
         let mut x = self
             .embed_tokens
             .index_select(&input_ids.flatten_all()?, 0)?
             .reshape((batch, seq_len, self.config.hidden_size))?;
-        let cos = self.cos.narrow(0, start_pos, seq_len)?;
-        let sin = self.sin.narrow(0, start_pos, seq_len)?;
-        let mask = causal_mask(seq_len, start_pos, &self.device)?;
+        let (cos, sin, mask) = match left_padding {
+            None => (
+                self.cos.narrow(0, start_pos, seq_len)?,
+                self.sin.narrow(0, start_pos, seq_len)?,
+                causal_mask(seq_len, start_pos, &self.device)?,
+            ),
+            Some(padding) => {
+                if padding.len() != batch {
+                    candle_core::bail!(
+                        "left padding given for {} rows, the batch has {batch}",
+                        padding.len()
+                    )
+                }
+                let positions: Vec<u32> = padding
+                    .iter()
+                    .flat_map(|&pad| {
+                        (start_pos..start_pos + seq_len)
+                            .map(move |column| column.saturating_sub(pad) as u32)
+                    })
+                    .collect();
+                let furthest = positions.iter().copied().max().unwrap_or(0) as usize;
+                if furthest >= self.max_positions() {
+                    candle_core::bail!(
+                        "position {furthest} is beyond the model's {} positions",
+                        self.max_positions()
+                    )
+                }
+                let half = self.cos.dim(1)?;
+                let positions = Tensor::from_vec(positions, batch * seq_len, &self.device)?;
+                (
+                    self.cos
+                        .index_select(&positions, 0)?
+                        .reshape((batch, 1, seq_len, half))?,
+                    self.sin
+                        .index_select(&positions, 0)?
+                        .reshape((batch, 1, seq_len, half))?,
+                    padded_causal_mask(padding, seq_len, start_pos, &self.device)?,
+                )
+            }
+        };
         for (index, layer) in self.layers.iter().enumerate() {
             let residual = &x;
             let h = ops::rms_norm(&x, &layer.input_norm, self.config.rms_norm_eps)?;
@@ -412,6 +495,34 @@ fn causal_mask(seq_len: usize, start_pos: usize, device: &Device) -> candle_core
         })
         .collect();
     Tensor::from_vec(values, (seq_len, total), device)
+}
+
+/// Additive mask `(batch, 1, seq, start_pos + seq)` for a left-padded batch: query `i` of row
+/// `b` may see key `j` when `j` is not after it and not padding (`j >= padding[b]`). A
+/// padding query sees itself only, so its softmax stays finite.
+fn padded_causal_mask(
+    padding: &[usize],
+    seq_len: usize,
+    start_pos: usize,
+    device: &Device,
+) -> candle_core::Result<Tensor> {
+    let total = start_pos + seq_len;
+    let values: Vec<f32> = padding
+        .iter()
+        .flat_map(|&pad| {
+            (0..seq_len).flat_map(move |i| {
+                let query = start_pos + i;
+                (0..total).map(move |key| {
+                    if key == query || (key <= query && key >= pad) {
+                        0.0
+                    } else {
+                        f32::NEG_INFINITY
+                    }
+                })
+            })
+        })
+        .collect();
+    Tensor::from_vec(values, (padding.len(), 1, seq_len, total), device)
 }
 
 /// cos/sin tables `(max_positions, head_dim/2)` for RoPE, in f32.
