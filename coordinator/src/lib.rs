@@ -4,6 +4,7 @@
 pub mod graph;
 pub mod spec;
 
+pub mod agent;
 pub mod client;
 pub mod convert;
 pub mod domain;
