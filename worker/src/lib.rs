@@ -15,6 +15,7 @@ pub mod jobs;
 pub mod loader;
 pub mod model;
 pub mod ops;
+pub mod parallel;
 pub mod peft;
 pub mod placement;
 pub mod probe;

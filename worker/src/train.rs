@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::adapter::ParamGroup;
 use crate::data::{collate, Example};
 use crate::model::Transformer;
+use crate::parallel::{self, GradReducer, ReduceError};
 
 /// Learning-rate decay after warmup.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -181,6 +182,9 @@ pub enum TrainError {
     /// A tensor operation failed.
     #[error("{0}")]
     Tensor(#[from] candle_core::Error),
+    /// A collective operation between data-parallel ranks failed.
+    #[error(transparent)]
+    Collective(#[from] ReduceError),
 }
 
 /// One trainable tensor with its optimizer state.
@@ -225,7 +229,7 @@ impl Cursor {
 }
 
 /// Checkpoint metadata (the tensors live in `state.safetensors` beside it).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct CheckpointState {
     step: usize,
     cursor: Cursor,
@@ -246,6 +250,49 @@ pub fn train(
     out_dir: &Path,
     resume: bool,
     on_step: &mut dyn FnMut(&StepRecord),
+) -> Result<TrainMetrics, TrainError> {
+    train_with(
+        model, examples, pad_id, settings, out_dir, resume, on_step, None,
+    )
+}
+
+/// [`train`] as one rank of a data-parallel group when `reducer` is given (see
+/// [`crate::parallel`]): every rank passes the same examples and settings; `batch_size` is
+/// the global micro-batch, of which this rank runs the rows `rank, rank + W, …`; gradients and
+/// the loss are averaged over ranks once per step, so the run follows the single-process loss
+/// curve. Only rank 0 reads (`resume`) and writes checkpoints under `out_dir`; it hands the
+/// resume point to the others. Every rank returns the same metrics. If this rank fails, it
+/// aborts the group so the other ranks fail too instead of waiting.
+#[allow(clippy::too_many_arguments)]
+pub fn train_with(
+    model: &Transformer,
+    examples: &[Example],
+    pad_id: u32,
+    settings: &TrainSettings,
+    out_dir: &Path,
+    resume: bool,
+    on_step: &mut dyn FnMut(&StepRecord),
+    reducer: Option<&dyn GradReducer>,
+) -> Result<TrainMetrics, TrainError> {
+    let result = run_training(
+        model, examples, pad_id, settings, out_dir, resume, on_step, reducer,
+    );
+    if let (Err(error), Some(reducer)) = (&result, reducer) {
+        reducer.abort(&error.to_string());
+    }
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_training(
+    model: &Transformer,
+    examples: &[Example],
+    pad_id: u32,
+    settings: &TrainSettings,
+    out_dir: &Path,
+    resume: bool,
+    on_step: &mut dyn FnMut(&StepRecord),
+    reducer: Option<&dyn GradReducer>,
 ) -> Result<TrainMetrics, TrainError> {
     if settings.steps == 0 || settings.batch_size == 0 || settings.grad_accum == 0 {
         return Err(TrainError::Settings(
@@ -269,8 +316,20 @@ pub fn train(
     let mut history = Vec::new();
     let mut wall_s = 0.0;
     let mut resumed_from = None;
-    if resume && checkpoint_dir.join("state.json").is_file() {
-        let state = load_checkpoint(&checkpoint_dir, &mut params, settings, &device)?;
+    let (rank, world) = reducer.map_or((0, 1), |r| (r.rank(), r.world_size()));
+    let mut loaded = None;
+    if rank == 0 && resume && checkpoint_dir.join("state.json").is_file() {
+        loaded = Some(load_checkpoint(
+            &checkpoint_dir,
+            &mut params,
+            settings,
+            &device,
+        )?);
+    }
+    if let Some(reducer) = reducer {
+        loaded = agree_on_start(reducer, settings, examples, loaded, &mut params)?;
+    }
+    if let Some(state) = loaded {
         cursor = state.cursor;
         history = state.history;
         wall_s = state.wall_s;
@@ -285,16 +344,34 @@ pub fn train(
         let mut tokens = 0;
         for _ in 0..settings.grad_accum {
             let picked = cursor.take(examples.len(), settings.batch_size, settings.seed);
-            let batch: Vec<Example> = picked.iter().map(|&i| examples[i].clone()).collect();
-            tokens += batch.iter().map(|e| e.tokens.len()).sum::<usize>();
+            tokens += picked
+                .iter()
+                .map(|&i| examples[i].tokens.len())
+                .sum::<usize>();
+            // With ranks, this rank's rows of the global micro-batch and their loss factor.
+            let (rows, scale) = match reducer {
+                None => (picked, None),
+                Some(_) => {
+                    let shard = parallel::shard(examples, &picked, rank, world);
+                    if shard.examples.is_empty() || shard.scale == 0.0 {
+                        continue;
+                    }
+                    (shard.examples, Some(shard.scale))
+                }
+            };
+            let batch: Vec<Example> = rows.iter().map(|&i| examples[i].clone()).collect();
             let collated = collate(&batch, pad_id);
             let shape = (collated.batch, collated.seq_len);
             let ids = Tensor::from_slice(&collated.ids, shape, &device)?;
             let targets = Tensor::from_slice(&collated.targets, shape, &device)?;
             let weights = Tensor::from_slice(&collated.weights, shape, &device)?;
-            let loss = model.loss(&ids, &targets, &weights)?;
+            let mut loss = model.loss(&ids, &targets, &weights)?;
+            if let Some(scale) = scale {
+                loss = (loss * scale)?;
+            }
             let value = loss.to_scalar::<f32>()? as f64;
-            if !value.is_finite() {
+            // With ranks, a bad value is caught after the step's reduction, on every rank.
+            if !value.is_finite() && reducer.is_none() {
                 return Err(non_finite(step + 1, value, &checkpoint_dir));
             }
             loss_sum += value;
@@ -307,6 +384,13 @@ pub fn train(
                         None => g,
                     });
                 }
+            }
+        }
+        if let Some(reducer) = reducer {
+            (grads, loss_sum) = parallel::reduce_step(reducer, &params, grads, loss_sum, &device)?;
+            if !loss_sum.is_finite() {
+                let loss = loss_sum / settings.grad_accum as f64;
+                return Err(non_finite(step + 1, loss, &checkpoint_dir));
             }
         }
         let grad_norm = global_norm(&grads)?;
@@ -334,14 +418,20 @@ pub fn train(
         history.push(record);
         let done = step + 1 == settings.steps;
         if done || (settings.checkpoint_every > 0 && (step + 1) % settings.checkpoint_every == 0) {
-            let state = CheckpointState {
-                step: step + 1,
-                cursor,
-                history: history.clone(),
-                wall_s,
-                settings: settings.clone(),
-            };
-            save_checkpoint(&checkpoint_dir, &params, &state)?;
+            if rank == 0 {
+                let state = CheckpointState {
+                    step: step + 1,
+                    cursor,
+                    history: history.clone(),
+                    wall_s,
+                    settings: settings.clone(),
+                };
+                save_checkpoint(&checkpoint_dir, &params, &state)?;
+            }
+            // No rank goes on (or reports success) unless rank 0's checkpoint was written.
+            if let Some(reducer) = reducer {
+                reducer.barrier()?;
+            }
         }
     }
     let tokens: usize = history.iter().map(|r| r.tokens).sum();
@@ -353,6 +443,58 @@ pub fn train(
         wall_s,
         resumed_from,
     })
+}
+
+/// What rank 0 tells the others before the first step.
+#[derive(Debug, Serialize, Deserialize)]
+struct StartPoint {
+    settings: TrainSettings,
+    examples: String,
+    resume: Option<CheckpointState>,
+}
+
+/// Makes every rank start from rank 0's point: checks that all ranks train with the same
+/// settings on the same examples, hands out rank 0's checkpoint state (if it resumes) and
+/// copies its parameters and AdamW moments to every rank.
+fn agree_on_start(
+    reducer: &dyn GradReducer,
+    settings: &TrainSettings,
+    examples: &[Example],
+    loaded: Option<CheckpointState>,
+    params: &mut [Param],
+) -> Result<Option<CheckpointState>, TrainError> {
+    let ours = StartPoint {
+        settings: settings.clone(),
+        examples: parallel::digest_examples(examples),
+        resume: loaded,
+    };
+    let bytes = if reducer.rank() == 0 {
+        serde_json::to_vec(&ours).map_err(|e| ReduceError::Mismatch(e.to_string()))?
+    } else {
+        Vec::new()
+    };
+    let bytes = reducer.broadcast_bytes(bytes)?;
+    let theirs: StartPoint = serde_json::from_slice(&bytes)
+        .map_err(|e| ReduceError::Mismatch(format!("rank 0's start point: {e}")))?;
+    let rank = reducer.rank();
+    if theirs.settings != *settings {
+        return Err(ReduceError::Mismatch(format!(
+            "rank {rank} has training settings {settings:?}, rank 0 has {:?}",
+            theirs.settings
+        ))
+        .into());
+    }
+    if theirs.examples != ours.examples {
+        return Err(ReduceError::Mismatch(format!(
+            "rank {rank} has other training examples than rank 0 ({} of them, digest {}; rank 0's digest {})",
+            examples.len(),
+            ours.examples,
+            theirs.examples
+        ))
+        .into());
+    }
+    parallel::broadcast_params(reducer, params)?;
+    Ok(theirs.resume)
 }
 
 fn non_finite(step: usize, value: f64, checkpoint_dir: &Path) -> TrainError {
