@@ -39,8 +39,9 @@ pub struct EvalArgs {
     /// Prompts (or conversations, for loss) run at once.
     #[arg(long, default_value_t = 8)]
     batch_size: usize,
-    /// Longest tokenized conversation scored by loss (longer ones are cut).
-    #[arg(long, default_value_t = 1024)]
+    /// Longest tokenized conversation scored by loss: assistant tokens past it are not
+    /// scored, and a conversation with none before it is skipped (both are counted).
+    #[arg(long, default_value_t = 2048)]
     max_len: usize,
     /// How code problems are prompted: chat (the code task's training format, the whole
     /// function in a fenced block) or completion (continue the HumanEval prompt).

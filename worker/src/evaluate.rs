@@ -95,7 +95,7 @@ impl Default for EvalOptions {
             limit: None,
             max_new_tokens: None,
             batch_size: 8,
-            max_len: 1024,
+            max_len: 2048,
             code_prompt: CodePrompt::Chat,
             sandbox: SandboxConfig::default(),
             model_label: None,

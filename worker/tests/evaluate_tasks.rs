@@ -8,15 +8,14 @@ use std::io::Write;
 use std::path::Path;
 
 use candle_core::{Device, Tensor};
-use evaluate_common::tiny_model;
-use lorasweep_worker::assets::Cache;
+use evaluate_common::{cached_task, tiny_model};
 use lorasweep_worker::data::{self, Conversation, Message, Role};
 use lorasweep_worker::eval::math;
 use lorasweep_worker::eval::metrics::EvalReport;
 use lorasweep_worker::evaluate::{self, CodePrompt, EvalError, EvalJob, EvalOptions};
 use lorasweep_worker::generate::{self, GenerationSettings};
 use lorasweep_worker::loader::LoadedModel;
-use lorasweep_worker::tasks::{self, EvalItem, FetchPolicy, Metric, Task, TaskError};
+use lorasweep_worker::tasks::{self, EvalItem, Metric, Task, TaskError};
 
 fn message(role: Role, content: &str) -> Message {
     Message {
@@ -395,20 +394,6 @@ fn report_names_model_and_adapter_and_round_trips() {
     }
 }
 
-/// A named task from the cache `LORASWEEP_HOME` points at, without fetching; `None` (with a
-/// skip line) when its assets are not there. Under CI a missing asset is a failure.
-fn cached_task(name: &str) -> Option<Task> {
-    let cache = Cache::from_env().unwrap();
-    match tasks::load_in(&cache, name, None, FetchPolicy::CachedOnly) {
-        Ok(task) => Some(task),
-        Err(TaskError::NotFetched { asset }) if std::env::var_os("CI").is_none() => {
-            eprintln!("skipped: asset {asset} is not cached (set LORASWEEP_HOME, run `lorasweep assets fetch {asset}`)");
-            None
-        }
-        Err(error) => panic!("loading {name}: {error}"),
-    }
-}
-
 #[test]
 fn math_records_hold_the_extracted_and_gold_numbers() {
     let Some(task) = cached_task("math") else {
@@ -540,4 +525,66 @@ fn chat_loss_over_held_out_conversations() {
     // A random model over 274 tokens is close to uniform: loss near ln(274).
     assert!(report.score > 2.0, "{}", report.score);
     assert!((report.metrics["perplexity"] - report.score.exp()).abs() < 1e-6 * report.score.exp());
+}
+
+/// Attaches a random LoRA (non-zero B, so it changes the outputs) to every q and v
+/// projection of the tiny model.
+fn attach_random_lora(model: &mut LoadedModel, seed: u64) {
+    use lorasweep_worker::adapter::{Adapter, Variant};
+    use lorasweep_worker::model::ModuleKind;
+    let modules: Vec<_> = model
+        .config()
+        .all_modules()
+        .into_iter()
+        .filter(|m| matches!(m.kind, ModuleKind::QProj | ModuleKind::VProj))
+        .collect();
+    for (index, module) in modules.into_iter().enumerate() {
+        let (d_in, d_out) = model.config().module_dims(module.kind);
+        let rank = 4;
+        let a = random_matrix(seed + index as u64, (rank, d_in), 0.5);
+        let b = random_matrix(seed + 100 + index as u64, (d_out, rank), 0.5);
+        let adapter = Adapter::from_parts(Variant::Lora, 2.0, a, b, None).unwrap();
+        model
+            .transformer
+            .projection_mut(module)
+            .attach(adapter, None);
+    }
+}
+
+fn random_matrix(seed: u64, shape: (usize, usize), std: f32) -> Tensor {
+    use rand::SeedableRng;
+    use rand_distr::{Distribution, Normal};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let normal = Normal::new(0.0f32, std).unwrap();
+    let values: Vec<f32> = (0..shape.0 * shape.1)
+        .map(|_| normal.sample(&mut rng))
+        .collect();
+    Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
+}
+
+#[test]
+fn an_adapter_gives_the_same_outputs_merged_or_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = tiny_model(5);
+    let pairs = questions_and_replies(&base);
+    let task = reference_task(dir.path(), "own.jsonl", &pairs, Metric::Exact);
+    let base_report = evaluate::run(&base, &task, &options(8, 4)).unwrap();
+    assert_eq!(base_report.score, 1.0);
+
+    let mut model = tiny_model(5);
+    attach_random_lora(&mut model, 40);
+    let unmerged = evaluate::run(&model, &task, &options(8, 4)).unwrap();
+    model.transformer.merge_adapters().unwrap();
+    assert!(model.transformer.adapters().is_empty());
+    let merged = evaluate::run(&model, &task, &options(8, 4)).unwrap();
+    let outputs = |report: &EvalReport| -> Vec<String> {
+        report.records.iter().map(|r| r.output.clone()).collect()
+    };
+    assert_eq!(outputs(&unmerged), outputs(&merged));
+    assert_ne!(
+        outputs(&unmerged),
+        outputs(&base_report),
+        "the adapter must change the outputs for this test to mean anything"
+    );
+    assert!(unmerged.score < 1.0);
 }

@@ -5,10 +5,12 @@
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
+use lorasweep_worker::assets::Cache;
 use lorasweep_worker::chat::ChatTemplate;
 use lorasweep_worker::loader::{self, LoadedModel};
 use lorasweep_worker::model::transformer::NamedTensors;
 use lorasweep_worker::model::{Architecture, ModelConfig, ModelSource, ModuleKind, Transformer};
+use lorasweep_worker::tasks::{self, FetchPolicy, Task, TaskError};
 use lorasweep_worker::tokenizer::Tokenizer;
 use rand::SeedableRng;
 use rand_distr::{Distribution, Normal};
@@ -100,4 +102,21 @@ pub fn smollm2() -> Option<LoadedModel> {
     let path = text_common::real_model("LORASWEEP_SMOLLM2_GGUF")?;
     let source = ModelSource::Gguf(path);
     Some(loader::load(&source, &Device::Cpu, DType::F32).expect("smollm2 loads"))
+}
+
+/// A named task from the cache the environment configures (`LORASWEEP_HOME`), without
+/// fetching; `None` (with a skip line) when its assets are not there. Under CI a missing
+/// asset is a failure.
+pub fn cached_task(name: &str) -> Option<Task> {
+    let cache = Cache::from_env().expect("asset cache");
+    match tasks::load_in(&cache, name, None, FetchPolicy::CachedOnly) {
+        Ok(task) => Some(task),
+        Err(TaskError::NotFetched { asset }) if std::env::var_os("CI").is_none() => {
+            eprintln!(
+                "skipped: asset {asset} is not cached (set LORASWEEP_HOME, run `lorasweep assets fetch {asset}`)"
+            );
+            None
+        }
+        Err(error) => panic!("loading {name}: {error}"),
+    }
 }
