@@ -33,6 +33,20 @@ enum Command {
     Bench(cli::bench::BenchArgs),
     /// Check a sweep file and print its job counts; runs nothing.
     Validate(cli::validate::ValidateArgs),
+    /// Serve the gRPC coordinator: durable state, scheduling, artifacts.
+    Coordinator(cli::orchestrate::CoordinatorArgs),
+    /// Pull jobs from a coordinator and run them on this machine's GPUs (or CPU).
+    Worker(cli::orchestrate::WorkerArgs),
+    /// Submit a sweep file to a coordinator; prints only the sweep id.
+    Submit(cli::orchestrate::SubmitArgs),
+    /// Show a sweep's jobs by state (`--format json` for scripts).
+    Status(cli::orchestrate::StatusArgs),
+    /// Show live progress until a sweep ends.
+    Watch(cli::orchestrate::SweepArgs),
+    /// Cancel a sweep; running jobs stop at their next heartbeat.
+    Cancel(cli::orchestrate::SweepArgs),
+    /// Run a sweep on this machine: a coordinator and N workers on loopback (rerun resumes).
+    Run(cli::orchestrate::RunArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -48,6 +62,13 @@ fn main() -> std::process::ExitCode {
         Command::Eval(args) => cli::eval::eval(args),
         Command::Bench(args) => cli::bench::bench(args),
         Command::Validate(args) => cli::validate::validate(args),
+        Command::Coordinator(args) => cli::orchestrate::coordinator(args),
+        Command::Worker(args) => cli::orchestrate::worker(args),
+        Command::Submit(args) => cli::orchestrate::submit(args),
+        Command::Status(args) => cli::orchestrate::status(args),
+        Command::Watch(args) => cli::orchestrate::watch(args),
+        Command::Cancel(args) => cli::orchestrate::cancel(args),
+        Command::Run(args) => cli::orchestrate::run(args),
     };
     match outcome {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -198,7 +198,8 @@ pub struct CoordinatorClient {
 
 impl CoordinatorClient {
     /// Connects (lazily: the first call opens the connection and may fail with
-    /// [`ClientError::Refused`] and code `Unavailable`).
+    /// [`ClientError::Refused`] and code `Unavailable`). Must be called inside a Tokio
+    /// runtime (`Runtime::enter` or an async context).
     pub fn connect(options: &ClientOptions) -> Result<CoordinatorClient, ClientError> {
         let bad_url = |detail: String| ClientError::BadUrl {
             url: options.url.clone(),

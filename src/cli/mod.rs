@@ -4,6 +4,7 @@ pub mod assets;
 pub mod bench;
 pub mod engine;
 pub mod eval;
+pub mod orchestrate;
 pub mod score;
 pub mod validate;
 
