@@ -190,14 +190,17 @@ pub enum ParamGroup {
     Magnitude,
 }
 
-/// What the PAGE probe needs to see of a forward pass: the module's input and the adapter
-/// branch's output (whose gradient is the gradient at the module's output).
+/// What the PAGE probe needs to see of a forward pass: the module's input, and a tap whose
+/// gradient is the loss gradient at the module's output.
 #[derive(Debug, Clone)]
 pub struct Captured {
     /// Module input `x`, `(batch, seq, d_in)`.
     pub input: Tensor,
-    /// Adapter branch output, `(batch, seq, d_out)`.
-    pub branch: Tensor,
+    /// A zero `(batch, seq, d_out)` [`Var`] added to the adapter branch. candle's backward pass
+    /// drops the gradients of intermediate tensors once used and keeps those of variables, so
+    /// the gradient of this tap is how `δ` (the gradient at the branch's output, which for
+    /// every variant but DoRA is the module's output) survives the backward pass.
+    pub output_tap: Tensor,
 }
 
 /// One trainable adapter on one projection.
@@ -347,12 +350,14 @@ impl Adapter {
         let dtype = x.dtype();
         let a = self.a.as_tensor().to_dtype(dtype)?;
         let b = self.b.as_tensor().to_dtype(dtype)?;
-        let branch = (x.broadcast_matmul(&a.t()?)?.broadcast_matmul(&b.t()?)? * self.scale)?;
+        let mut branch = (x.broadcast_matmul(&a.t()?)?.broadcast_matmul(&b.t()?)? * self.scale)?;
         if let Some(capture) = &self.capture {
+            let tap = Var::zeros(branch.shape(), branch.dtype(), branch.device())?;
+            branch = (branch + tap.as_tensor())?;
             if let Ok(mut slot) = capture.lock() {
                 *slot = Some(Captured {
                     input: x.clone(),
-                    branch: branch.clone(),
+                    output_tap: tap.as_tensor().clone(),
                 });
             }
         }

@@ -261,8 +261,11 @@ fn expected_energy(
     let captured = adapter
         .captured()
         .expect("capture is enabled for the expected estimator");
-    let Some(delta) = grads.get(&captured.branch) else {
-        return Ok(0.0);
+    // Every projection lies on the path to the loss: a missing gradient is a bug, not a zero.
+    let Some(delta) = grads.get(&captured.output_tap) else {
+        return Err(ProbeError::Tensor(candle_core::Error::Msg(format!(
+            "no loss gradient reached the output of {module}"
+        ))));
     };
     let (d_in, d_out) = config.module_dims(module.kind);
     let x = captured.input.to_dtype(DType::F32)?.reshape(((), d_in))?;
