@@ -120,7 +120,7 @@ impl TrainSettings {
 pub struct StepRecord {
     /// Step number, from 1.
     pub step: usize,
-    /// Mean response-token loss over the step's micro-batches.
+    /// Mean loss over the response tokens of all the step's micro-batches.
     pub loss: f64,
     /// Learning rate used.
     pub lr: f64,
@@ -152,11 +152,13 @@ pub struct TrainMetrics {
 /// Why training stopped early.
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
-    /// The loss or gradient became NaN/inf.
-    #[error("the loss became {value} at step {step}; training stopped (last good checkpoint: {checkpoint})")]
+    /// The loss, the gradient or a parameter became NaN/inf.
+    #[error("{what} became {value} at step {step}; training stopped (last good checkpoint: {checkpoint})")]
     NonFinite {
         /// Step at which it happened.
         step: usize,
+        /// What became non-finite: `the loss`, `the gradient norm`, or a parameter.
+        what: String,
         /// The value.
         value: f64,
         /// The last checkpoint kept.
@@ -342,12 +344,33 @@ fn run_training(
         let mut grads: Vec<Option<Tensor>> = vec![None; params.len()];
         let mut loss_sum = 0.0;
         let mut tokens = 0;
-        for _ in 0..settings.grad_accum {
-            let picked = cursor.take(examples.len(), settings.batch_size, settings.seed);
+        // The step's micro-batches are drawn up front so that each one's loss can be weighted
+        // by its share of the step's response targets: the accumulated gradient is then that
+        // of the token mean over the whole step, as one big batch would give it (a plain mean
+        // of micro-batch means would over-weight the tokens of short responses).
+        let micro_batches: Vec<Vec<usize>> = (0..settings.grad_accum)
+            .map(|_| cursor.take(examples.len(), settings.batch_size, settings.seed))
+            .collect();
+        let targets_of = |picked: &[usize]| -> usize {
+            picked
+                .iter()
+                .map(|&i| parallel::response_targets(&examples[i]))
+                .sum()
+        };
+        let step_targets: usize = micro_batches.iter().map(|p| targets_of(p)).sum();
+        if step_targets == 0 {
+            return Err(TrainError::NoData);
+        }
+        for picked in micro_batches {
+            let share =
+                settings.grad_accum as f64 * targets_of(&picked) as f64 / step_targets as f64;
             tokens += picked
                 .iter()
                 .map(|&i| examples[i].tokens.len())
                 .sum::<usize>();
+            if share == 0.0 {
+                continue;
+            }
             // With ranks, this rank's rows of the global micro-batch and their loss factor.
             let (rows, scale) = match reducer {
                 None => (picked, None),
@@ -369,6 +392,7 @@ fn run_training(
             if let Some(scale) = scale {
                 loss = (loss * scale)?;
             }
+            loss = (loss * share)?;
             let value = loss.to_scalar::<f32>()? as f64;
             // With ranks, a bad value is caught after the step's reduction, on every rank.
             if !value.is_finite() && reducer.is_none() {
@@ -395,7 +419,12 @@ fn run_training(
         }
         let grad_norm = global_norm(&grads)?;
         if !grad_norm.is_finite() {
-            return Err(non_finite(step + 1, grad_norm, &checkpoint_dir));
+            return Err(non_finite_in(
+                step + 1,
+                "the gradient norm",
+                grad_norm,
+                &checkpoint_dir,
+            ));
         }
         let clip = if settings.max_grad_norm > 0.0 && grad_norm > settings.max_grad_norm {
             settings.max_grad_norm / (grad_norm + 1e-6)
@@ -418,6 +447,11 @@ fn run_training(
         history.push(record);
         let done = step + 1 == settings.steps;
         if done || (settings.checkpoint_every > 0 && (step + 1) % settings.checkpoint_every == 0) {
+            // An update can overflow with finite loss and gradients (a huge learning rate):
+            // stop before such parameters replace the last good checkpoint.
+            if let Some((what, value)) = first_non_finite(&params)? {
+                return Err(non_finite_in(step + 1, &what, value, &checkpoint_dir));
+            }
             if rank == 0 {
                 let state = CheckpointState {
                     step: step + 1,
@@ -498,6 +532,10 @@ fn agree_on_start(
 }
 
 fn non_finite(step: usize, value: f64, checkpoint_dir: &Path) -> TrainError {
+    non_finite_in(step, "the loss", value, checkpoint_dir)
+}
+
+fn non_finite_in(step: usize, what: &str, value: f64, checkpoint_dir: &Path) -> TrainError {
     let checkpoint = if checkpoint_dir.join("state.json").is_file() {
         checkpoint_dir.display().to_string()
     } else {
@@ -505,9 +543,39 @@ fn non_finite(step: usize, value: f64, checkpoint_dir: &Path) -> TrainError {
     };
     TrainError::NonFinite {
         step,
+        what: what.to_string(),
         value,
         checkpoint,
     }
+}
+
+/// The first parameter (or AdamW moment) holding a NaN or infinity, with such a value: a
+/// checkpoint must never record one.
+fn first_non_finite(params: &[Param]) -> Result<Option<(String, f64)>, TrainError> {
+    for p in params {
+        for (kind, tensor) in [
+            ("", p.var.as_tensor()),
+            ("AdamW moment of ", &p.m),
+            ("AdamW moment of ", &p.v),
+        ] {
+            // Σ 0·x is 0 when every x is finite and NaN otherwise.
+            let probe = (tensor.to_dtype(DType::F32)? * 0.0)?
+                .sum_all()?
+                .to_scalar::<f32>()?;
+            if !probe.is_finite() {
+                let values = tensor
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?;
+                let bad = values
+                    .into_iter()
+                    .find(|v| !v.is_finite())
+                    .unwrap_or(f32::NAN);
+                return Ok(Some((format!("{kind}parameter {}", p.name), bad as f64)));
+            }
+        }
+    }
+    Ok(None)
 }
 
 pub(crate) fn collect_params(model: &Transformer) -> Result<Vec<Param>, TrainError> {
