@@ -2,6 +2,7 @@
 //! workers and the client verbs.
 
 mod cli;
+mod executor;
 
 use clap::{Parser, Subcommand};
 

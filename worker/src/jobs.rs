@@ -39,9 +39,12 @@ impl DataSource {
         match self {
             Self::Jsonl(path) => Ok(data::read_conversations(path)?),
             Self::Task(name) => {
-                let task = crate::tasks::load(name, None).map_err(|e| JobError::Data(e.to_string()))?;
+                let task =
+                    crate::tasks::load(name, None).map_err(|e| JobError::Data(e.to_string()))?;
                 if task.train().is_empty() {
-                    return Err(JobError::Data(format!("task {name} has an empty train split")));
+                    return Err(JobError::Data(format!(
+                        "task {name} has an empty train split"
+                    )));
                 }
                 Ok(task.train().to_vec())
             }
@@ -104,16 +107,29 @@ pub fn resolve_model(spec: &str) -> Result<ModelSource, JobError> {
 /// Loads a model on the default device (CUDA when built with it and present, else CPU).
 pub fn load_model(spec: &str, device: &Device) -> Result<LoadedModel, JobError> {
     let source = resolve_model(spec)?;
-    Ok(loader::load(&source, device, loader::default_dtype(device))?)
+    Ok(loader::load(
+        &source,
+        device,
+        loader::default_dtype(device),
+    )?)
 }
 
 /// Tokenizes conversations, dropping those with no response token within `max_len`.
 /// Returns the examples and how many were dropped.
-pub fn encode_all(model: &LoadedModel, conversations: &[Conversation], max_len: usize) -> Result<(Vec<Example>, usize), JobError> {
+pub fn encode_all(
+    model: &LoadedModel,
+    conversations: &[Conversation],
+    max_len: usize,
+) -> Result<(Vec<Example>, usize), JobError> {
     let mut examples = Vec::with_capacity(conversations.len());
     let mut dropped = 0;
     for conversation in conversations {
-        match data::encode_conversation(&model.tokenizer, &model.chat_template, conversation, max_len) {
+        match data::encode_conversation(
+            &model.tokenizer,
+            &model.chat_template,
+            conversation,
+            max_len,
+        ) {
             Ok(example) if example.response.iter().skip(1).any(|&r| r) => examples.push(example),
             Ok(_) => dropped += 1,
             Err(data::DataError::NoResponseAfterTruncation { .. }) => dropped += 1,
@@ -121,14 +137,22 @@ pub fn encode_all(model: &LoadedModel, conversations: &[Conversation], max_len: 
         }
     }
     if examples.is_empty() {
-        return Err(JobError::Data(format!("none of the {} conversations has a response token within max_len {max_len}", conversations.len())));
+        return Err(JobError::Data(format!(
+            "none of the {} conversations has a response token within max_len {max_len}",
+            conversations.len()
+        )));
     }
     Ok((examples, dropped))
 }
 
 /// Runs the PAGE probe of `model_spec` on `data` (the model is loaded fresh and left with probe
 /// adapters, so it is consumed).
-pub fn probe(model_spec: &str, data: &DataSource, settings: &ProbeSettings, device: &Device) -> Result<ProbeResult, JobError> {
+pub fn probe(
+    model_spec: &str,
+    data: &DataSource,
+    settings: &ProbeSettings,
+    device: &Device,
+) -> Result<ProbeResult, JobError> {
     let started = Instant::now();
     let mut model = load_model(model_spec, device)?;
     let conversations = data.conversations()?;
@@ -147,8 +171,15 @@ pub fn probe(model_spec: &str, data: &DataSource, settings: &ProbeSettings, devi
             probe::Estimator::Expected => scores.expected.expect("expected scores requested"),
         });
     }
-    let (modules, dominant, top1_share, share_by_kind, share_by_layer, batch_argmax, argmax_stability) =
-        probe::summarise(model.config(), &per_batch);
+    let (
+        modules,
+        dominant,
+        top1_share,
+        share_by_kind,
+        share_by_layer,
+        batch_argmax,
+        argmax_stability,
+    ) = probe::summarise(model.config(), &per_batch);
     Ok(ProbeResult {
         model: model_spec.to_string(),
         model_digest: model.digest.clone(),
@@ -173,7 +204,9 @@ fn probe_batches(examples: &[Example], settings: &ProbeSettings, pad_id: u32) ->
     use rand::seq::SliceRandom;
     use rand::SeedableRng;
     let mut order: Vec<usize> = (0..examples.len()).collect();
-    order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(settings.seed ^ 0x9A6E));
+    order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(
+        settings.seed ^ 0x9A6E,
+    ));
     (0..settings.batches)
         .map(|b| {
             let batch: Vec<Example> = (0..settings.batch_size)
@@ -221,13 +254,33 @@ pub struct TrainOutcome {
 }
 
 /// Trains adapters and writes them in PEFT's layout with `metrics.json`.
-pub fn train(job: &TrainJob, device: &Device, on_step: &mut dyn FnMut(&StepRecord)) -> Result<TrainOutcome, JobError> {
+pub fn train(
+    job: &TrainJob,
+    device: &Device,
+    on_step: &mut dyn FnMut(&StepRecord),
+) -> Result<TrainOutcome, JobError> {
+    train_controlled(job, device, &mut |record| {
+        on_step(record);
+        std::ops::ControlFlow::Continue(())
+    })
+}
+
+/// [`train`] whose `on_step` may stop the run (see [`train::train_controlled`]); it sees each
+/// step after that step's checkpoint is written under `out/checkpoint`.
+pub fn train_controlled(
+    job: &TrainJob,
+    device: &Device,
+    on_step: &mut dyn FnMut(&StepRecord) -> std::ops::ControlFlow<()>,
+) -> Result<TrainOutcome, JobError> {
     let placement = Placement::parse(&job.placement)?;
     let probe_result = if placement.needs_probe() {
         Some(match &job.probe {
             Some(path) => read_probe(path)?,
             None => {
-                tracing::info!("placement {} needs PAGE: running the probe first", job.placement);
+                tracing::info!(
+                    "placement {} needs PAGE: running the probe first",
+                    job.placement
+                );
                 probe(&job.model, &job.data, &job.probe_settings, device)?
             }
         })
@@ -235,30 +288,68 @@ pub fn train(job: &TrainJob, device: &Device, on_step: &mut dyn FnMut(&StepRecor
         None
     };
     let mut model = load_model(&job.model, device)?;
-    let modules = placement.resolve(model.config(), probe_result.as_ref(), job.adapter.rank, job.adapter.variant, job.adapter.seed)?;
+    let modules = placement.resolve(
+        model.config(),
+        probe_result.as_ref(),
+        job.adapter.rank,
+        job.adapter.variant,
+        job.adapter.seed,
+    )?;
     let mut initial = std::collections::HashMap::new();
     for &(module, rank) in &modules {
         let weight = model.transformer.projection(module).weight().clone();
-        let (adapter, residual) = crate::adapter::Adapter::init(module, &weight, rank, &job.adapter)?;
+        let (adapter, residual) =
+            crate::adapter::Adapter::init(module, &weight, rank, &job.adapter)?;
         if residual.is_some() {
             initial.insert(
                 module,
-                (adapter.a().as_tensor().to_device(&Device::Cpu)?, adapter.b().as_tensor().to_device(&Device::Cpu)?),
+                (
+                    adapter.a().as_tensor().to_device(&Device::Cpu)?,
+                    adapter.b().as_tensor().to_device(&Device::Cpu)?,
+                ),
             );
         }
-        model.transformer.projection_mut(module).attach(adapter, residual);
+        model
+            .transformer
+            .projection_mut(module)
+            .attach(adapter, residual);
     }
-    let trainable: usize = model.transformer.adapters().iter().map(|(_, a)| a.parameter_count()).sum();
+    let trainable: usize = model
+        .transformer
+        .adapters()
+        .iter()
+        .map(|(_, a)| a.parameter_count())
+        .sum();
     tracing::info!(modules = modules.len(), trainable, placement = %job.placement, variant = job.adapter.variant.name(), "adapters attached");
     let conversations = job.data.conversations()?;
     let (examples, dropped) = encode_all(&model, &conversations, job.train.max_len)?;
     if dropped > 0 {
-        tracing::warn!(dropped, kept = examples.len(), "conversations without a response token within max_len were dropped");
+        tracing::warn!(
+            dropped,
+            kept = examples.len(),
+            "conversations without a response token within max_len were dropped"
+        );
     }
     let mut settings = job.train.clone();
-    settings.b_lr_ratio = if job.adapter.variant == Variant::LoraPlus { job.loraplus_ratio } else { 1.0 };
-    std::fs::create_dir_all(&job.out).map_err(|e| JobError::File { path: job.out.clone(), reason: e.to_string() })?;
-    let metrics = train::train(&model.transformer, &examples, model.tokenizer.pad_token_id(), &settings, &job.out, job.resume, on_step)?;
+    settings.b_lr_ratio = if job.adapter.variant == Variant::LoraPlus {
+        job.loraplus_ratio
+    } else {
+        1.0
+    };
+    std::fs::create_dir_all(&job.out).map_err(|e| JobError::File {
+        path: job.out.clone(),
+        reason: e.to_string(),
+    })?;
+    let metrics = train::train_controlled(
+        &model.transformer,
+        &examples,
+        model.tokenizer.pad_token_id(),
+        &settings,
+        &job.out,
+        job.resume,
+        on_step,
+        None,
+    )?;
     let record = AdapterRecord {
         base_model: job.model.clone(),
         variant: job.adapter.variant,
@@ -270,13 +361,23 @@ pub fn train(job: &TrainJob, device: &Device, on_step: &mut dyn FnMut(&StepRecor
     };
     peft::save(&job.out, &model.transformer, &initial, &record)?;
     peft::write_json(&job.out.join("metrics.json"), &metrics)?;
-    Ok(TrainOutcome { modules, metrics, dominant: probe_result.map(|p| p.dominant) })
+    Ok(TrainOutcome {
+        modules,
+        metrics,
+        dominant: probe_result.map(|p| p.dominant),
+    })
 }
 
 /// Reads a probe result JSON.
 pub fn read_probe(path: &Path) -> Result<ProbeResult, JobError> {
-    let text = std::fs::read_to_string(path).map_err(|e| JobError::File { path: path.to_path_buf(), reason: e.to_string() })?;
-    serde_json::from_str(&text).map_err(|e| JobError::File { path: path.to_path_buf(), reason: format!("not a probe result ({e})") })
+    let text = std::fs::read_to_string(path).map_err(|e| JobError::File {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    serde_json::from_str(&text).map_err(|e| JobError::File {
+        path: path.to_path_buf(),
+        reason: format!("not a probe result ({e})"),
+    })
 }
 
 /// The compute dtype used on a device (for reporting).

@@ -91,14 +91,19 @@ pub enum PlacementError {
 impl Placement {
     /// Parses the placement grammar.
     pub fn parse(text: &str) -> Result<Self, PlacementError> {
-        let syntax = |reason: &str| PlacementError::Syntax { found: text.to_string(), reason: reason.to_string() };
+        let syntax = |reason: &str| PlacementError::Syntax {
+            found: text.to_string(),
+            reason: reason.to_string(),
+        };
         let count = |value: &str| -> Result<usize, PlacementError> {
             match value.parse::<usize>() {
                 Ok(n) if n > 0 => Ok(n),
                 _ => Err(syntax("the count must be a positive integer")),
             }
         };
-        let kind = |value: &str| ModuleKind::parse(value).ok_or_else(|| syntax("unknown module kind (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)"));
+        let kind = |value: &str| {
+            ModuleKind::parse(value).ok_or_else(|| syntax("unknown module kind (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)"))
+        };
         let (head, arg) = match text.split_once(':') {
             Some((head, arg)) => (head, Some(arg)),
             None => (text, None),
@@ -114,14 +119,21 @@ impl Placement {
             ("explicit", Some(list)) => {
                 let modules = list
                     .split(',')
-                    .map(|name| ModuleId::parse(name.trim()).ok_or_else(|| syntax(&format!("{name:?} is not a module path like layers.3.mlp.down_proj"))))
+                    .map(|name| {
+                        ModuleId::parse(name.trim()).ok_or_else(|| {
+                            syntax(&format!(
+                                "{name:?} is not a module path like layers.3.mlp.down_proj"
+                            ))
+                        })
+                    })
                     .collect::<Result<Vec<_>, _>>()?;
                 if modules.is_empty() {
                     return Err(syntax("the module list is empty"));
                 }
                 Ok(Self::Explicit(modules))
             }
-            ("all", Some(_)) | ("top_k" | "random" | "kind" | "budget_matched" | "explicit", None) => {
+            ("all", Some(_))
+            | ("top_k" | "random" | "kind" | "budget_matched" | "explicit", None) => {
                 Err(syntax("wrong or missing argument"))
             }
             _ => Err(syntax("unknown placement")),
@@ -130,7 +142,10 @@ impl Placement {
 
     /// Whether resolving it needs a PAGE probe result.
     pub fn needs_probe(&self) -> bool {
-        matches!(self, Self::Dominant | Self::DominantKind(_) | Self::TopK(_) | Self::BudgetMatched(_))
+        matches!(
+            self,
+            Self::Dominant | Self::DominantKind(_) | Self::TopK(_) | Self::BudgetMatched(_)
+        )
     }
 
     /// The modules and their ranks for a model. `rank` is the run's rank (ignored by
@@ -145,24 +160,37 @@ impl Placement {
     ) -> Result<Vec<(ModuleId, usize)>, PlacementError> {
         let all = config.all_modules();
         let ranking = || -> Result<Vec<ModuleId>, PlacementError> {
-            probe.map(|p| p.ranking()).ok_or_else(|| PlacementError::NeedsProbe(self.to_string()))
+            probe
+                .map(|p| p.ranking())
+                .ok_or_else(|| PlacementError::NeedsProbe(self.to_string()))
         };
         let modules: Vec<ModuleId> = match self {
             Self::All => all.clone(),
             Self::Dominant => ranking()?.into_iter().take(1).collect(),
-            Self::DominantKind(kind) => ranking()?.into_iter().filter(|m| m.kind == *kind).take(1).collect(),
+            Self::DominantKind(kind) => ranking()?
+                .into_iter()
+                .filter(|m| m.kind == *kind)
+                .take(1)
+                .collect(),
             Self::TopK(k) => {
                 if *k > all.len() {
-                    return Err(PlacementError::TooMany { asked: *k, available: all.len() });
+                    return Err(PlacementError::TooMany {
+                        asked: *k,
+                        available: all.len(),
+                    });
                 }
                 ranking()?.into_iter().take(*k).collect()
             }
             Self::Random(n) => {
                 if *n > all.len() {
-                    return Err(PlacementError::TooMany { asked: *n, available: all.len() });
+                    return Err(PlacementError::TooMany {
+                        asked: *n,
+                        available: all.len(),
+                    });
                 }
-                let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x5EED_0F_7A4D);
-                let mut chosen: Vec<ModuleId> = all.choose_multiple(&mut rng, *n).copied().collect();
+                let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x005E_ED0F_7A4D);
+                let mut chosen: Vec<ModuleId> =
+                    all.choose_multiple(&mut rng, *n).copied().collect();
                 chosen.sort();
                 chosen
             }
@@ -170,7 +198,10 @@ impl Placement {
             Self::Explicit(list) => {
                 for module in list {
                     if module.layer >= config.num_layers {
-                        return Err(PlacementError::NoSuchModule { module: module.name(), layers: config.num_layers });
+                        return Err(PlacementError::NoSuchModule {
+                            module: module.name(),
+                            layers: config.num_layers,
+                        });
                     }
                 }
                 let mut list = list.clone();
@@ -179,14 +210,23 @@ impl Placement {
                 list
             }
             Self::BudgetMatched(budget) => {
-                let module = ranking()?.into_iter().next().ok_or_else(|| PlacementError::NeedsProbe(self.to_string()))?;
+                let module = ranking()?
+                    .into_iter()
+                    .next()
+                    .ok_or_else(|| PlacementError::NeedsProbe(self.to_string()))?;
                 let (d_in, d_out) = config.module_dims(module.kind);
                 let per_rank = d_in + d_out;
                 let max_rank = d_in.min(d_out);
                 let fixed = adapter_parameter_count(config, module, 0, variant);
-                let chosen = ((budget.saturating_sub(fixed)) as f64 / per_rank as f64).round() as usize;
+                let chosen =
+                    ((budget.saturating_sub(fixed)) as f64 / per_rank as f64).round() as usize;
                 if chosen == 0 || chosen > max_rank {
-                    return Err(PlacementError::Budget { budget: *budget, module: module.name(), per_rank, max_rank });
+                    return Err(PlacementError::Budget {
+                        budget: *budget,
+                        module: module.name(),
+                        per_rank,
+                        max_rank,
+                    });
                 }
                 return Ok(vec![(module, chosen)]);
             }
@@ -253,8 +293,21 @@ mod tests {
     fn probe(config: &ModelConfig) -> ProbeResult {
         // Scores rise with the module index, so the last module (layers.2.mlp.down_proj) wins,
         // except that layers.0.mlp.down_proj is best among down_proj after it.
-        let per_batch = vec![config.all_modules().iter().enumerate().map(|(i, _)| i as f64 + 1.0).collect::<Vec<_>>()];
-        let (modules, dominant, top1_share, share_by_kind, share_by_layer, batch_argmax, argmax_stability) = crate::probe::summarise(config, &per_batch);
+        let per_batch = vec![config
+            .all_modules()
+            .iter()
+            .enumerate()
+            .map(|(i, _)| i as f64 + 1.0)
+            .collect::<Vec<_>>()];
+        let (
+            modules,
+            dominant,
+            top1_share,
+            share_by_kind,
+            share_by_layer,
+            batch_argmax,
+            argmax_stability,
+        ) = crate::probe::summarise(config, &per_batch);
         ProbeResult {
             model: "tiny".into(),
             model_digest: String::new(),
@@ -275,10 +328,29 @@ mod tests {
 
     #[test]
     fn grammar_round_trips() {
-        for text in ["all", "dominant", "dominant:down_proj", "top_k:3", "random:2", "kind:q_proj", "explicit:layers.0.mlp.down_proj,layers.1.self_attn.q_proj", "budget_matched:5000"] {
+        for text in [
+            "all",
+            "dominant",
+            "dominant:down_proj",
+            "top_k:3",
+            "random:2",
+            "kind:q_proj",
+            "explicit:layers.0.mlp.down_proj,layers.1.self_attn.q_proj",
+            "budget_matched:5000",
+        ] {
             assert_eq!(Placement::parse(text).unwrap().to_string(), text);
         }
-        for bad in ["", "everything", "top_k", "top_k:0", "top_k:x", "kind:foo_proj", "dominant:", "explicit:layers.1.mlp.q_proj", "all:3"] {
+        for bad in [
+            "",
+            "everything",
+            "top_k",
+            "top_k:0",
+            "top_k:x",
+            "kind:foo_proj",
+            "dominant:",
+            "explicit:layers.1.mlp.q_proj",
+            "all:3",
+        ] {
             assert!(Placement::parse(bad).is_err(), "{bad:?} should be rejected");
         }
     }
@@ -287,31 +359,57 @@ mod tests {
     fn resolves_each_placement() {
         let config = config();
         let probe = probe(&config);
-        let resolve = |text: &str| Placement::parse(text).unwrap().resolve(&config, Some(&probe), 2, Variant::Lora, 1).unwrap();
+        let resolve = |text: &str| {
+            Placement::parse(text)
+                .unwrap()
+                .resolve(&config, Some(&probe), 2, Variant::Lora, 1)
+                .unwrap()
+        };
         assert_eq!(resolve("all").len(), 21);
-        assert_eq!(resolve("dominant"), vec![(ModuleId::parse("layers.2.mlp.down_proj").unwrap(), 2)]);
-        assert_eq!(resolve("dominant:q_proj"), vec![(ModuleId::parse("layers.2.self_attn.q_proj").unwrap(), 2)]);
+        assert_eq!(
+            resolve("dominant"),
+            vec![(ModuleId::parse("layers.2.mlp.down_proj").unwrap(), 2)]
+        );
+        assert_eq!(
+            resolve("dominant:q_proj"),
+            vec![(ModuleId::parse("layers.2.self_attn.q_proj").unwrap(), 2)]
+        );
         assert_eq!(resolve("top_k:2").len(), 2);
         assert_eq!(resolve("kind:down_proj").len(), 3);
         let random = resolve("random:4");
         assert_eq!(random.len(), 4);
         assert_eq!(random, resolve("random:4"), "random placement is seeded");
-        let other_seed = Placement::parse("random:4").unwrap().resolve(&config, None, 2, Variant::Lora, 2).unwrap();
+        let other_seed = Placement::parse("random:4")
+            .unwrap()
+            .resolve(&config, None, 2, Variant::Lora, 2)
+            .unwrap();
         assert_ne!(random, other_seed);
         // down_proj: d_in 24 + d_out 16 = 40 parameters per rank; 200 → rank 5.
-        assert_eq!(resolve("budget_matched:200"), vec![(ModuleId::parse("layers.2.mlp.down_proj").unwrap(), 5)]);
+        assert_eq!(
+            resolve("budget_matched:200"),
+            vec![(ModuleId::parse("layers.2.mlp.down_proj").unwrap(), 5)]
+        );
     }
 
     #[test]
     fn bad_placements_are_clear_errors() {
         let config = config();
-        let err = Placement::parse("explicit:layers.7.mlp.down_proj").unwrap().resolve(&config, None, 2, Variant::Lora, 0).unwrap_err();
+        let err = Placement::parse("explicit:layers.7.mlp.down_proj")
+            .unwrap()
+            .resolve(&config, None, 2, Variant::Lora, 0)
+            .unwrap_err();
         assert!(err.to_string().contains("has 3 layers"), "{err}");
-        let err = Placement::Dominant.resolve(&config, None, 2, Variant::Lora, 0).unwrap_err();
+        let err = Placement::Dominant
+            .resolve(&config, None, 2, Variant::Lora, 0)
+            .unwrap_err();
         assert!(err.to_string().contains("needs a PAGE probe"), "{err}");
-        let err = Placement::All.resolve(&config, None, 17, Variant::Lora, 0).unwrap_err();
+        let err = Placement::All
+            .resolve(&config, None, 17, Variant::Lora, 0)
+            .unwrap_err();
         assert!(err.to_string().contains("between 1 and"), "{err}");
-        let err = Placement::TopK(99).resolve(&config, Some(&probe(&config)), 2, Variant::Lora, 0).unwrap_err();
+        let err = Placement::TopK(99)
+            .resolve(&config, Some(&probe(&config)), 2, Variant::Lora, 0)
+            .unwrap_err();
         assert!(err.to_string().contains("only 21"), "{err}");
     }
 }

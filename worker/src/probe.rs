@@ -288,11 +288,10 @@ fn expected_energy(
     Ok(s * s * settings.rank as f64 * variance * g_norm_sq)
 }
 
-/// Summarises per-batch scores into the probe's result (shares, ranking, stability).
-pub fn summarise(
-    config: &ModelConfig,
-    per_batch: &[Vec<f64>],
-) -> (
+/// What [`summarise`] returns, in the order of [`ProbeResult`]'s fields: module scores,
+/// dominant module, top-1 share, share by kind, share by layer, per-batch argmax, argmax
+/// stability.
+pub type Summary = (
     Vec<ModuleScore>,
     String,
     f64,
@@ -300,7 +299,10 @@ pub fn summarise(
     Vec<f64>,
     Vec<String>,
     f64,
-) {
+);
+
+/// Summarises per-batch scores into the probe's result (shares, ranking, stability).
+pub fn summarise(config: &ModelConfig, per_batch: &[Vec<f64>]) -> Summary {
     let modules = config.all_modules();
     let batches = per_batch.len().max(1) as f64;
     let means: Vec<f64> = (0..modules.len())

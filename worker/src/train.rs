@@ -3,6 +3,7 @@
 //! and checkpoints from which a run resumes exactly where it stopped.
 
 use std::collections::HashMap;
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -152,6 +153,12 @@ pub struct TrainMetrics {
 /// Why training stopped early.
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
+    /// The caller asked training to stop (e.g. the job was cancelled).
+    #[error("training was stopped after step {step}")]
+    Stopped {
+        /// The last step done.
+        step: usize,
+    },
     /// The loss, the gradient or a parameter became NaN/inf.
     #[error("{what} became {value} at step {step}; training stopped (last good checkpoint: {checkpoint})")]
     NonFinite {
@@ -276,6 +283,35 @@ pub fn train_with(
     on_step: &mut dyn FnMut(&StepRecord),
     reducer: Option<&dyn GradReducer>,
 ) -> Result<TrainMetrics, TrainError> {
+    train_controlled(
+        model,
+        examples,
+        pad_id,
+        settings,
+        out_dir,
+        resume,
+        &mut |record| {
+            on_step(record);
+            ControlFlow::Continue(())
+        },
+        reducer,
+    )
+}
+
+/// [`train_with`] whose `on_step` may stop the run: it sees each step after that step's
+/// checkpoint (if any) is written, and returning `Break` ends training with
+/// [`TrainError::Stopped`] (the checkpoint stays, so the run can resume).
+#[allow(clippy::too_many_arguments)]
+pub fn train_controlled(
+    model: &Transformer,
+    examples: &[Example],
+    pad_id: u32,
+    settings: &TrainSettings,
+    out_dir: &Path,
+    resume: bool,
+    on_step: &mut dyn FnMut(&StepRecord) -> ControlFlow<()>,
+    reducer: Option<&dyn GradReducer>,
+) -> Result<TrainMetrics, TrainError> {
     let result = run_training(
         model, examples, pad_id, settings, out_dir, resume, on_step, reducer,
     );
@@ -293,7 +329,7 @@ fn run_training(
     settings: &TrainSettings,
     out_dir: &Path,
     resume: bool,
-    on_step: &mut dyn FnMut(&StepRecord),
+    on_step: &mut dyn FnMut(&StepRecord) -> ControlFlow<()>,
     reducer: Option<&dyn GradReducer>,
 ) -> Result<TrainMetrics, TrainError> {
     if settings.steps == 0 || settings.batch_size == 0 || settings.grad_accum == 0 {
@@ -443,8 +479,7 @@ fn run_training(
             tokens,
             tokens_per_s: tokens as f64 / seconds.max(1e-9),
         };
-        on_step(&record);
-        history.push(record);
+        history.push(record.clone());
         let done = step + 1 == settings.steps;
         if done || (settings.checkpoint_every > 0 && (step + 1) % settings.checkpoint_every == 0) {
             // An update can overflow with finite loss and gradients (a huge learning rate):
@@ -466,6 +501,9 @@ fn run_training(
             if let Some(reducer) = reducer {
                 reducer.barrier()?;
             }
+        }
+        if on_step(&record).is_break() {
+            return Err(TrainError::Stopped { step: record.step });
         }
     }
     let tokens: usize = history.iter().map(|r| r.tokens).sum();

@@ -237,11 +237,11 @@ fn validate_config(path: &Path, config: &ModelConfig) -> Result<(), ModelError> 
             "head counts must be positive",
         ),
         (
-            config.num_kv_heads > 0 && config.num_heads % config.num_kv_heads != 0,
+            config.num_kv_heads > 0 && !config.num_heads.is_multiple_of(config.num_kv_heads),
             "query heads must be a multiple of key/value heads",
         ),
         (
-            config.head_dim % 2 != 0,
+            !config.head_dim.is_multiple_of(2),
             "head dimension must be even for RoPE",
         ),
     ];
