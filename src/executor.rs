@@ -24,6 +24,9 @@ use lorasweep_worker::train::{Schedule, TrainSettings};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
+/// Longest conversation a loss-scored eval reads when the job does not say.
+const EVAL_MAX_LEN: usize = 512;
+
 /// Runs engine jobs on one device.
 pub struct EngineExecutor {
     device: Device,

@@ -60,11 +60,11 @@ fn quickstart_counts_and_settings() {
             model: PackagedModel::SmolLm2
         }]
     );
-    assert_eq!(sweep.train.steps, 30);
+    assert_eq!(sweep.train.steps, 12);
     assert_eq!(sweep.train.batch_size, 4);
-    assert_eq!(sweep.train.max_len, 256);
-    assert_eq!(sweep.eval.limit, 20);
-    assert_eq!(sweep.eval.max_new_tokens, 96);
+    assert_eq!(sweep.train.max_len, 192);
+    assert_eq!(sweep.eval.limit, 12);
+    assert_eq!(sweep.eval.max_new_tokens, 64);
     let baseline = sweep.report.baseline.as_ref().unwrap();
     assert_eq!(
         baseline.fields,
