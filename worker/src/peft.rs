@@ -68,27 +68,61 @@ fn key(module: ModuleId, leaf: &str) -> String {
 }
 
 /// The tensors PEFT expects for one module, with PiSSA/MiLoRA converted to plain LoRA.
-fn export_module(module: ModuleId, adapter: &Adapter, initial: Option<&(Tensor, Tensor)>) -> Result<Vec<(String, Tensor)>, PeftError> {
-    let a = adapter.a().as_tensor().to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
-    let b = adapter.b().as_tensor().to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+fn export_module(
+    module: ModuleId,
+    adapter: &Adapter,
+    initial: Option<&(Tensor, Tensor)>,
+) -> Result<Vec<(String, Tensor)>, PeftError> {
+    let a = adapter
+        .a()
+        .as_tensor()
+        .to_device(&Device::Cpu)?
+        .to_dtype(DType::F32)?;
+    let b = adapter
+        .b()
+        .as_tensor()
+        .to_device(&Device::Cpu)?
+        .to_dtype(DType::F32)?;
     let (a, b) = match initial {
-        Some((a0, b0)) => (Tensor::cat(&[&a, a0], 0)?, Tensor::cat(&[&b, &b0.neg()?], 1)?),
+        Some((a0, b0)) => (
+            Tensor::cat(&[&a, a0], 0)?,
+            Tensor::cat(&[&b, &b0.neg()?], 1)?,
+        ),
         None => (a, b),
     };
-    let mut out = vec![(key(module, "lora_A.weight"), a), (key(module, "lora_B.weight"), b)];
+    let mut out = vec![
+        (key(module, "lora_A.weight"), a),
+        (key(module, "lora_B.weight"), b),
+    ];
     if let Some(m) = adapter.magnitude() {
-        out.push((key(module, "lora_magnitude_vector"), m.as_tensor().to_device(&Device::Cpu)?.to_dtype(DType::F32)?));
+        out.push((
+            key(module, "lora_magnitude_vector"),
+            m.as_tensor()
+                .to_device(&Device::Cpu)?
+                .to_dtype(DType::F32)?,
+        ));
     }
     Ok(out)
 }
 
 /// Saves every adapter of `model` into `dir` (created) in PEFT's layout. `initial` holds
 /// `(A₀, B₀)` on CPU per module for PiSSA/MiLoRA.
-pub fn save(dir: &Path, model: &Transformer, initial: &HashMap<ModuleId, (Tensor, Tensor)>, record: &AdapterRecord) -> Result<(), PeftError> {
-    std::fs::create_dir_all(dir).map_err(|source| PeftError::Io { path: dir.to_path_buf(), source })?;
+pub fn save(
+    dir: &Path,
+    model: &Transformer,
+    initial: &HashMap<ModuleId, (Tensor, Tensor)>,
+    record: &AdapterRecord,
+) -> Result<(), PeftError> {
+    std::fs::create_dir_all(dir).map_err(|source| PeftError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
     let adapters = model.adapters();
     let Some((_, first)) = adapters.first() else {
-        return Err(PeftError::Invalid { path: dir.to_path_buf(), reason: "the model has no adapter to save".into() });
+        return Err(PeftError::Invalid {
+            path: dir.to_path_buf(),
+            reason: "the model has no adapter to save".into(),
+        });
     };
     let variant = first.variant();
     let converted = matches!(variant, Variant::Pissa | Variant::Milora);
@@ -98,7 +132,11 @@ pub fn save(dir: &Path, model: &Transformer, initial: &HashMap<ModuleId, (Tensor
         for (name, tensor) in export_module(*module, adapter, initial.get(module))? {
             tensors.insert(name, tensor);
         }
-        let saved_rank = if converted { 2 * adapter.rank() } else { adapter.rank() };
+        let saved_rank = if converted {
+            2 * adapter.rank()
+        } else {
+            adapter.rank()
+        };
         ranks.insert(*module, saved_rank);
     }
     let kinds: BTreeSet<_> = adapters.iter().map(|(m, _)| m.kind).collect();
@@ -117,7 +155,10 @@ pub fn save(dir: &Path, model: &Transformer, initial: &HashMap<ModuleId, (Tensor
     let target_modules = if is_product {
         serde_json::json!(kinds.iter().map(|k| k.name()).collect::<Vec<_>>())
     } else {
-        let names: Vec<String> = adapters.iter().map(|(m, _)| regex_escape(&format!("model.{}", m.name()))).collect();
+        let names: Vec<String> = adapters
+            .iter()
+            .map(|(m, _)| regex_escape(&format!("model.{}", m.name())))
+            .collect();
         serde_json::json!(format!("^(?:{})$", names.join("|")))
     };
     let layers_to_transform = if is_product && layers.len() < model.config().num_layers {
@@ -130,7 +171,10 @@ pub fn save(dir: &Path, model: &Transformer, initial: &HashMap<ModuleId, (Tensor
         .filter(|(_, &r)| r != default_rank)
         .map(|(m, &r)| (format!("model.{}", m.name()), r))
         .collect();
-    let alpha_pattern: BTreeMap<String, f64> = rank_pattern.iter().map(|(name, &r)| (name.clone(), alpha_for(r))).collect();
+    let alpha_pattern: BTreeMap<String, f64> = rank_pattern
+        .iter()
+        .map(|(name, &r)| (name.clone(), alpha_for(r)))
+        .collect();
     let config = serde_json::json!({
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -163,58 +207,123 @@ pub fn save(dir: &Path, model: &Transformer, initial: &HashMap<ModuleId, (Tensor
 /// base weights). Returns the modules it attached.
 pub fn load(dir: &Path, model: &mut Transformer) -> Result<Vec<ModuleId>, PeftError> {
     let config_path = dir.join("adapter_config.json");
-    let text = std::fs::read_to_string(&config_path).map_err(|source| PeftError::Io { path: config_path.clone(), source })?;
-    let config: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| PeftError::Invalid { path: config_path.clone(), reason: format!("invalid JSON ({e})") })?;
-    let invalid = |reason: String| PeftError::Invalid { path: config_path.clone(), reason };
+    let text = std::fs::read_to_string(&config_path).map_err(|source| PeftError::Io {
+        path: config_path.clone(),
+        source,
+    })?;
+    let config: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| PeftError::Invalid {
+            path: config_path.clone(),
+            reason: format!("invalid JSON ({e})"),
+        })?;
+    let invalid = |reason: String| PeftError::Invalid {
+        path: config_path.clone(),
+        reason,
+    };
     if config["peft_type"].as_str() != Some("LORA") {
-        return Err(invalid(format!("peft_type is {}, expected \"LORA\"", config["peft_type"])));
+        return Err(invalid(format!(
+            "peft_type is {}, expected \"LORA\"",
+            config["peft_type"]
+        )));
     }
-    let default_rank = config["r"].as_u64().ok_or_else(|| invalid("field r: expected an integer".into()))? as usize;
-    let default_alpha = config["lora_alpha"].as_f64().ok_or_else(|| invalid("field lora_alpha: expected a number".into()))?;
+    let default_rank = config["r"]
+        .as_u64()
+        .ok_or_else(|| invalid("field r: expected an integer".into()))?
+        as usize;
+    let default_alpha = config["lora_alpha"]
+        .as_f64()
+        .ok_or_else(|| invalid("field lora_alpha: expected a number".into()))?;
     let rslora = config["use_rslora"].as_bool().unwrap_or(false);
     let dora = config["use_dora"].as_bool().unwrap_or(false);
     let weights_path = dir.join("adapter_model.safetensors");
-    let tensors = candle_core::safetensors::load(&weights_path, &Device::Cpu)
-        .map_err(|e| PeftError::Invalid { path: weights_path.clone(), reason: format!("not a readable safetensors file ({e})") })?;
+    let tensors = candle_core::safetensors::load(&weights_path, &Device::Cpu).map_err(|e| {
+        PeftError::Invalid {
+            path: weights_path.clone(),
+            reason: format!("not a readable safetensors file ({e})"),
+        }
+    })?;
     let mut modules: BTreeSet<ModuleId> = BTreeSet::new();
     for name in tensors.keys() {
         let module_path = name
             .strip_prefix("base_model.model.")
             .and_then(|rest| rest.rsplit_once(".lora_").map(|(m, _)| m))
             .and_then(ModuleId::parse)
-            .ok_or_else(|| PeftError::Invalid { path: weights_path.clone(), reason: format!("unexpected tensor {name}") })?;
+            .ok_or_else(|| PeftError::Invalid {
+                path: weights_path.clone(),
+                reason: format!("unexpected tensor {name}"),
+            })?;
         if module_path.layer >= model.config().num_layers {
-            return Err(PeftError::Invalid { path: weights_path.clone(), reason: format!("{name} is outside the model's {} layers", model.config().num_layers) });
+            return Err(PeftError::Invalid {
+                path: weights_path.clone(),
+                reason: format!(
+                    "{name} is outside the model's {} layers",
+                    model.config().num_layers
+                ),
+            });
         }
         modules.insert(module_path);
     }
     let device = model.device().clone();
     for &module in &modules {
         let get = |leaf: &str| tensors.get(&key(module, leaf)).cloned();
-        let missing = |leaf: &str| PeftError::Invalid { path: weights_path.clone(), reason: format!("missing {}", key(module, leaf)) };
+        let missing = |leaf: &str| PeftError::Invalid {
+            path: weights_path.clone(),
+            reason: format!("missing {}", key(module, leaf)),
+        };
         let a = get("lora_A.weight").ok_or_else(|| missing("lora_A.weight"))?;
         let b = get("lora_B.weight").ok_or_else(|| missing("lora_B.weight"))?;
         let rank = a.dim(0)?;
         let (d_in, d_out) = model.config().module_dims(module.kind);
         if a.dims() != [rank, d_in] || b.dims() != [d_out, rank] {
-            return Err(PeftError::Invalid { path: weights_path.clone(), reason: format!("{module}: shapes {:?} and {:?} do not fit a {d_out}×{d_in} projection", a.dims(), b.dims()) });
+            return Err(PeftError::Invalid {
+                path: weights_path.clone(),
+                reason: format!(
+                    "{module}: shapes {:?} and {:?} do not fit a {d_out}×{d_in} projection",
+                    a.dims(),
+                    b.dims()
+                ),
+            });
         }
         let pattern_key = format!("model.{}", module.name());
-        let alpha = config["alpha_pattern"][&pattern_key].as_f64().unwrap_or(default_alpha);
-        let saved_rank = config["rank_pattern"][&pattern_key].as_u64().map(|r| r as usize).unwrap_or(default_rank);
+        let alpha = config["alpha_pattern"][&pattern_key]
+            .as_f64()
+            .unwrap_or(default_alpha);
+        let saved_rank = config["rank_pattern"][&pattern_key]
+            .as_u64()
+            .map(|r| r as usize)
+            .unwrap_or(default_rank);
         if saved_rank != rank {
-            return Err(PeftError::Invalid { path: weights_path.clone(), reason: format!("{module}: tensors have rank {rank}, the config says {saved_rank}") });
+            return Err(PeftError::Invalid {
+                path: weights_path.clone(),
+                reason: format!("{module}: tensors have rank {rank}, the config says {saved_rank}"),
+            });
         }
         let variant = match (dora, rslora) {
             (true, _) => Variant::Dora,
             (false, true) => Variant::RsLora,
             _ => Variant::Lora,
         };
-        let magnitude = if dora { Some(get("lora_magnitude_vector").ok_or_else(|| missing("lora_magnitude_vector"))?.to_device(&device)?) } else { None };
+        let magnitude = if dora {
+            Some(
+                get("lora_magnitude_vector")
+                    .ok_or_else(|| missing("lora_magnitude_vector"))?
+                    .to_device(&device)?,
+            )
+        } else {
+            None
+        };
         let scale = scale_for(variant, alpha, rank);
-        let adapter = Adapter::from_parts(variant, scale, a.to_device(&device)?, b.to_device(&device)?, magnitude)
-            .map_err(|e| PeftError::Invalid { path: weights_path.clone(), reason: e.to_string() })?;
+        let adapter = Adapter::from_parts(
+            variant,
+            scale,
+            a.to_device(&device)?,
+            b.to_device(&device)?,
+            magnitude,
+        )
+        .map_err(|e| PeftError::Invalid {
+            path: weights_path.clone(),
+            reason: e.to_string(),
+        })?;
         model.projection_mut(module).attach(adapter, None);
     }
     Ok(modules.into_iter().collect())
@@ -226,8 +335,17 @@ fn regex_escape(text: &str) -> String {
 
 /// Writes JSON atomically (temp file, then rename).
 pub fn write_json<T: Serialize + ?Sized>(path: &Path, value: &T) -> Result<(), PeftError> {
-    let text = serde_json::to_string_pretty(value).map_err(|e| PeftError::Invalid { path: path.to_path_buf(), reason: e.to_string() })?;
+    let text = serde_json::to_string_pretty(value).map_err(|e| PeftError::Invalid {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
     let temp = path.with_extension("json.partial");
-    std::fs::write(&temp, text + "\n").map_err(|source| PeftError::Io { path: temp.clone(), source })?;
-    std::fs::rename(&temp, path).map_err(|source| PeftError::Io { path: path.to_path_buf(), source })
+    std::fs::write(&temp, text + "\n").map_err(|source| PeftError::Io {
+        path: temp.clone(),
+        source,
+    })?;
+    std::fs::rename(&temp, path).map_err(|source| PeftError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
 }
