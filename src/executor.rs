@@ -369,6 +369,11 @@ impl EngineExecutor {
                     .get("batch_size")
                     .and_then(Value::as_u64)
                     .map_or(8, |n| n as usize),
+                // Loss-scored conversations are cut here (the report counts the cut ones).
+                max_len: params
+                    .get("max_len")
+                    .and_then(Value::as_u64)
+                    .map_or(EVAL_MAX_LEN, |n| n as usize),
                 ..EvalOptions::default()
             },
         };
