@@ -509,6 +509,8 @@ fn evaluate_code(
         CodePrompt::Chat => Vec::new(),
         CodePrompt::Completion => code::STOP_SEQUENCES.iter().map(|s| s.to_string()).collect(),
     };
+    // Set up the sandbox first: a machine that cannot run Python fails before generating.
+    let sandbox = Sandbox::new(options.sandbox.clone())?;
     let settings = greedy(max_new_tokens(options, Metric::PassAt1), stop);
     let (generated, throughput) = generate_all(model, prompts, &settings, options.batch_size)?;
     let completions: Vec<Completion> = problems
@@ -520,7 +522,6 @@ fn evaluate_code(
         })
         .collect();
     let sandbox_started = Instant::now();
-    let sandbox = Sandbox::new(options.sandbox.clone())?;
     let scored = code::score_completions(&sandbox, &problems, &completions)?;
     let sandbox_s = sandbox_started.elapsed().as_secs_f64();
     let isolation = sandbox.isolation();
