@@ -12,4 +12,4 @@ export LORASWEEP_SMOLLM2_GGUF="$("$bin" assets fetch smollm2-135m)"
 export LORASWEEP_QWEN_GGUF="$("$bin" assets fetch qwen2.5-coder-0.5b)"
 "$bin" assets fetch humaneval ifbench sharegpt gsm-symbolic stdlib-code >/dev/null
 
-cargo test --release --workspace "$@"
+cargo test --release --workspace --no-fail-fast "$@"

@@ -27,7 +27,7 @@ use crate::client::{ClientError, CoordinatorClient, Registration, WorkerIdentity
 use crate::domain::{
     ArtifactInfo, ArtifactKind, CacheHit, FailureKind, JobAssignment, Progress, ReportOutcome,
 };
-use crate::ids::JobId;
+use crate::ids::{JobId, WorkerId};
 use crate::store::LeaseRef;
 
 /// Runs jobs. Implemented by the engine; called on a blocking thread, one call per job
@@ -417,7 +417,7 @@ pub async fn run_agent(
         let interval = registration.heartbeat_interval;
         tokio::spawn(async move { heartbeat_loop(client, identity, running, interval).await })
     };
-    let _abort_heartbeat = AbortOnDrop(heartbeat);
+    let abort_heartbeat = AbortOnDrop(heartbeat);
 
     loop {
         while let Some(finished) = jobs.try_join_next() {
@@ -490,9 +490,27 @@ pub async fn run_agent(
                 while let Some(finished) = jobs.join_next().await {
                     tally(&mut summary, finished.unwrap_or(Finished::Failed));
                 }
+                // No heartbeat may re-register the worker after it has left.
+                drop(abort_heartbeat);
+                leave(&client, &options.identity.id).await;
                 return Ok(summary);
             }
         }
+    }
+}
+
+/// Says goodbye so that work the coordinator leased to this worker but never delivered is
+/// requeued now rather than when its lease expires. Best effort: a coordinator that is
+/// gone will expire the leases anyway.
+async fn leave(client: &CoordinatorClient, worker: &WorkerId) {
+    match tokio::time::timeout(Duration::from_secs(5), client.leave(worker)).await {
+        Ok(Ok(requeued)) if requeued.is_empty() => tracing::info!("left the coordinator"),
+        Ok(Ok(requeued)) => tracing::info!(
+            requeued = ?requeued.iter().map(|job| job.0).collect::<Vec<_>>(),
+            "left the coordinator; it requeued the jobs still leased here"
+        ),
+        Ok(Err(error)) => tracing::warn!(%error, "could not say goodbye; leases will expire"),
+        Err(_) => tracing::warn!("coordinator did not answer the goodbye; leases will expire"),
     }
 }
 

@@ -257,6 +257,21 @@ impl CoordinatorClient {
         })
     }
 
+    /// Tells the coordinator this worker is leaving; returns the jobs it requeued.
+    pub async fn leave(&self, worker: &WorkerId) -> Result<Vec<JobId>, ClientError> {
+        let response = self
+            .workers
+            .clone()
+            .leave(pb::LeaveRequest {
+                protocol_version: PROTOCOL_VERSION,
+                worker_id: worker.as_str().to_string(),
+            })
+            .await
+            .map_err(refused("leave"))?
+            .into_inner();
+        Ok(response.requeued_job_ids.into_iter().map(JobId).collect())
+    }
+
     /// Heartbeats with the jobs the worker runs; returns those it must stop.
     pub async fn heartbeat(
         &self,

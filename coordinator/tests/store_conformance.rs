@@ -400,6 +400,48 @@ fn failures_requeue_until_max_attempts_then_fail_and_interruptions_are_free(stor
     assert_eq!(record.finished_at, Some(at(6)));
 }
 
+fn a_leaving_worker_gets_no_more_work_and_its_leases_are_requeued_for_free(store: &dyn Store) {
+    submit(
+        store,
+        "s",
+        &[
+            planned("train-a", JobKind::Train, &[], 1),
+            planned("train-b", JobKind::Train, &[], 1),
+        ],
+        3,
+    );
+    let w = worker(store, "w1", &[], T0);
+    round(store, at(1));
+    let delivered = store.take_assignments(&w).unwrap()[0].clone();
+    // The second job is leased to w in a later round but never delivered.
+    store
+        .complete_job(
+            &lease(delivered.job, delivered.epoch, &w),
+            &json!({}),
+            None,
+            at(2),
+        )
+        .unwrap();
+    let decisions = round(store, at(3));
+    assert!(matches!(decisions.as_slice(), [Decision::Assign(_)]));
+    let requeued = store.retire_worker(&w, at(4)).unwrap();
+    assert_eq!(requeued.len(), 1);
+    let record = store.job(requeued[0]).unwrap();
+    assert_eq!((record.state, record.attempts), (JobState::Queued, 0));
+    assert_eq!(
+        record.last_error.as_deref(),
+        Some("interrupted: worker w1 left")
+    );
+    assert!(round(store, at(5)).is_empty(), "a retired worker got work");
+    assert!(store.take_assignments(&w).unwrap().is_empty());
+    // Coming back (a heartbeat registers it again) makes it eligible again.
+    heartbeat(store, &w, &[], at(6));
+    round(store, at(7));
+    let again = store.take_assignments(&w).unwrap();
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].attempt, 1);
+}
+
 fn a_permanent_failure_fails_at_once_and_dependents_are_skipped(store: &dyn Store) {
     let sweep = submit(store, "s", &chain(), 3);
     let w = worker(store, "w1", &[0, 1], T0);
@@ -660,6 +702,7 @@ macro_rules! store_conformance {
             case!(a_result_for_a_stale_lease_epoch_is_ignored);
             case!(heartbeats_extend_leases_and_report_what_to_stop);
             case!(failures_requeue_until_max_attempts_then_fail_and_interruptions_are_free);
+            case!(a_leaving_worker_gets_no_more_work_and_its_leases_are_requeued_for_free);
             case!(a_permanent_failure_fails_at_once_and_dependents_are_skipped);
             case!(a_requeued_train_job_resumes_from_its_newest_checkpoint);
             case!(a_gang_is_leased_together_and_only_rank_zero_reports_the_result);

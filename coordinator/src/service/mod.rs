@@ -465,6 +465,29 @@ impl WorkerService for WorkerApi {
         }))
     }
 
+    async fn leave(
+        &self,
+        request: Request<pb::LeaveRequest>,
+    ) -> Result<Response<pb::LeaveResponse>, Status> {
+        let request = request.into_inner();
+        check_protocol(request.protocol_version)?;
+        let worker: WorkerId =
+            convert::worker_id("worker_id", &request.worker_id).map_err(bad_field)?;
+        let logged = worker.clone();
+        let requeued = self
+            .state
+            .with_store(move |store| store.retire_worker(&worker, Timestamp::now()))
+            .await?;
+        tracing::info!(
+            worker = logged.as_str(),
+            requeued = ?requeued.iter().map(|job| job.0).collect::<Vec<_>>(),
+            "worker left"
+        );
+        Ok(Response::new(pb::LeaveResponse {
+            requeued_job_ids: requeued.iter().map(|job| job.0).collect(),
+        }))
+    }
+
     async fn report_progress(
         &self,
         request: Request<pb::ProgressRequest>,

@@ -154,6 +154,11 @@ pub trait Store: Send + Sync {
         decide: &mut dyn FnMut(&Snapshot) -> Vec<Decision>,
     ) -> StoreResult<Vec<Decision>>;
 
+    /// A worker leaving cleanly: forgets it, so no round offers it work, and requeues
+    /// every running job leased to it (delivered or not) without counting the attempt.
+    /// Returns the requeued jobs.
+    fn retire_worker(&self, worker: &WorkerId, now: Timestamp) -> StoreResult<Vec<JobId>>;
+
     /// The assignments leased to this worker that it has not been given yet; they are
     /// marked delivered.
     fn take_assignments(&self, worker: &WorkerId) -> StoreResult<Vec<JobAssignment>>;

@@ -899,6 +899,38 @@ impl Store for SqliteStore {
         })
     }
 
+    fn retire_worker(&self, worker: &WorkerId, now: Timestamp) -> StoreResult<Vec<JobId>> {
+        self.write(|transaction| {
+            let mut statement = transaction.prepare(
+                "SELECT DISTINCT l.job_id FROM leases l JOIN jobs j ON j.id = l.job_id \
+                 WHERE l.worker_id = ?1 AND j.state = 'running' AND j.epoch = l.epoch ORDER BY l.job_id",
+            )?;
+            let jobs: Vec<i64> = statement
+                .query_map(params![worker.as_str()], |row| row.get(0))?
+                .collect::<rusqlite::Result<_>>()?;
+            let mut requeued = Vec::with_capacity(jobs.len());
+            for job in jobs {
+                transaction.execute(
+                    "UPDATE jobs SET state = 'queued', queued_ms = ?2, attempts = MAX(attempts - 1, 0), \
+                     last_error = ?3 WHERE id = ?1",
+                    params![
+                        job,
+                        to_sql(now.0),
+                        format!("interrupted: worker {} left", worker.as_str())
+                    ],
+                )?;
+                let job = JobId(from_sql(job));
+                end_attempt(transaction, job)?;
+                requeued.push(job);
+            }
+            transaction.execute(
+                "DELETE FROM workers WHERE id = ?1",
+                params![worker.as_str()],
+            )?;
+            Ok(requeued)
+        })
+    }
+
     fn take_assignments(&self, worker: &WorkerId) -> StoreResult<Vec<JobAssignment>> {
         self.write(|transaction| {
             let mut statement = transaction.prepare(
