@@ -3,6 +3,7 @@
 
 mod cli;
 mod executor;
+mod report;
 
 use clap::{Parser, Subcommand};
 
@@ -48,6 +49,8 @@ enum Command {
     Cancel(cli::orchestrate::SweepArgs),
     /// Run a sweep on this machine: a coordinator and N workers on loopback (rerun resumes).
     Run(cli::orchestrate::RunArgs),
+    /// Write a sweep's report: Markdown, CSV, JSON, SVG plots and one HTML page.
+    Report(cli::report::ReportArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -70,6 +73,7 @@ fn main() -> std::process::ExitCode {
         Command::Watch(args) => cli::orchestrate::watch(args),
         Command::Cancel(args) => cli::orchestrate::cancel(args),
         Command::Run(args) => cli::orchestrate::run(args),
+        Command::Report(args) => cli::report::report(args),
     };
     match outcome {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -5,6 +5,7 @@ pub mod bench;
 pub mod engine;
 pub mod eval;
 pub mod orchestrate;
+pub mod report;
 pub mod score;
 pub mod validate;
 

@@ -288,7 +288,7 @@ fn write_atomically(path: &Path, content: &[u8]) -> Result<()> {
     Ok(())
 }
 
-fn connect(args: &ConnectArgs) -> Result<CoordinatorClient> {
+pub(crate) fn connect(args: &ConnectArgs) -> Result<CoordinatorClient> {
     let mut options = ClientOptions::new(args.coordinator.clone());
     options.token = token_from(args.token_file.as_deref())?;
     if let Some(ca) = &args.ca {
@@ -684,7 +684,7 @@ impl Drop for Managed {
 }
 
 /// `lorasweep run`: a coordinator and `--workers` workers on loopback, the sweep submitted
-/// (or resumed), progress shown, the results table printed at the end.
+/// (or resumed), progress shown, the report written to `OUT/report` and its summary printed at the end.
 pub fn run(args: RunArgs) -> Result<()> {
     if args.workers == 0 {
         bail!("--workers must be at least 1");
@@ -809,7 +809,10 @@ pub fn run(args: RunArgs) -> Result<()> {
         );
         let status = watch_until_ended(&client, submitted.sweep, Some(stop)).await?;
         let results = match &status {
-            Some(_) => Some(client.results(submitted.sweep).await?),
+            Some(_) => Some(
+                crate::cli::report::fetch(&client, submitted.sweep, &out.join("report/data"))
+                    .await?,
+            ),
             None => None,
         };
         anyhow::Ok((status, results))
@@ -826,7 +829,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         eprintln!("interrupted; run the same command again to resume");
         return Ok(());
     };
-    print!("{}", results_table(&results));
+    crate::cli::report::write_after_run(&results, &out.join("report"))?;
     eprintln!("{}", counts_line(&status));
     let unsuccessful = status.counts[&JobState::Failed] + status.counts[&JobState::Skipped];
     if unsuccessful > 0 {
@@ -834,58 +837,4 @@ pub fn run(args: RunArgs) -> Result<()> {
     }
     std::io::stdout().flush()?;
     Ok(())
-}
-
-/// The end-of-run table: one row per job, its state and its result, compact.
-pub fn results_table(results: &lorasweep_coordinator::domain::SweepResults) -> String {
-    let mut out = format!(
-        "{:<22}  {:<5}  {:<9}  {:<40}  {}\n",
-        "job", "kind", "state", "settings", "result"
-    );
-    for result in &results.jobs {
-        let job = &result.job;
-        let settings = summarize(
-            &job.params,
-            &["placement", "variant", "rank", "seed", "adapter"],
-        );
-        let outcome = match (&job.result, &job.last_error) {
-            (Some(result), _) => compact(result, 80),
-            (None, Some(error)) => error.clone(),
-            (None, None) => String::new(),
-        };
-        out.push_str(&format!(
-            "{:<22}  {:<5}  {:<9}  {:<40}  {}\n",
-            job.key.0,
-            job.kind.name(),
-            job.state.name(),
-            settings,
-            outcome
-        ));
-    }
-    out
-}
-
-fn summarize(params: &Value, fields: &[&str]) -> String {
-    fields
-        .iter()
-        .filter_map(|field| {
-            params
-                .get(*field)
-                .filter(|value| !value.is_null())
-                .map(|value| format!("{field}={}", compact(value, 24)))
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-fn compact(value: &Value, limit: usize) -> String {
-    let text = match value {
-        Value::String(text) => text.clone(),
-        other => other.to_string(),
-    };
-    if text.chars().count() <= limit {
-        return text;
-    }
-    let cut: String = text.chars().take(limit.saturating_sub(1)).collect();
-    format!("{cut}…")
 }
