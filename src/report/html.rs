@@ -28,9 +28,10 @@ h1 { font-size: 1.6rem; border-bottom: 2px solid #ddd; padding-bottom: .3rem; }
 h2 { font-size: 1.25rem; margin-top: 2.2rem; border-bottom: 1px solid #eee; }
 code { background: #f3f3f3; padding: 0 .25rem; border-radius: 3px; }
 table { border-collapse: collapse; margin: .8rem 0; font-size: .9rem; }
-th, td { border: 1px solid #d7d7d7; padding: .3rem .55rem; text-align: right; }
+th, td { border: 1px solid #d7d7d7; padding: .3rem .55rem; text-align: left;
+         white-space: nowrap; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
 th { background: #f5f6f8; }
-td:first-child, th:first-child { text-align: left; }
 tr:nth-child(even) td { background: #fafafa; }
 td.failed { color: #b00020; font-weight: 600; }
 td.pending { color: #8a6d00; }
@@ -41,17 +42,30 @@ figure svg { max-width: 100%; height: auto; border: 1px solid #eee; }
 figcaption { font-size: .85rem; color: #555; }
 ";
 
-fn cell_class(cell: &str) -> &'static str {
+/// The classes of a table cell: numbers align right; failed, pending, better and worse
+/// cells are coloured.
+fn cell_class(cell: &str) -> String {
+    let mut classes = Vec::new();
+    if cell
+        .chars()
+        .next()
+        .is_some_and(|first| first.is_ascii_digit() || "+-–".contains(first))
+    {
+        classes.push("num");
+    }
     if cell == "failed" || cell.ends_with("failed)") {
-        " class=\"failed\""
-    } else if cell == "pending" {
-        " class=\"pending\""
+        classes.push("failed");
+    } else if cell == "pending" || cell.ends_with("pending)") {
+        classes.push("pending");
     } else if cell.ends_with("* better") {
-        " class=\"better\""
+        classes.push("better");
     } else if cell.ends_with("* worse") {
-        " class=\"worse\""
+        classes.push("worse");
+    }
+    if classes.is_empty() {
+        String::new()
     } else {
-        ""
+        format!(" class=\"{}\"", classes.join(" "))
     }
 }
 

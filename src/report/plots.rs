@@ -13,6 +13,20 @@ use super::tables::{direction, thousands};
 
 const FONT: &str = "sans-serif";
 
+/// Point colours that stay apart from each other and readable on white (Tableau 10).
+const SERIES_COLOURS: [RGBColor; 10] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(127, 127, 127),
+    RGBColor(188, 189, 34),
+    RGBColor(23, 190, 207),
+];
+
 /// Turns a plotters error (generic over the backend) into one that names the plot.
 fn drawn<T, E: std::fmt::Display>(what: &str, result: Result<T, E>) -> Result<T> {
     result.map_err(|error| anyhow!("cannot draw {what}: {error}"))
@@ -59,7 +73,7 @@ pub fn heatmap_svg(model: &str, task: &PageTask) -> Result<Option<String>> {
         let root = SVGBackend::with_string(&mut svg, (width, height)).into_drawing_area();
         drawn(&what, root.fill(&WHITE))?;
         let (main, legend) = root.split_horizontally(width - 150);
-        let mut title = format!("PAGE share · {model} · {}", task.task);
+        let mut title = format!("PAGE share · {model} · {} (outlined: dominant)", task.task);
         if !task.settings.is_empty() {
             title.push_str(&format!(" ({})", task.settings));
         }
@@ -70,9 +84,10 @@ pub fn heatmap_svg(model: &str, task: &PageTask) -> Result<Option<String>> {
                 .margin(12)
                 .x_label_area_size(56)
                 .y_label_area_size(56)
+                // A segmented range holds both ends: 0..=n-1 is n cells.
                 .build_cartesian_2d(
-                    (0..kinds.len() as i32).into_segmented(),
-                    (0..layers as i32).into_segmented(),
+                    (0..kinds.len() as i32 - 1).into_segmented(),
+                    (0..layers as i32 - 1).into_segmented(),
                 ),
         )?;
         let kind_names: Vec<&str> = kinds.iter().map(|kind| kind.name()).collect();
@@ -141,7 +156,7 @@ pub fn heatmap_svg(model: &str, task: &PageTask) -> Result<Option<String>> {
         let mut bar = drawn(
             &what,
             ChartBuilder::on(&legend)
-                .caption("share (log)", (FONT, 14))
+                .caption("share, log scale", (FONT, 14))
                 .margin_top(40)
                 .margin_bottom(66)
                 .margin_right(16)
@@ -154,7 +169,7 @@ pub fn heatmap_svg(model: &str, task: &PageTask) -> Result<Option<String>> {
                 .disable_mesh()
                 .disable_x_axis()
                 .y_labels(6)
-                .y_label_formatter(&|share| format!("{share:.1e}"))
+                .y_label_formatter(&|share| percent(*share))
                 .label_style((FONT, 12))
                 .draw(),
         )?;
@@ -239,23 +254,23 @@ pub fn score_plot_svg(group: &TaskGroup) -> Result<String> {
     left /= 2.5;
     right *= 2.5;
     let legend_rows = points.len() + usize::from(base.is_some());
-    let height = 440.max(120 + 20 * legend_rows as u32);
+    let height = 440.max(100 + 22 * legend_rows as u32);
     let mut svg = String::new();
     {
-        let root = SVGBackend::with_string(&mut svg, (820, height)).into_drawing_area();
+        let root = SVGBackend::with_string(&mut svg, (880, height)).into_drawing_area();
         drawn(&what, root.fill(&WHITE))?;
+        let (plot_area, legend_area) = root.split_horizontally(600);
         let mut chart = drawn(
             &what,
-            ChartBuilder::on(&root)
+            ChartBuilder::on(&plot_area)
                 .caption(
                     format!(
                         "{} · {}: score against trainable parameters",
                         group.model, group.task
                     ),
-                    (FONT, 18),
+                    (FONT, 17),
                 )
                 .margin(14)
-                .margin_right(250)
                 .x_label_area_size(52)
                 .y_label_area_size(70)
                 .build_cartesian_2d((left..right).log_scale(), bottom..top),
@@ -277,6 +292,17 @@ pub fn score_plot_svg(group: &TaskGroup) -> Result<String> {
                 .light_line_style(RGBColor(235, 235, 235))
                 .draw(),
         )?;
+        // The legend, beside the plot: one line per configuration.
+        let mut legend_y = 48;
+        drawn(
+            &what,
+            legend_area.draw(&Text::new(
+                "error bars: ± 1 std over seeds",
+                (8, legend_y - 26),
+                (FONT, 12).into_font().color(&RGBColor(90, 90, 90)),
+            )),
+        )?;
+        let grey = RGBColor(90, 90, 90);
         if let Some(base) = base {
             drawn(
                 &what,
@@ -284,29 +310,38 @@ pub fn score_plot_svg(group: &TaskGroup) -> Result<String> {
                     [(left, base), (right, base)],
                     8,
                     5,
-                    ShapeStyle::from(&RGBColor(90, 90, 90)).stroke_width(2),
+                    ShapeStyle::from(&grey).stroke_width(2),
                 )),
-            )?
-            .label(format!("base model ({})", super::tables::score_text(base)))
-            .legend(|(x, y)| {
-                PathElement::new(
-                    vec![(x, y), (x + 18, y)],
-                    ShapeStyle::from(&RGBColor(90, 90, 90)).stroke_width(2),
-                )
-            });
+            )?;
+            drawn(
+                &what,
+                legend_area.draw(&PathElement::new(
+                    vec![(8, legend_y), (26, legend_y)],
+                    ShapeStyle::from(&grey).stroke_width(2),
+                )),
+            )?;
+            drawn(
+                &what,
+                legend_area.draw(&Text::new(
+                    format!("base model ({})", super::tables::score_text(base)),
+                    (34, legend_y - 7),
+                    (FONT, 13),
+                )),
+            )?;
+            legend_y += 22;
         }
         if points.is_empty() {
             drawn(
                 &what,
-                root.draw(&Text::new(
+                plot_area.draw(&Text::new(
                     "no configuration has a score yet",
-                    (260, height as i32 / 2),
+                    (180, height as i32 / 2),
                     (FONT, 16),
                 )),
             )?;
         }
         for (index, point) in points.iter().enumerate() {
-            let colour = Palette99::pick(index).to_rgba();
+            let colour = SERIES_COLOURS[index % SERIES_COLOURS.len()].to_rgba();
             let style = ShapeStyle::from(&colour).stroke_width(2);
             drawn(
                 &what,
@@ -319,34 +354,47 @@ pub fn score_plot_svg(group: &TaskGroup) -> Result<String> {
                     10,
                 ))),
             )?;
-            let marker = if point.baseline {
-                Circle::new((point.parameters, point.mean), 6, colour.filled())
-            } else {
-                Circle::new((point.parameters, point.mean), 5, colour.filled())
-            };
+            let radius = if point.baseline { 7 } else { 5 };
+            drawn(
+                &what,
+                chart.draw_series(std::iter::once(Circle::new(
+                    (point.parameters, point.mean),
+                    radius,
+                    colour.filled(),
+                ))),
+            )?;
             let label = if point.baseline {
                 format!("{} (baseline)", point.label)
             } else {
                 point.label.clone()
             };
-            drawn(&what, chart.draw_series(std::iter::once(marker)))?
-                .label(label)
-                .legend(move |(x, y)| Circle::new((x + 9, y), 5, colour.filled()));
+            drawn(
+                &what,
+                legend_area.draw(&Circle::new((17, legend_y), radius, colour.filled())),
+            )?;
+            drawn(
+                &what,
+                legend_area.draw(&Text::new(label, (34, legend_y - 7), (FONT, 13))),
+            )?;
+            legend_y += 22;
         }
-        drawn(
-            &what,
-            chart
-                .configure_series_labels()
-                .position(SeriesLabelPosition::Coordinate(560, 40))
-                .margin(8)
-                .label_font((FONT, 13))
-                .background_style(WHITE.mix(0.9))
-                .border_style(RGBColor(200, 200, 200))
-                .draw(),
-        )?;
         drawn(&what, root.present())?;
     }
     Ok(svg)
+}
+
+/// A share as a percentage with the digits a log axis needs: `12%`, `0.5%`, `0.03%`.
+fn percent(share: f64) -> String {
+    let value = share * 100.0;
+    if value >= 1.0 {
+        format!("{value:.0}%")
+    } else if value >= 0.1 {
+        format!("{value:.1}%")
+    } else if value >= 0.01 {
+        format!("{value:.2}%")
+    } else {
+        format!("{value:.1e}%")
+    }
 }
 
 /// `1.2k`, `3.4M`: a parameter count in a few characters.

@@ -151,6 +151,15 @@ fn setting_header(group: &TaskGroup) -> Vec<String> {
     }
 }
 
+/// `1 job`, `2 jobs`.
+fn jobs(count: usize) -> String {
+    if count == 1 {
+        "1 job".to_string()
+    } else {
+        format!("{count} jobs")
+    }
+}
+
 /// The status paragraphs: jobs per state, and a partial-results warning.
 pub fn status_paragraphs(report: &Report) -> Vec<Vec<Span>> {
     let sweep = &report.sweep;
@@ -165,14 +174,15 @@ pub fn status_paragraphs(report: &Report) -> Vec<Vec<Span>> {
         code(&sweep.name),
         text(" from "),
         code(&sweep.file_name),
-        text(format!(": {} jobs ({}).", sweep.jobs, states.join(", "))),
+        text(format!(": {} ({}).", jobs(sweep.jobs), states.join(", "))),
     ]];
     if sweep.partial {
         paragraphs.push(vec![
             Span::Strong("Partial results:".to_string()),
             text(format!(
-                " {} jobs pending (queued or running), {} failed, skipped or cancelled; the tables cover the jobs that succeeded.",
-                sweep.pending, sweep.unsuccessful
+                " {} pending (queued or running), {} failed, skipped or cancelled; the tables cover the jobs that succeeded.",
+                jobs(sweep.pending as usize),
+                jobs(sweep.unsuccessful as usize)
             )),
         ]);
     }
