@@ -20,7 +20,7 @@ pub fn thousands(value: u64) -> String {
     let digits = value.to_string();
     let mut out = String::with_capacity(digits.len() + digits.len() / 3);
     for (index, digit) in digits.chars().enumerate() {
-        if index > 0 && (digits.len() - index) % 3 == 0 {
+        if index > 0 && (digits.len() - index).is_multiple_of(3) {
             out.push(',');
         }
         out.push(digit);
@@ -553,4 +553,55 @@ pub fn results_json(table: &JobTable) -> Result<String> {
 /// The aggregated tables as JSON (what `--format json` prints).
 pub fn report_json(report: &Report) -> Result<String> {
     Ok(serde_json::to_string_pretty(report)? + "\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::report::aggregate::SeedScore;
+
+    fn seed(state: &str, score: Option<f64>) -> SeedScore {
+        SeedScore {
+            seed: Some(0),
+            state: state.to_string(),
+            score,
+            error: None,
+        }
+    }
+
+    fn cell(seeds: Vec<SeedScore>, mean: Option<f64>, failed: usize, pending: usize) -> ScoreCell {
+        ScoreCell {
+            mean,
+            std: None,
+            n: seeds.iter().filter(|seed| seed.score.is_some()).count(),
+            failed,
+            pending,
+            seeds,
+        }
+    }
+
+    #[test]
+    fn thousands_separators() {
+        assert_eq!(thousands(0), "0");
+        assert_eq!(thousands(999), "999");
+        assert_eq!(thousands(1000), "1,000");
+        assert_eq!(thousands(2_442_240), "2,442,240");
+    }
+
+    #[test]
+    fn a_cell_without_scores_says_why_never_zero() {
+        let failed = cell(vec![seed("failed", None)], None, 1, 0);
+        assert_eq!(score_cell_text(&failed), "failed");
+        assert_eq!(seeds_text(&failed), "0/1 (1 failed)");
+        let pending = cell(
+            vec![seed("failed", None), seed("pending", None)],
+            None,
+            1,
+            1,
+        );
+        assert_eq!(score_cell_text(&pending), "pending");
+        assert_eq!(seeds_text(&pending), "0/2 (1 failed, 1 pending)");
+        let scored = cell(vec![seed("ok", Some(0.25))], Some(0.25), 0, 0);
+        assert_eq!(score_cell_text(&scored), "0.2500");
+    }
 }
