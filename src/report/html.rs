@@ -31,7 +31,8 @@ table { border-collapse: collapse; margin: .8rem 0; font-size: .9rem; }
 th, td { border: 1px solid #d7d7d7; padding: .3rem .55rem; text-align: left;
          white-space: nowrap; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
-th { background: #f5f6f8; }
+th { background: #f5f6f8; white-space: normal; }
+.table-wrap { overflow-x: auto; max-width: 100%; }
 tr:nth-child(even) td { background: #fafafa; }
 td.failed { color: #b00020; font-weight: 600; }
 td.pending { color: #8a6d00; }
@@ -96,7 +97,7 @@ pub fn page(title: &str, blocks: &[Block], svgs: &BTreeMap<String, String>) -> S
                 out.push_str("</p>\n");
             }
             Block::Table(header, rows) => {
-                out.push_str("<table>\n<thead><tr>");
+                out.push_str("<div class=\"table-wrap\">\n<table>\n<thead><tr>");
                 for name in header {
                     out.push_str(&format!("<th>{}</th>", escape(name)));
                 }
@@ -108,7 +109,7 @@ pub fn page(title: &str, blocks: &[Block], svgs: &BTreeMap<String, String>) -> S
                     }
                     out.push_str("</tr>\n");
                 }
-                out.push_str("</tbody>\n</table>\n");
+                out.push_str("</tbody>\n</table>\n</div>\n");
             }
             Block::List(items) => {
                 out.push_str("<ul>\n");

@@ -341,7 +341,7 @@ fn page_blocks(model: &PageModel, blocks: &mut Vec<Block>) {
     ]
     .map(str::to_string)
     .to_vec();
-    header.extend(kinds.iter().map(|kind| format!("{kind} share")));
+    header.extend(kinds.iter().cloned());
     let rows: Vec<Vec<String>> = model
         .tasks
         .iter()
@@ -383,6 +383,9 @@ fn page_blocks(model: &PageModel, blocks: &mut Vec<Block>) {
         })
         .collect();
     blocks.push(Block::Table(header, rows));
+    blocks.push(Block::Paragraph(vec![text(
+        "Shares are of the total PAGE over every module, merged over probe seeds (mean score); the columns by module kind sum each kind over layers. Argmax stability: the fraction of probe batches whose own argmax is the dominant module.",
+    )]));
     if !model.kendall.is_empty() {
         blocks.push(Block::Paragraph(vec![text(
             "Kendall τ-b between the tasks' PAGE score vectors (+1: the same module ranking):",
