@@ -496,3 +496,115 @@ fn the_html_page_opens_in_headless_chromium_with_the_heatmap_and_no_console_erro
         "the screenshot is nearly empty ({size} bytes)"
     );
 }
+
+// ---- against a live coordinator --------------------------------------------------------
+
+/// A coordinator of this binary on a free loopback port; stopped when dropped.
+struct Coordinator {
+    child: std::process::Child,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Coordinator {
+    fn start() -> Coordinator {
+        let dir = tempfile::tempdir().unwrap();
+        let address_file = dir.path().join("addr");
+        let child = Command::new(env!("CARGO_BIN_EXE_lorasweep"))
+            .arg("coordinator")
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--db")
+            .arg(dir.path().join("state.db"))
+            .arg("--addr-file")
+            .arg(&address_file)
+            .arg("--exit-on-stdin-eof")
+            .env_remove("LORASWEEP_TOKEN")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let started = Instant::now();
+        let address = loop {
+            if let Ok(text) = std::fs::read_to_string(&address_file) {
+                break text.trim().to_string();
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "the coordinator did not start"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        Coordinator {
+            child,
+            url: format!("http://{address}"),
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for Coordinator {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(10) {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn a_sweep_no_worker_has_started_reports_every_cell_pending() {
+    let coordinator = Coordinator::start();
+    let spec = basic().join("spec.yaml");
+    let submitted = lorasweep(&[
+        "submit",
+        spec.to_str().unwrap(),
+        "--coordinator",
+        &coordinator.url,
+    ]);
+    assert_success(&submitted);
+    let sweep = String::from_utf8(submitted.stdout)
+        .unwrap()
+        .trim()
+        .to_string();
+    let out = tempfile::tempdir().unwrap();
+    let output = lorasweep(&[
+        "report",
+        &sweep,
+        "--coordinator",
+        &coordinator.url,
+        "--out",
+        out.path().to_str().unwrap(),
+        "--format",
+        "json",
+    ]);
+    assert_success(&output);
+    let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(report["sweep"]["pending"], 38);
+    assert_eq!(report["sweep"]["partial"], true);
+    for group in report["groups"].as_array().unwrap() {
+        assert_eq!(group["base"]["pending"], 1);
+        for row in group["rows"].as_array().unwrap() {
+            assert_eq!(row["score"]["n"], 0);
+            assert_eq!(row["score"]["pending"], 2);
+            assert!(row["score"]["mean"].is_null());
+        }
+    }
+    // The snapshot it was made from is kept beside it, and makes the same report offline.
+    assert!(out.path().join("data/sweep.json").is_file());
+    let again = tempfile::tempdir().unwrap();
+    assert_success(&report_from(&out.path().join("data"), again.path()));
+    assert_eq!(
+        std::fs::read_to_string(out.path().join("report.md")).unwrap(),
+        std::fs::read_to_string(again.path().join("report.md")).unwrap()
+    );
+    let markdown = std::fs::read_to_string(out.path().join("report.md")).unwrap();
+    assert!(markdown.contains("| all | lora | – | – | pending | 0/2 (2 pending) |"));
+}
