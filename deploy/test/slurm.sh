@@ -10,7 +10,9 @@
 #   C. the same command again: it resumes the same sweep, which completes: exit 0, every job
 #      succeeded, /healthz answered, the report (or status.json) written;
 #   D. a coordinator outside Slurm plus lorasweep-workers.sbatch as a 2-task job array:
-#      both tasks end when the sweep has ended, every job succeeded.
+#      both tasks end when the sweep has ended, every job succeeded;
+#   E. lorasweep.sbatch with --gpus-per-node=2 on fake GPUs (gres on loop devices): one
+#      worker per GPU, each shown only its own GPU, every job succeeded.
 #
 # Exits non-zero on any failure. Idempotent: daemons of an earlier run (found by their pid
 # files) are stopped and its directory is wiped first. Everything runs under
@@ -98,6 +100,7 @@ host=$(hostname -s)
 # Fixed high ports of its own, so a system Slurm on the default ports is left alone.
 cat >"$SLURM_CONF" <<EOF
 ClusterName=lorasweeptest
+GresTypes=gpu
 SlurmctldHost=$host(127.0.0.1)
 SlurmctldPort=16817
 SlurmdPort=16818
@@ -125,9 +128,18 @@ MpiDefault=none
 ReturnToService=2
 MinJobAge=3600
 KillWait=30
-NodeName=node[1-$NODES] NodeHostname=$host NodeAddr=127.0.0.1 CPUs=1 RealMemory=4000 Port=[16821-$((16820 + NODES))] State=UNKNOWN
+NodeName=node[1-$NODES] NodeHostname=$host NodeAddr=127.0.0.1 CPUs=1 RealMemory=4000 Port=[16821-$((16820 + NODES))] Gres=gpu:2 State=UNKNOWN
 PartitionName=test Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF
+# Two fake GPUs per node (loop devices stand in for /dev/nvidiaN): Slurm allocates them and
+# sets CUDA_VISIBLE_DEVICES and SLURM_GPUS_ON_NODE as on a GPU cluster; the CPU build of
+# lorasweep then runs on the CPU, so phase E checks the GPU wiring, not CUDA.
+for node in $(seq 1 $NODES); do
+	first=$((2 * (node - 1)))
+	[[ -e /dev/loop$first && -e /dev/loop$((first + 1)) ]] ||
+		fail "no /dev/loop$first and /dev/loop$((first + 1)) to stand in for GPUs"
+	echo "NodeName=node$node Name=gpu File=/dev/loop[$first-$((first + 1))]"
+done >"$ROOT/etc/gres.conf"
 slurmctld -f "$SLURM_CONF"
 for node in $(seq 1 $NODES); do slurmd -f "$SLURM_CONF" -N "node$node"; done
 for attempt in $(seq 60); do
@@ -281,5 +293,23 @@ done
 assert_all_succeeded "$EXT/status.json"
 grep -q "has ended" "$ROOT/jobs/workers-${job_d}_0.out" || fail "D: array task 0 did not see the sweep end"
 
+"$bin" cancel "$external_sweep" --token-file "$EXT/token" 2>/dev/null || true
+kill -TERM "$(<"$ROOT/run/external-coordinator.pid")"
+
+# --- E: GPUs: one worker per (fake) GPU -----------------------------------------------------
+STATE_GPU=$ROOT/state-gpu
+job_e=$(sbatch --parsable --nodes=1 --gpus-per-node=2 --output="$ROOT/jobs/lorasweep-%j.out" \
+	--export=ALL,LORASWEEP_BIN="$bin",LORASWEEP_POLL_SECS=2 \
+	"$REPO/deploy/slurm/lorasweep.sbatch" "$SWEEP" "$STATE_GPU")
+log "E: job $job_e submitted on 1 node with 2 GPUs"
+wait_job_done "$job_e" 420
+expect_job "$job_e" COMPLETED 0:0
+grep -q "2 GPU worker(s) per node" "$ROOT/jobs/lorasweep-$job_e.out" || fail "E: the job did not see 2 GPUs per node"
+assert_all_succeeded "$STATE_GPU/status.json"
+gpus_used=$(cat "$STATE_GPU"/logs/worker-"$job_e"-*.log | sed -n 's/^worker \(.*\) on GPU \(.*\)$/\1=\2/p' | sort | tr '\n' ' ')
+[[ $gpus_used == "node1-0=0 node1-1=1 " ]] || fail "E: expected workers node1-0 on GPU 0 and node1-1 on GPU 1, got '$gpus_used'"
+log "E: workers and their GPUs: $gpus_used"
+
 log "PASSED: the allocation script stopped on the time-limit signal and on scancel, resumed" \
-	"and finished; the workers-only array finished a sweep of an external coordinator"
+	"and finished; the workers-only array finished a sweep of an outside coordinator; one" \
+	"worker ran per GPU"
