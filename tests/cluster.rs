@@ -1,0 +1,493 @@
+//! The orchestrator as separate processes, the way a cluster runs it: a `lorasweep
+//! coordinator` and `lorasweep worker`s talking gRPC on loopback, sweeps submitted with
+//! `lorasweep submit` and followed with `lorasweep status --format json`. Faults are real:
+//! workers and the coordinator are killed with SIGKILL.
+//!
+//! The sweeps train a tiny Hugging Face model (written by the tests) on a fixture chat file,
+//! so each scenario takes seconds on two cores.
+
+#[path = "../worker/tests/common/files.rs"]
+mod files;
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const TOKEN: &str = "cluster-test-token-0123456789";
+
+fn bin() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_lorasweep"));
+    command
+        .env_remove("LORASWEEP_TOKEN")
+        .env_remove("LORASWEEP_COORDINATOR")
+        .env("RUST_LOG", "info");
+    command
+}
+
+/// A child process killed (SIGKILL) when dropped, its output in a log file.
+struct Proc {
+    name: String,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(name: &str, mut command: Command, log: PathBuf) -> Proc {
+        let file = File::create(&log).unwrap();
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .unwrap_or_else(|error| panic!("cannot start {name}: {error}"));
+        Proc {
+            name: name.to_string(),
+            child,
+            log,
+        }
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                started.elapsed() < limit,
+                "{} did not exit within {limit:?}; its log:\n{}",
+                self.name,
+                self.log()
+            );
+            sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A test's folder: the model, the data, the sweep, the token, logs and state.
+struct Cluster {
+    dir: tempfile::TempDir,
+    address: Option<String>,
+}
+
+impl Cluster {
+    fn new() -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        files::write_hf_dir(&dir.path().join("model"), &files::hf_spec("llama", 11));
+        std::fs::copy(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("worker/tests/fixtures/engine/chat.jsonl"),
+            dir.path().join("chat.jsonl"),
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("token"), TOKEN).unwrap();
+        Cluster { dir, address: None }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn url(&self) -> String {
+        format!(
+            "http://{}",
+            self.address.as_deref().expect("coordinator started")
+        )
+    }
+
+    /// Starts a coordinator on `listen` (port 0 picks one) and waits until it serves.
+    fn coordinator(&mut self, listen: &str, log: &str) -> Proc {
+        let addr_file = self.path("address");
+        let _ = std::fs::remove_file(&addr_file);
+        let mut command = bin();
+        command
+            .arg("coordinator")
+            .args(["--listen", listen])
+            .arg("--db")
+            .arg(self.path("state.db"))
+            .arg("--token-file")
+            .arg(self.path("token"))
+            .arg("--addr-file")
+            .arg(&addr_file)
+            .args(["--lease-ttl-secs", "3", "--heartbeat-secs", "1"]);
+        let mut process = Proc::spawn("coordinator", command, self.path(log));
+        let started = Instant::now();
+        while !addr_file.exists() {
+            if let Some(status) = process.child.try_wait().unwrap() {
+                panic!("the coordinator exited ({status}):\n{}", process.log());
+            }
+            assert!(started.elapsed() < Duration::from_secs(30), "no address");
+            sleep(Duration::from_millis(25));
+        }
+        self.address = Some(std::fs::read_to_string(&addr_file).unwrap());
+        process
+    }
+
+    fn worker(&self, id: &str) -> Proc {
+        let mut command = bin();
+        command
+            .arg("worker")
+            .args(["--coordinator", &self.url()])
+            .arg("--token-file")
+            .arg(self.path("token"))
+            .args(["--worker-id", id])
+            .arg("--work-dir")
+            .arg(self.path(&format!("work-{id}")));
+        Proc::spawn(id, command, self.path(&format!("{id}.log")))
+    }
+
+    fn client(&self, args: &[&str]) -> Output {
+        bin()
+            .args(args)
+            .args(["--coordinator", &self.url()])
+            .arg("--token-file")
+            .arg(self.path("token"))
+            .output()
+            .unwrap()
+    }
+
+    fn submit(&self, sweep: &str) -> String {
+        let file = self.path("sweep.yaml");
+        std::fs::write(&file, sweep).unwrap();
+        let out = self.client(&["submit", file.to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "submit failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+
+    fn status(&self, sweep: &str) -> Value {
+        let out = self.client(&["status", sweep, "--format", "json"]);
+        assert!(
+            out.status.success(),
+            "status failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// Polls the sweep until `done` says so; panics with the logs after `limit`.
+    fn wait_for(
+        &self,
+        sweep: &str,
+        what: &str,
+        limit: Duration,
+        logs: &[&Proc],
+        mut done: impl FnMut(&Value) -> bool,
+    ) -> Value {
+        let started = Instant::now();
+        loop {
+            let status = self.status(sweep);
+            if done(&status) {
+                return status;
+            }
+            if started.elapsed() > limit {
+                let logs: Vec<String> = logs
+                    .iter()
+                    .map(|process| format!("--- {} ---\n{}", process.name, process.log()))
+                    .collect();
+                panic!(
+                    "waited {limit:?} for {what}; status: {status:#}\n{}",
+                    logs.join("\n")
+                );
+            }
+            sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn wait_registered(&self, coordinator: &Proc, workers: &[&str]) {
+        let started = Instant::now();
+        loop {
+            let log = coordinator.log();
+            if workers.iter().all(|id| {
+                log.lines()
+                    .any(|line| line.contains("worker registered") && line.contains(id))
+            }) {
+                return;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "workers {workers:?} did not register:\n{log}"
+            );
+            sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// A sweep over the tiny model in `dir` (absolute paths: the coordinator gets the text, not
+/// the file); `train` is the YAML of the train mapping.
+fn sweep(dir: &Path, name: &str, probe: bool, placements: &str, train: &str) -> String {
+    let model = dir.join("model");
+    let data = dir.join("chat.jsonl");
+    format!(
+        "version: 1\n\
+         name: {name}\n\
+         models: [{}]\n\
+         tasks: [{}]\n\
+         probe: {{batches: 1, batch_size: 2, max_len: 64, rank: 4, always: {probe}}}\n\
+         train: {train}\n\
+         eval: {{limit: 4, max_new_tokens: 8, batch_size: 2}}\n\
+         sweep:\n  grid:\n    placement: [{placements}]\n\
+         resources: {{max_attempts: 3}}\n",
+        model.display(),
+        data.display()
+    )
+}
+
+fn jobs(status: &Value) -> &Vec<Value> {
+    status["jobs"].as_array().unwrap()
+}
+
+fn job<'a>(status: &'a Value, prefix: &str) -> &'a Value {
+    jobs(status)
+        .iter()
+        .find(|job| job["key"].as_str().unwrap().starts_with(prefix))
+        .unwrap_or_else(|| panic!("no {prefix} job in {status:#}"))
+}
+
+fn ended(status: &Value) -> bool {
+    status["ended"].as_bool().unwrap()
+}
+
+fn count(status: &Value, state: &str) -> u64 {
+    status["counts"][state].as_u64().unwrap_or(0)
+}
+
+/// How many times each job key was started, from the workers' logs.
+fn starts(logs: &[String]) -> BTreeMap<String, usize> {
+    let mut starts = BTreeMap::new();
+    for log in logs {
+        for line in log.lines().filter(|line| line.contains("job started")) {
+            let key = line
+                .split("key=")
+                .nth(1)
+                .and_then(|rest| rest.split_whitespace().next())
+                .unwrap()
+                .trim_matches('"')
+                .to_string();
+            *starts.entry(key).or_default() += 1;
+        }
+    }
+    starts
+}
+
+#[test]
+fn a_sweep_runs_across_a_coordinator_and_two_workers() {
+    let mut cluster = Cluster::new();
+    let coordinator = cluster.coordinator("127.0.0.1:0", "coordinator.log");
+    let one = cluster.worker("w1");
+    let two = cluster.worker("w2");
+    cluster.wait_registered(&coordinator, &["w1", "w2"]);
+    let id = cluster.submit(&sweep(
+        cluster.dir.path(),
+        "two-workers",
+        true,
+        "all, dominant",
+        "{steps: 6, batch_size: 2, max_len: 64, rank: 4, checkpoint_every: 2}",
+    ));
+    let status = cluster.wait_for(
+        &id,
+        "the sweep to end",
+        Duration::from_secs(120),
+        &[&coordinator, &one, &two],
+        ended,
+    );
+    assert_eq!(count(&status, "succeeded"), 6, "{status:#}");
+    for job in jobs(&status) {
+        assert_eq!(job["attempts"], 1, "{job:#}");
+        assert!(job["result"].is_object(), "{job:#}");
+    }
+    let dominant = jobs(&status)
+        .iter()
+        .find(|job| {
+            job["kind"] == "train" && job["result"]["modules"].as_array().unwrap().len() == 1
+        })
+        .expect("the dominant train job adapts one module");
+    assert_eq!(
+        dominant["result"]["modules"][0]["name"],
+        job(&status, "probe")["result"]["dominant"]
+    );
+    let logs = [one.log(), two.log()];
+    let started = starts(&logs);
+    assert_eq!(started.len(), 6, "{started:?}");
+    assert!(started.values().all(|&n| n == 1), "{started:?}");
+    for (worker, log) in ["w1", "w2"].iter().zip(&logs) {
+        assert!(
+            log.contains("job started"),
+            "{worker} ran nothing; the sweep did not spread:\n{log}"
+        );
+    }
+}
+
+#[test]
+fn a_worker_killed_mid_training_leaves_the_job_to_another_that_resumes_it() {
+    let mut cluster = Cluster::new();
+    let coordinator = cluster.coordinator("127.0.0.1:0", "coordinator.log");
+    let mut first = cluster.worker("w1");
+    cluster.wait_registered(&coordinator, &["w1"]);
+    let id = cluster.submit(&sweep(
+        cluster.dir.path(),
+        "killed-worker",
+        false,
+        "all",
+        "{steps: 1500, batch_size: 2, max_len: 64, rank: 4, checkpoint_every: 25}",
+    ));
+    cluster.wait_for(
+        &id,
+        "training past two checkpoints",
+        Duration::from_secs(120),
+        &[&coordinator, &first],
+        |status| job(status, "train")["step"].as_u64().unwrap_or(0) >= 60,
+    );
+    first.kill();
+    let second = cluster.worker("w2");
+    let status = cluster.wait_for(
+        &id,
+        "the sweep to end after the kill",
+        Duration::from_secs(300),
+        &[&coordinator, &second],
+        ended,
+    );
+    assert_eq!(count(&status, "succeeded"), 3, "{status:#}");
+    let train = job(&status, "train");
+    assert_eq!(train["attempts"], 2, "the lost attempt counts: {train:#}");
+    let resumed = train["result"]["resumed_from"].as_u64().unwrap_or(0);
+    assert!(
+        resumed >= 25 && resumed % 25 == 0,
+        "the second worker did not resume from a checkpoint: {train:#}"
+    );
+    // The loss curve is whole: the steps before the checkpoint came with it.
+    assert_eq!(train["result"]["losses"].as_array().unwrap().len(), 1500);
+    assert!(coordinator.log().contains("lease expired; job requeued"));
+    let started = starts(&[first.log(), second.log()]);
+    let train_key = train["key"].as_str().unwrap();
+    assert_eq!(started[train_key], 2, "{started:?}");
+    assert!(
+        started.iter().all(|(key, &n)| key == train_key || n == 1),
+        "{started:?}"
+    );
+}
+
+#[test]
+fn a_coordinator_killed_and_restarted_loses_nothing_and_reruns_nothing() {
+    let mut cluster = Cluster::new();
+    let mut coordinator = cluster.coordinator("127.0.0.1:0", "coordinator-1.log");
+    let address = cluster.address.clone().unwrap();
+    let worker = cluster.worker("w1");
+    cluster.wait_registered(&coordinator, &["w1"]);
+    let id = cluster.submit(&sweep(
+        cluster.dir.path(),
+        "killed-coordinator",
+        true,
+        "all",
+        "{steps: 1500, batch_size: 2, max_len: 64, rank: 4, checkpoint_every: 25}",
+    ));
+    let before = cluster.wait_for(
+        &id,
+        "the probe to finish and training to run",
+        Duration::from_secs(120),
+        &[&coordinator, &worker],
+        |status| {
+            job(status, "probe")["state"] == "succeeded"
+                && job(status, "train")["step"].as_u64().unwrap_or(0) >= 30
+        },
+    );
+    coordinator.kill();
+    sleep(Duration::from_millis(1500));
+    // Same database, same address: the worker reconnects by itself.
+    let coordinator = cluster.coordinator(&address, "coordinator-2.log");
+    let status = cluster.wait_for(
+        &id,
+        "the sweep to end after the restart",
+        Duration::from_secs(300),
+        &[&coordinator, &worker],
+        ended,
+    );
+    assert_eq!(count(&status, "succeeded"), 4, "{status:#}");
+    let probe_before = job(&before, "probe");
+    let probe_after = job(&status, "probe");
+    assert_eq!(probe_before["result"], probe_after["result"]);
+    let started = starts(&[worker.log()]);
+    assert_eq!(started.len(), 4, "{started:?}");
+    assert!(
+        started.values().all(|&n| n == 1),
+        "a job ran twice: {started:?}"
+    );
+    for job in jobs(&status) {
+        assert_eq!(job["attempts"], 1, "{job:#}");
+    }
+    let train = job(&status, "train");
+    assert_eq!(train["result"]["losses"].as_array().unwrap().len(), 1500);
+}
+
+#[test]
+fn a_wrong_token_is_refused_clearly() {
+    let mut cluster = Cluster::new();
+    let coordinator = cluster.coordinator("127.0.0.1:0", "coordinator.log");
+    std::fs::write(cluster.path("wrong"), "not-the-token").unwrap();
+    let file = cluster.path("sweep.yaml");
+    std::fs::write(
+        &file,
+        sweep(
+            cluster.dir.path(),
+            "refused",
+            false,
+            "all",
+            "{steps: 1, batch_size: 2}",
+        ),
+    )
+    .unwrap();
+    let submit = bin()
+        .arg("submit")
+        .arg(&file)
+        .args(["--coordinator", &cluster.url()])
+        .arg("--token-file")
+        .arg(cluster.path("wrong"))
+        .output()
+        .unwrap();
+    assert!(!submit.status.success());
+    let stderr = String::from_utf8_lossy(&submit.stderr);
+    assert!(stderr.contains("token"), "{stderr}");
+    assert!(submit.stdout.is_empty());
+    let tokenless = bin()
+        .args(["status", "1", "--coordinator", &cluster.url()])
+        .output()
+        .unwrap();
+    assert!(!tokenless.status.success());
+    let stderr = String::from_utf8_lossy(&tokenless.stderr);
+    assert!(stderr.contains("token"), "{stderr}");
+    let mut command = bin();
+    command
+        .arg("worker")
+        .args(["--coordinator", &cluster.url()])
+        .arg("--token-file")
+        .arg(cluster.path("wrong"))
+        .args(["--worker-id", "intruder"]);
+    let mut intruder = Proc::spawn("intruder", command, cluster.path("intruder.log"));
+    let exit = intruder.wait_exit(Duration::from_secs(30));
+    assert!(!exit.success());
+    let log = intruder.log();
+    assert!(log.contains("token"), "{log}");
+    assert!(!coordinator.log().contains("worker registered"));
+}
