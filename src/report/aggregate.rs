@@ -90,7 +90,7 @@ pub struct ConfigRow {
     pub settings: BTreeMap<String, Value>,
     /// Whether this row is a baseline row.
     pub is_baseline: bool,
-    /// Trainable adapter parameters.
+    /// Trainable adapter parameters (the mean over seeds, when they differ).
     pub trainable_parameters: Option<u64>,
     /// Trainable parameters as a percentage of vanilla LoRA's (placement `all`, variant
     /// `lora`, the other settings equal).
@@ -647,12 +647,9 @@ fn task_group(
                 label: label_of(fields, &settings, &fallback),
                 settings,
                 is_baseline: false,
-                trainable_parameters: succeeded.iter().find_map(|job| {
-                    job.result
-                        .as_ref()
-                        .and_then(|result| result.get("trainable_parameters"))
-                        .and_then(Value::as_u64)
-                }),
+                // Seeds may differ (a random placement picks other modules): the mean.
+                trainable_parameters: stats::mean(&train_numbers("trainable_parameters"))
+                    .map(|mean| mean.round() as u64),
                 percent_of_lora: None,
                 score: score_cell(seeds),
                 versus_baseline: None,
