@@ -32,7 +32,10 @@ if [[ ! -x $VENV/bin/kubernetes-validate ]] ||
 fi
 validate() { "$VENV/bin/kubernetes-validate" --strict --no-warn -k "$KUBERNETES_VERSION" "$@"; }
 
-mapfile -t manifests < <(cd "$K8S" && ls -1 -- *.yaml | grep -vx kustomization.yaml)
+manifests=()
+for file in "$K8S"/*.yaml; do
+	[[ ${file##*/} == kustomization.yaml ]] || manifests+=("${file##*/}")
+done
 ((${#manifests[@]} > 0)) || fail "no manifests in $K8S"
 log "validating ${manifests[*]} against Kubernetes $KUBERNETES_VERSION"
 (cd "$K8S" && validate "${manifests[@]}") || fail "a manifest does not validate"
