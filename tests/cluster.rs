@@ -88,6 +88,8 @@ impl Drop for Proc {
 struct Cluster {
     dir: tempfile::TempDir,
     address: Option<String>,
+    /// `Some((ca, server name))` once the coordinator serves TLS.
+    tls: Option<(PathBuf, String)>,
 }
 
 impl Cluster {
@@ -100,7 +102,11 @@ impl Cluster {
         )
         .unwrap();
         std::fs::write(dir.path().join("token"), TOKEN).unwrap();
-        Cluster { dir, address: None }
+        Cluster {
+            dir,
+            address: None,
+            tls: None,
+        }
     }
 
     fn path(&self, name: &str) -> PathBuf {
@@ -108,14 +114,33 @@ impl Cluster {
     }
 
     fn url(&self) -> String {
-        format!(
-            "http://{}",
-            self.address.as_deref().expect("coordinator started")
-        )
+        let address = self.address.as_deref().expect("coordinator started");
+        match &self.tls {
+            Some((_, name)) => {
+                let port = address.rsplit(':').next().unwrap();
+                format!("https://{name}:{port}")
+            }
+            None => format!("http://{address}"),
+        }
+    }
+
+    /// The client flags of this cluster: coordinator, token and, with TLS, the CA.
+    fn client_flags(&self, command: &mut Command) {
+        command
+            .args(["--coordinator", &self.url()])
+            .arg("--token-file")
+            .arg(self.path("token"));
+        if let Some((ca, _)) = &self.tls {
+            command.arg("--ca").arg(ca);
+        }
     }
 
     /// Starts a coordinator on `listen` (port 0 picks one) and waits until it serves.
     fn coordinator(&mut self, listen: &str, log: &str) -> Proc {
+        self.coordinator_with(listen, log, &[])
+    }
+
+    fn coordinator_with(&mut self, listen: &str, log: &str, extra: &[&Path]) -> Proc {
         let addr_file = self.path("address");
         let _ = std::fs::remove_file(&addr_file);
         let mut command = bin();
@@ -128,7 +153,8 @@ impl Cluster {
             .arg(self.path("token"))
             .arg("--addr-file")
             .arg(&addr_file)
-            .args(["--lease-ttl-secs", "3", "--heartbeat-secs", "1"]);
+            .args(["--lease-ttl-secs", "3", "--heartbeat-secs", "1"])
+            .args(extra);
         let mut process = Proc::spawn("coordinator", command, self.path(log));
         let started = Instant::now();
         while !addr_file.exists() {
@@ -144,11 +170,9 @@ impl Cluster {
 
     fn worker(&self, id: &str) -> Proc {
         let mut command = bin();
+        command.arg("worker");
+        self.client_flags(&mut command);
         command
-            .arg("worker")
-            .args(["--coordinator", &self.url()])
-            .arg("--token-file")
-            .arg(self.path("token"))
             .args(["--worker-id", id])
             .arg("--work-dir")
             .arg(self.path(&format!("work-{id}")));
@@ -156,13 +180,10 @@ impl Cluster {
     }
 
     fn client(&self, args: &[&str]) -> Output {
-        bin()
-            .args(args)
-            .args(["--coordinator", &self.url()])
-            .arg("--token-file")
-            .arg(self.path("token"))
-            .output()
-            .unwrap()
+        let mut command = bin();
+        command.args(args);
+        self.client_flags(&mut command);
+        command.output().unwrap()
     }
 
     fn submit(&self, sweep: &str) -> String {
@@ -490,4 +511,138 @@ fn a_wrong_token_is_refused_clearly() {
     let log = intruder.log();
     assert!(log.contains("token"), "{log}");
     assert!(!coordinator.log().contains("worker registered"));
+}
+
+/// A private CA and a server certificate for `localhost` (and 127.0.0.1), made with the
+/// openssl command line. Returns (ca.pem, server.pem, server.key).
+fn certificates(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl runs");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    openssl(
+        &[
+            &["req", "-x509"],
+            &ec[..],
+            &[
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=lorasweep test CA",
+            ],
+        ]
+        .concat(),
+    );
+    openssl(
+        &[
+            &["req"],
+            &ec[..],
+            &[
+                "-keyout",
+                "server.key",
+                "-out",
+                "server.csr",
+                "-subj",
+                "/CN=localhost",
+            ],
+        ]
+        .concat(),
+    );
+    std::fs::write(
+        dir.join("san.ext"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+    ]);
+    (
+        dir.join("ca.pem"),
+        dir.join("server.pem"),
+        dir.join("server.key"),
+    )
+}
+
+#[test]
+fn a_sweep_runs_over_tls_and_clients_without_the_ca_are_refused() {
+    let mut cluster = Cluster::new();
+    let (ca, cert, key) = certificates(cluster.dir.path());
+    let coordinator = cluster.coordinator_with(
+        "127.0.0.1:0",
+        "coordinator.log",
+        &[Path::new("--tls-cert"), &cert, Path::new("--tls-key"), &key],
+    );
+    assert!(
+        coordinator.log().contains("tls=true"),
+        "{}",
+        coordinator.log()
+    );
+    cluster.tls = Some((ca, "localhost".to_string()));
+    let worker = cluster.worker("w1");
+    cluster.wait_registered(&coordinator, &["w1"]);
+    let id = cluster.submit(&sweep(
+        cluster.dir.path(),
+        "over-tls",
+        false,
+        "all",
+        "{steps: 3, batch_size: 2, max_len: 64, rank: 4}",
+    ));
+    let status = cluster.wait_for(
+        &id,
+        "the sweep to end over TLS",
+        Duration::from_secs(120),
+        &[&coordinator, &worker],
+        ended,
+    );
+    assert_eq!(count(&status, "succeeded"), 3, "{status:#}");
+    // Without the CA the server's certificate is not trusted; plain HTTP is not spoken.
+    let url = cluster.url();
+    let address = cluster.address.clone().unwrap();
+    for coordinator_url in [url, format!("http://{address}")] {
+        let out = bin()
+            .args(["status", &id, "--coordinator", &coordinator_url])
+            .arg("--token-file")
+            .arg(cluster.path("token"))
+            .output()
+            .unwrap();
+        assert!(
+            !out.status.success(),
+            "{coordinator_url} answered without the CA"
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("coordinator"), "{stderr}");
+    }
 }
