@@ -83,6 +83,20 @@ teardown() {
 trap teardown EXIT
 
 stop_daemons
+# Processes started by an earlier run that was killed before its teardown (daemons, batch
+# scripts, slurmstepd, coordinators, workers) carry its SLURM_CONF and the pid of its shell
+# in their environment; this run's children carry this shell's pid.
+export LORASWEEP_SLURM_TEST_SHELL=$$
+for environ in /proc/[0-9]*/environ; do
+	pid=${environ#/proc/}
+	pid=${pid%/environ}
+	[[ $pid == "$$" ]] && continue
+	if grep -qzx "SLURM_CONF=$SLURM_CONF" "$environ" 2>/dev/null &&
+		grep -qz "^LORASWEEP_SLURM_TEST_SHELL=" "$environ" 2>/dev/null &&
+		! grep -qzx "LORASWEEP_SLURM_TEST_SHELL=$$" "$environ" 2>/dev/null; then
+		kill -KILL "$pid" 2>/dev/null || true
+	fi
+done
 rm -rf "$ROOT"
 mkdir -p "$ROOT"/{etc,run,log,jobs,munge,spool,ctld}
 chown munge:munge "$ROOT/munge"
