@@ -384,7 +384,7 @@ fn page_blocks(model: &PageModel, blocks: &mut Vec<Block>) {
         .collect();
     blocks.push(Block::Table(header, rows));
     blocks.push(Block::Paragraph(vec![text(
-        "Shares are of the total PAGE over every module, merged over probe seeds (mean score); the columns by module kind sum each kind over layers. Argmax stability: the fraction of probe batches whose own argmax is the dominant module.",
+        "Shares are of the total PAGE over every module, merged over probe seeds (mean score); the columns by module kind sum each kind over layers. Argmax stability: per probe seed, the fraction of its batches whose own argmax is the seed's dominant module, averaged over seeds.",
     )]));
     if !model.kendall.is_empty() {
         blocks.push(Block::Paragraph(vec![text(
@@ -444,7 +444,7 @@ pub fn document(report: &Report) -> Vec<Block> {
             text("Baseline: "),
             code(baseline),
             text(format!(
-                ". Differences are a row minus the baseline row with the same other settings, paired by seed, with a 95% paired bootstrap interval ({BOOTSTRAP_RESAMPLES} resamples, fixed seed); * marks an interval that excludes 0. % of LoRA compares trainable parameters with placement all, variant lora."
+                ". Differences are a row minus the baseline row with the same other settings, paired by seed, with a 95% paired bootstrap interval ({BOOTSTRAP_RESAMPLES} resamples, fixed seed); * marks an interval that excludes 0 (with two or three seeds an interval is coarse: read it with the seeds column). % of LoRA compares trainable parameters with placement all, variant lora."
             )),
         ],
         None => vec![text("The sweep has no baseline: no differences are computed.")],
