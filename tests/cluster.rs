@@ -256,23 +256,19 @@ impl Cluster {
     }
 }
 
-/// A sweep over the tiny model in `dir` (absolute paths: the coordinator gets the text, not
-/// the file); `train` is the YAML of the train mapping.
-fn sweep(dir: &Path, name: &str, probe: bool, placements: &str, train: &str) -> String {
-    let model = dir.join("model");
-    let data = dir.join("chat.jsonl");
+/// A sweep over the tiny model and the fixture chat file beside it, by relative paths (taken
+/// from the sweep file's folder); `train` is the YAML of the train mapping.
+fn sweep(name: &str, probe: bool, placements: &str, train: &str) -> String {
     format!(
         "version: 1\n\
          name: {name}\n\
-         models: [{}]\n\
-         tasks: [{}]\n\
+         models: [model]\n\
+         tasks: [chat.jsonl]\n\
          probe: {{batches: 1, batch_size: 2, max_len: 64, rank: 4, always: {probe}}}\n\
          train: {train}\n\
          eval: {{limit: 4, max_new_tokens: 8, batch_size: 2}}\n\
          sweep:\n  grid:\n    placement: [{placements}]\n\
-         resources: {{max_attempts: 3}}\n",
-        model.display(),
-        data.display()
+         resources: {{max_attempts: 3}}\n"
     )
 }
 
@@ -321,7 +317,6 @@ fn a_sweep_runs_across_a_coordinator_and_two_workers() {
     let two = cluster.worker("w2");
     cluster.wait_registered(&coordinator, &["w1", "w2"]);
     let id = cluster.submit(&sweep(
-        cluster.dir.path(),
         "two-workers",
         true,
         "all, dominant",
@@ -368,7 +363,6 @@ fn a_worker_killed_mid_training_leaves_the_job_to_another_that_resumes_it() {
     let mut first = cluster.worker("w1");
     cluster.wait_registered(&coordinator, &["w1"]);
     let id = cluster.submit(&sweep(
-        cluster.dir.path(),
         "killed-worker",
         false,
         "all",
@@ -395,7 +389,7 @@ fn a_worker_killed_mid_training_leaves_the_job_to_another_that_resumes_it() {
     assert_eq!(train["attempts"], 2, "the lost attempt counts: {train:#}");
     let resumed = train["result"]["resumed_from"].as_u64().unwrap_or(0);
     assert!(
-        resumed >= 25 && resumed % 25 == 0,
+        resumed >= 25 && resumed.is_multiple_of(25),
         "the second worker did not resume from a checkpoint: {train:#}"
     );
     // The loss curve is whole: the steps before the checkpoint came with it.
@@ -418,7 +412,6 @@ fn a_coordinator_killed_and_restarted_loses_nothing_and_reruns_nothing() {
     let worker = cluster.worker("w1");
     cluster.wait_registered(&coordinator, &["w1"]);
     let id = cluster.submit(&sweep(
-        cluster.dir.path(),
         "killed-coordinator",
         true,
         "all",
@@ -470,13 +463,7 @@ fn a_wrong_token_is_refused_clearly() {
     let file = cluster.path("sweep.yaml");
     std::fs::write(
         &file,
-        sweep(
-            cluster.dir.path(),
-            "refused",
-            false,
-            "all",
-            "{steps: 1, batch_size: 2}",
-        ),
+        sweep("refused", false, "all", "{steps: 1, batch_size: 2}"),
     )
     .unwrap();
     let submit = bin()
@@ -614,7 +601,6 @@ fn a_sweep_runs_over_tls_and_clients_without_the_ca_are_refused() {
     let worker = cluster.worker("w1");
     cluster.wait_registered(&coordinator, &["w1"]);
     let id = cluster.submit(&sweep(
-        cluster.dir.path(),
         "over-tls",
         false,
         "all",

@@ -634,11 +634,24 @@ impl CoordinatorClient {
         Ok(response.blob)
     }
 
-    /// Submits a sweep file's text.
+    /// Submits a sweep file's text; relative paths in it are kept as written.
     pub async fn submit_sweep(
         &self,
         yaml: &str,
         file_name: &str,
+        reuse_existing: bool,
+    ) -> Result<Submitted, ClientError> {
+        self.submit_sweep_from(yaml, file_name, None, reuse_existing)
+            .await
+    }
+
+    /// Submits a sweep file's text; relative model and task paths in it are taken from
+    /// `base_dir` (the file's folder, made absolute).
+    pub async fn submit_sweep_from(
+        &self,
+        yaml: &str,
+        file_name: &str,
+        base_dir: Option<&Path>,
         reuse_existing: bool,
     ) -> Result<Submitted, ClientError> {
         let response = self
@@ -648,6 +661,9 @@ impl CoordinatorClient {
                 yaml: yaml.to_string(),
                 file_name: file_name.to_string(),
                 reuse_existing,
+                base_dir: base_dir
+                    .map(|dir| dir.display().to_string())
+                    .unwrap_or_default(),
             })
             .await
             .map_err(refused("submit"))?

@@ -283,3 +283,32 @@ fn hf_directory_geometry_is_checked() {
     assert_eq!((errors.0[0].line, errors.0[0].column), (3, 24));
     assert_eq!(errors.0[0].path, "models[1]");
 }
+
+#[test]
+fn submitted_text_takes_relative_paths_from_the_submitter_s_folder_without_looking() {
+    let text = "version: 1\nname: remote\nmodels: [my-model, ./other/model.gguf]\n\
+                tasks: [data/chat.jsonl]\n";
+    let folder = Path::new("/shared/sweeps");
+    let sweep = Sweep::from_submitted(text, "remote.yaml", Some(folder))
+        .unwrap_or_else(|errors| panic!("{errors}"));
+    match &sweep.models[..] {
+        [ModelRef::HfDir { path: first, .. }, ModelRef::Gguf { path: second }] => {
+            assert_eq!(first, &folder.join("my-model"));
+            assert_eq!(second, &folder.join("./other/model.gguf"));
+        }
+        other => panic!("unexpected models {other:?}"),
+    }
+    match &sweep.tasks[..] {
+        [TaskRef::Jsonl { path, .. }] => assert_eq!(path, &folder.join("data/chat.jsonl")),
+        other => panic!("unexpected tasks {other:?}"),
+    }
+    // The same text checked on this machine finds nothing there.
+    let errors = Sweep::from_yaml_str(text, "remote.yaml", Some(folder))
+        .expect_err("missing paths are errors locally");
+    assert!(
+        errors
+            .to_string()
+            .contains("no file at /shared/sweeps/data/chat.jsonl"),
+        "{errors}"
+    );
+}

@@ -360,6 +360,17 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
     })
 }
 
+/// The absolute folder of a sweep file: relative paths in it are taken from there, on every
+/// machine (so workers need the same paths, e.g. a shared filesystem, for local files).
+fn sweep_folder(file: &Path) -> Result<PathBuf> {
+    let absolute = std::path::absolute(file)
+        .with_context(|| format!("cannot make {} absolute", file.display()))?;
+    Ok(absolute
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("/")))
+}
+
 /// `lorasweep submit`: prints only the sweep id on stdout.
 pub fn submit(args: SubmitArgs) -> Result<()> {
     // Check locally first: local model and data paths are only visible here.
@@ -369,9 +380,10 @@ pub fn submit(args: SubmitArgs) -> Result<()> {
     let runtime = runtime()?;
     let _context = runtime.enter();
     let client = connect(&args.connect)?;
-    let submitted = runtime.block_on(client.submit_sweep(
+    let submitted = runtime.block_on(client.submit_sweep_from(
         &text,
         &args.file.display().to_string(),
+        Some(&sweep_folder(&args.file)?),
         args.resume,
     ))?;
     eprintln!(
@@ -793,7 +805,12 @@ pub fn run(args: RunArgs) -> Result<()> {
     let outcome = runtime.block_on(async {
         let stop = shutdown_signal(false);
         let submitted = client
-            .submit_sweep(&text, &args.file.display().to_string(), true)
+            .submit_sweep_from(
+                &text,
+                &args.file.display().to_string(),
+                Some(&sweep_folder(&args.file)?),
+                true,
+            )
             .await?;
         eprintln!(
             "{} sweep {} ({}) with {} jobs on {} workers",

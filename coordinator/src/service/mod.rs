@@ -812,10 +812,13 @@ impl SweepService for SweepApi {
                         return Ok(Ok((existing, jobs, true)));
                     }
                 }
-                let sweep = match Sweep::from_yaml_str(&request.yaml, &file_name, None) {
-                    Ok(sweep) => sweep,
-                    Err(errors) => return Ok(Err(errors.to_string())),
-                };
+                let base_dir = (!request.base_dir.is_empty())
+                    .then(|| std::path::PathBuf::from(&request.base_dir));
+                let sweep =
+                    match Sweep::from_submitted(&request.yaml, &file_name, base_dir.as_deref()) {
+                        Ok(sweep) => sweep,
+                        Err(errors) => return Ok(Err(errors.to_string())),
+                    };
                 let graph = JobGraph::plan(&sweep);
                 let id = store.create_sweep(
                     NewSweep {

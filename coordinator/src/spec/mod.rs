@@ -504,7 +504,29 @@ impl Sweep {
         file: &str,
         base_dir: Option<&Path>,
     ) -> Result<Sweep, SpecErrors> {
-        let mut context = raw::Context::new(file);
+        Sweep::load(text, raw::Context::new(file), base_dir)
+    }
+
+    /// Validates sweep text submitted from another machine: relative paths are taken from
+    /// `base_dir` (the file's folder there) but not looked for on this one.
+    pub fn from_submitted(
+        text: &str,
+        file: &str,
+        base_dir: Option<&Path>,
+    ) -> Result<Sweep, SpecErrors> {
+        Sweep::load(
+            text,
+            raw::Context::new(file).without_path_checks(),
+            base_dir,
+        )
+    }
+
+    fn load(
+        text: &str,
+        mut context: raw::Context,
+        base_dir: Option<&Path>,
+    ) -> Result<Sweep, SpecErrors> {
+        let file = context.file().to_string();
         let sweep = raw::load(text, &mut context)
             .and_then(|root| validate::build(&root, &mut context, base_dir));
         let errors = context.into_errors();
@@ -514,7 +536,7 @@ impl Sweep {
         // `build` returns `None` only after reporting an error; keep a clear error anyway.
         sweep.ok_or_else(|| {
             SpecErrors(vec![SpecError {
-                file: file.to_string(),
+                file,
                 line: 1,
                 column: 1,
                 path: "(root)".to_string(),

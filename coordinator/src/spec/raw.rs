@@ -65,6 +65,7 @@ pub(crate) struct Context {
     file: String,
     errors: Vec<SpecError>,
     seen: HashSet<String>,
+    check_paths: bool,
 }
 
 impl Context {
@@ -73,7 +74,25 @@ impl Context {
             file: file.to_string(),
             errors: Vec::new(),
             seen: HashSet::new(),
+            check_paths: true,
         }
+    }
+
+    /// Resolves relative paths but does not look for them on disk (the text came from
+    /// another machine).
+    pub fn without_path_checks(mut self) -> Context {
+        self.check_paths = false;
+        self
+    }
+
+    /// The file named in errors.
+    pub fn file(&self) -> &str {
+        &self.file
+    }
+
+    /// Whether paths are checked on disk.
+    pub fn checks_paths(&self) -> bool {
+        self.check_paths
     }
 
     /// Records an error (once: the same message at the same place is kept only once).

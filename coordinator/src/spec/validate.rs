@@ -242,7 +242,7 @@ fn read_model(
     }
     let resolved = resolve(text, base_dir);
     if text.ends_with(".gguf") {
-        if base_dir.is_some() && !resolved.is_file() {
+        if base_dir.is_some() && context.checks_paths() && !resolved.is_file() {
             context.error(
                 node.loc,
                 path,
@@ -254,8 +254,10 @@ fn read_model(
         return Some(ModelRef::Gguf { path: resolved });
     }
     let looks_like_path = text.contains('/') || text.starts_with('.');
-    let is_local_dir = base_dir.is_some() && resolved.is_dir();
-    if !looks_like_path && !is_local_dir {
+    let is_local_dir = base_dir.is_some() && context.checks_paths() && resolved.is_dir();
+    // Text from another machine that names a folder there was checked on that machine.
+    let remote_folder = base_dir.is_some() && !context.checks_paths();
+    if !looks_like_path && !is_local_dir && !remote_folder {
         let names: Vec<&str> = PackagedModel::ALL
             .iter()
             .map(|model| model.name())
@@ -272,7 +274,7 @@ fn read_model(
         );
         return None;
     }
-    if base_dir.is_none() {
+    if base_dir.is_none() || !context.checks_paths() {
         return Some(ModelRef::HfDir {
             path: resolved,
             geometry: None,
@@ -334,7 +336,7 @@ fn task_file(
     base_dir: Option<&Path>,
 ) -> Option<std::path::PathBuf> {
     let resolved = resolve(text, base_dir);
-    if base_dir.is_some() && !resolved.is_file() {
+    if base_dir.is_some() && context.checks_paths() && !resolved.is_file() {
         context.error(
             node.loc,
             path,
