@@ -632,3 +632,151 @@ fn a_sweep_runs_over_tls_and_clients_without_the_ca_are_refused() {
         assert!(stderr.contains("coordinator"), "{stderr}");
     }
 }
+
+/// `lorasweep run FILE --workers N --out DIR` in its own process group, as a shell runs it.
+fn run_command(cluster: &Cluster, out: &Path) -> Command {
+    use std::os::unix::process::CommandExt;
+    let mut command = bin();
+    command
+        .arg("run")
+        .arg(cluster.path("sweep.yaml"))
+        .args(["--workers", "2", "--out"])
+        .arg(out)
+        .process_group(0);
+    command
+}
+
+#[test]
+fn run_resumes_after_ctrl_c_and_redoes_nothing_once_finished() {
+    let cluster = Cluster::new();
+    std::fs::write(
+        cluster.path("sweep.yaml"),
+        sweep(
+            "embedded",
+            true,
+            "all, dominant",
+            "{steps: 1500, batch_size: 2, max_len: 64, rank: 4, checkpoint_every: 25}",
+        ),
+    )
+    .unwrap();
+    let out = cluster.path("run");
+    let mut first = Proc::spawn(
+        "run",
+        run_command(&cluster, &out),
+        cluster.path("run-1.log"),
+    );
+    // Follow it through its own coordinator once training is under way.
+    let started = Instant::now();
+    let mut observer = Cluster {
+        dir: tempfile::tempdir().unwrap(),
+        address: None,
+        tls: None,
+    };
+    std::fs::write(observer.path("token"), "").unwrap();
+    loop {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "run did not start training:\n{}",
+            first.log()
+        );
+        if let (Ok(address), Ok(token)) = (
+            std::fs::read_to_string(out.join("coordinator.addr")),
+            std::fs::read_to_string(out.join("token")),
+        ) {
+            observer.address = Some(address.trim().to_string());
+            std::fs::write(observer.path("token"), token).unwrap();
+            let status = observer.client(&["status", "1", "--format", "json"]);
+            if status.status.success() {
+                let status: Value = serde_json::from_slice(&status.stdout).unwrap();
+                let trained = jobs(&status)
+                    .iter()
+                    .filter(|job| job["kind"] == "train")
+                    .any(|job| job["step"].as_u64().unwrap_or(0) >= 30);
+                if trained {
+                    break;
+                }
+            }
+        }
+        sleep(Duration::from_millis(100));
+    }
+    // Ctrl-C: the whole foreground process group gets SIGINT.
+    let group = format!("-{}", first.child.id());
+    let signalled = Command::new("kill")
+        .args(["-INT", "--", &group])
+        .status()
+        .unwrap();
+    assert!(signalled.success());
+    let exit = first.wait_exit(Duration::from_secs(90));
+    assert_eq!(exit.code(), Some(130), "{}", first.log());
+    assert!(first.log().contains("run the same command again to resume"));
+
+    let second = run_command(&cluster, &out).output().unwrap();
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(second.status.success(), "{stderr}");
+    assert!(stderr.contains("resuming sweep 1"), "{stderr}");
+    let report = out.join("report");
+    assert!(
+        report.join("report.md").is_file(),
+        "no report in {}",
+        report.display()
+    );
+    let results: Value =
+        serde_json::from_str(&std::fs::read_to_string(report.join("results.json")).unwrap())
+            .unwrap();
+    // At least one train job was stopped by Ctrl-C mid-training and resumed from its
+    // checkpoint; every job succeeded on the attempt it started (interruptions are free).
+    let mut rows = Vec::new();
+    collect_rows(&results, &mut rows);
+    let trains: Vec<&Value> = rows
+        .iter()
+        .copied()
+        .filter(|row| row["kind"] == "train")
+        .collect();
+    assert_eq!(trains.len(), 2, "{results:#}");
+    let resumed = |row: &Value| {
+        row.as_object()
+            .unwrap()
+            .iter()
+            .filter(|(key, _)| key.ends_with("resumed_from"))
+            .filter_map(|(_, value)| value.as_u64())
+            .max()
+            .unwrap_or(0)
+    };
+    assert!(trains.iter().any(|row| resumed(row) >= 25), "{results:#}");
+    assert!(
+        rows.iter()
+            .all(|row| row["state"] == "succeeded" && row["attempts"] == 1),
+        "{results:#}"
+    );
+
+    // A third run finds everything finished and runs nothing.
+    let third = run_command(&cluster, &out).output().unwrap();
+    let stderr = String::from_utf8_lossy(&third.stderr);
+    assert!(third.status.success(), "{stderr}");
+    assert!(stderr.contains("resuming sweep 1"), "{stderr}");
+    let worker_logs: String = (0..2)
+        .map(|index| {
+            std::fs::read_to_string(out.join(format!("logs/worker-{index}.log")))
+                .unwrap_or_default()
+        })
+        .collect();
+    assert!(
+        !worker_logs.contains("job started"),
+        "a finished sweep ran jobs again:\n{worker_logs}"
+    );
+}
+
+/// Every JSON object that has a `kind` and a `state`: the per-job rows of a report.
+fn collect_rows<'a>(value: &'a Value, rows: &mut Vec<&'a Value>) {
+    match value {
+        Value::Object(map) => {
+            if map.contains_key("kind") && map.contains_key("state") && map.contains_key("key") {
+                rows.push(value);
+            } else {
+                map.values().for_each(|value| collect_rows(value, rows));
+            }
+        }
+        Value::Array(items) => items.iter().for_each(|value| collect_rows(value, rows)),
+        _ => {}
+    }
+}

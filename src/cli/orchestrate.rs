@@ -844,7 +844,8 @@ pub fn run(args: RunArgs) -> Result<()> {
     let (status, results) = outcome?;
     let (Some(status), Some(results)) = (status, results) else {
         eprintln!("interrupted; run the same command again to resume");
-        return Ok(());
+        // The shell's convention for a run stopped by Ctrl-C: not a success.
+        std::process::exit(130);
     };
     crate::cli::report::write_after_run(&results, &out.join("report"))?;
     eprintln!("{}", counts_line(&status));
