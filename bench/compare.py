@@ -52,6 +52,19 @@ def main(path):
             f"{g(peft, 'peak_mem_gib')} | {'n/a' if mem is None else f'{mem:.2f}x'} | {g(ours, 'tflops', '{:.2f}')} |"
         )
     print()
+    profiled = [(n, d) for n, d in sorted(runs.items()) if n.startswith("profile_ours_") and d.get("phases_ms")]
+    if profiled:
+        print("Phases of one training step, median ms (synchronised between phases):")
+        print()
+        print("| config | framework | forward | head + loss | backward | optimizer |")
+        print("|---|---|---|---|---|---|")
+        for name, ours in profiled:
+            tag = name[len("profile_ours_"):]
+            for framework, d in (("lorasweep", ours), ("PEFT", runs.get("profile_peft_" + tag, {}))):
+                p = d.get("phases_ms") or {}
+                cells = " | ".join(f"{p[k]:.1f}" if k in p else "n/a" for k in ("forward", "head_loss", "backward", "optimizer"))
+                print(f"| {tag} | {framework} | {cells} |")
+        print()
     for mode in ("train", "probe"):
         cpu, cuda = runs.get(f"agree_{mode}_cpu"), runs.get(f"agree_{mode}_cuda")
         if not cpu or not cuda or cpu.get("failed") or cuda.get("failed"):

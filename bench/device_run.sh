@@ -33,6 +33,14 @@ for geometry in smollm2-135m qwen2.5-0.5b; do
     run "ours_probe_$geometry" lorasweep bench probe --geometry "$geometry" --steps "$steps" --warmup "$warmup"
     run "peft_probe_$geometry" python3 bench/peft_baseline.py --mode probe --geometry "$geometry" --steps "$steps" --warmup "$warmup"
 done
+# Where the time goes: each phase of a step timed apart, ours and PEFT's (issue 7's profile).
+for geometry in smollm2-135m qwen2.5-0.5b; do
+    for placement in all one:2.down_proj; do
+        tag="${geometry}_${placement//[:.]/_}"
+        run "profile_ours_$tag" lorasweep bench train --geometry "$geometry" --placement "$placement" --steps 5 --warmup 2 --profile
+        run "profile_peft_$tag" python3 bench/peft_baseline.py --mode train --geometry "$geometry" --placement "$placement" --steps 5 --warmup 2 --profile
+    done
+done
 # The waste frozen_linear avoids: candle's generic matmul computes every frozen weight gradient.
 run "ours_generic_matmul_smollm2-135m_one_2_down_proj" lorasweep bench train --geometry smollm2-135m --placement one:2.down_proj --generic-matmul --steps "$steps" --warmup "$warmup"
 

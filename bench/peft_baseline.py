@@ -315,6 +315,37 @@ def run(args: argparse.Namespace) -> dict:
             probe_sums.append(float(norms.sum()))
 
     peak_gib = torch.cuda.max_memory_allocated(device) / 2**30 if on_cuda else None
+
+    # The phases of a training step, timed apart with a synchronisation between them (the
+    # same split as `lorasweep bench --profile`): the decoder, the LM head with the loss,
+    # backward, and the optimizer.
+    phases_ms: dict[str, float] = {}
+    if args.profile and args.mode == "train":
+        base = model.get_base_model()
+        laps: dict[str, list[float]] = {}
+        for i in range(args.steps):
+            ids = batches[i % len(batches)]
+            sync()
+            marks = [time.perf_counter()]
+            hidden = base.model(input_ids=ids, use_cache=False).last_hidden_state
+            sync()
+            marks.append(time.perf_counter())
+            logits = base.lm_head(hidden)
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)
+            )
+            sync()
+            marks.append(time.perf_counter())
+            loss.backward()
+            sync()
+            marks.append(time.perf_counter())
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            sync()
+            marks.append(time.perf_counter())
+            for name, start, end in zip(("forward", "head_loss", "backward", "optimizer"), marks, marks[1:]):
+                laps.setdefault(name, []).append((end - start) * 1e3)
+        phases_ms = {name: statistics.median(values) for name, values in laps.items()}
     ordered = sorted(times_ms)
     median = statistics.median(ordered)
     tokens = args.batch * args.seq_len
@@ -351,6 +382,7 @@ def run(args: argparse.Namespace) -> dict:
         "step_ms_all": times_ms,
         "loss_first": losses[0],
         "loss_last": losses[-1],
+        "phases_ms": phases_ms,
     }
     if args.mode == "probe":
         result["probe_grad_sq_sum_last"] = probe_sums[-1]
@@ -383,6 +415,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--json", metavar="FILE", help="write the result object here")
+    p.add_argument("--profile", action="store_true", help="also time each phase of a training step")
     return p.parse_args(argv)
 
 

@@ -64,6 +64,10 @@ pub struct BenchArgs {
     /// Write the result object here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Also time each phase of a step (forward, head + loss, backward, optimizer), with a
+    /// device synchronisation between phases.
+    #[arg(long)]
+    profile: bool,
 }
 
 /// `lorasweep bench`.
@@ -90,6 +94,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
         warmup: args.warmup,
         lr: args.lr,
         seed: args.seed,
+        profile: args.profile,
     };
     lorasweep_worker::ops::use_generic_matmul(args.generic_matmul);
     let sampler = device.is_cuda().then(MemorySampler::start);
@@ -109,6 +114,14 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
         result.mode, result.geometry, result.placement, result.step_ms_median, result.step_ms_p10, result.step_ms_p90,
         result.tokens_per_s / 1e3, result.tflops, result.device
     );
+    if !result.phases_ms.is_empty() {
+        let phases: Vec<String> = result
+            .phases_ms
+            .iter()
+            .map(|(name, ms)| format!("{name} {ms:.1} ms"))
+            .collect();
+        println!("  phases (median): {}", phases.join(", "));
+    }
     Ok(())
 }
 

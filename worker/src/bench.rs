@@ -2,6 +2,7 @@
 //! weights (throughput does not depend on weight values), reporting the same fields as
 //! `bench/peft_baseline.py` so the two can be compared side by side.
 
+use std::collections::BTreeMap;
 use std::collections::HashMap;
 use std::time::Instant;
 
@@ -135,6 +136,10 @@ pub struct BenchOptions {
     pub lr: f64,
     /// Seed.
     pub seed: u64,
+    /// Also time the phases of a step (forward, head + loss, backward, optimizer), with a
+    /// device synchronisation between them (which slows the step a little).
+    #[serde(default)]
+    pub profile: bool,
 }
 
 /// The benchmark's result (field names shared with the PEFT baseline).
@@ -182,6 +187,9 @@ pub struct BenchResult {
     pub framework: String,
     /// Device description.
     pub device: String,
+    /// With `profile`: median milliseconds of each phase of the timed steps.
+    #[serde(default)]
+    pub phases_ms: BTreeMap<String, f64>,
 }
 
 /// Runs the benchmark.
@@ -272,12 +280,20 @@ pub fn run(options: &BenchOptions, device: &Device) -> Result<BenchResult, Strin
     let mut times = Vec::new();
     let mut losses = Vec::new();
     let mut probe_scores = Vec::new();
+    let mut phase_times: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     for step in 0..total {
         let (input, target) = &batches[step % batches.len()];
         device.synchronize().map_err(err)?;
         let started = Instant::now();
-        let loss = model.loss(input, target, &weights).map_err(err)?;
+        let mut phase = PhaseClock::new(options.profile, device);
+        let hidden = model.hidden_states(input, 0, None).map_err(err)?;
+        phase.lap("forward").map_err(err)?;
+        let loss = model
+            .loss_from_hidden(&hidden, target, &weights)
+            .map_err(err)?;
+        phase.lap("head_loss").map_err(err)?;
         let grads = loss.backward().map_err(err)?;
+        phase.lap("backward").map_err(err)?;
         if options.mode == "probe" {
             // Read every ‖∇B‖², as the probe does.
             probe_scores.clear();
@@ -315,6 +331,18 @@ pub fn run(options: &BenchOptions, device: &Device) -> Result<BenchResult, Strin
                 &train_settings,
             )
             .map_err(|e| e.to_string())?;
+        }
+        phase
+            .lap(if options.mode == "probe" {
+                "read_scores"
+            } else {
+                "optimizer"
+            })
+            .map_err(err)?;
+        if step >= options.warmup {
+            for (name, ms) in phase.laps {
+                phase_times.entry(name).or_default().push(ms);
+            }
         }
         losses.push(
             loss.to_dtype(DType::F32)
@@ -365,7 +393,44 @@ pub fn run(options: &BenchOptions, device: &Device) -> Result<BenchResult, Strin
         probe_scores,
         framework: "lorasweep".into(),
         device: format!("{device:?}"),
+        phases_ms: phase_times
+            .into_iter()
+            .map(|(name, mut times)| {
+                times.sort_by(f64::total_cmp);
+                (name, times[times.len() / 2])
+            })
+            .collect(),
     })
+}
+
+/// Times the phases of one step when profiling: each lap synchronises the device first, so
+/// the time is the phase's device work, not just its launches.
+struct PhaseClock<'a> {
+    device: Option<&'a Device>,
+    last: Instant,
+    laps: Vec<(String, f64)>,
+}
+
+impl<'a> PhaseClock<'a> {
+    fn new(enabled: bool, device: &'a Device) -> PhaseClock<'a> {
+        PhaseClock {
+            device: enabled.then_some(device),
+            last: Instant::now(),
+            laps: Vec::new(),
+        }
+    }
+
+    fn lap(&mut self, name: &str) -> candle_core::Result<()> {
+        let Some(device) = self.device else {
+            return Ok(());
+        };
+        device.synchronize()?;
+        let now = Instant::now();
+        self.laps
+            .push((name.to_string(), (now - self.last).as_secs_f64() * 1e3));
+        self.last = now;
+        Ok(())
+    }
 }
 
 /// Model FLOPs of one step (see `bench/peft_baseline.py` for the derivation): frozen weights

@@ -408,7 +408,18 @@ impl Transformer {
         weights: &Tensor,
     ) -> candle_core::Result<Tensor> {
         let hidden = self.hidden_states(input_ids, 0, None)?;
-        let logits = self.logits(&hidden)?.to_dtype(DType::F32)?;
+        self.loss_from_hidden(&hidden, targets, weights)
+    }
+
+    /// The LM head and the weighted cross-entropy of [`loss`](Self::loss), from final hidden
+    /// states `(batch, seq, hidden)`.
+    pub fn loss_from_hidden(
+        &self,
+        hidden: &Tensor,
+        targets: &Tensor,
+        weights: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        let logits = self.logits(hidden)?.to_dtype(DType::F32)?;
         let vocab = logits.dim(D::Minus1)?;
         let logits = logits.reshape(((), vocab))?;
         let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
