@@ -9,8 +9,10 @@
 //! - eval: fetches the adapter of its train dependency (none for the base model), evaluates,
 //!   and returns the score; `eval.json` with every sample is the artifact.
 
+use std::collections::HashMap;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use candle_core::Device;
 use lorasweep_coordinator::agent::{ExecError, JobContext, JobExecutor, JobOutput, OutputFile};
@@ -18,7 +20,9 @@ use lorasweep_coordinator::domain::{JobAssignment, Progress};
 use lorasweep_coordinator::graph::JobKind;
 use lorasweep_worker::adapter::{AInit, AdapterSettings, Variant};
 use lorasweep_worker::evaluate::{self, EvalJob, EvalOptions};
-use lorasweep_worker::jobs::{self, DataSource, TrainJob};
+use lorasweep_worker::jobs::{self, DataSource, LocalRank, TrainJob};
+#[cfg(feature = "nccl")]
+use lorasweep_worker::parallel::GradReducer;
 use lorasweep_worker::probe::{Estimator, ProbeResult, ProbeSettings};
 use lorasweep_worker::train::{Schedule, TrainSettings};
 use serde_json::{json, Value};
@@ -27,17 +31,67 @@ use sha2::{Digest, Sha256};
 /// Longest conversation a loss-scored eval reads when the job does not say.
 const EVAL_MAX_LEN: usize = 512;
 
-/// Runs engine jobs on one device.
+/// What the worker's slots are, and so on which device a job leased on slot `i` computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlotDevices {
+    /// One slot (no `--gpus`, no `--cpu-slots`): the default device (CUDA device 0 when built
+    /// with CUDA and one is present, else the CPU).
+    Default,
+    /// `--gpus`: slot `i` is CUDA device `i` on a CUDA build; a CPU-only build computes on the
+    /// CPU whatever the slot.
+    Gpus,
+    /// `--cpu-slots N`: every slot is a rank on the CPU.
+    Cpu,
+}
+
+/// Runs engine jobs, each on the device of the slot it was leased (a train job leased
+/// several slots runs one data-parallel rank per slot).
 pub struct EngineExecutor {
-    device: Device,
+    slots: SlotDevices,
+    /// CUDA devices already opened, by ordinal (one stream per device, reused by its jobs).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    opened: Mutex<HashMap<u32, Device>>,
 }
 
 impl EngineExecutor {
-    /// An executor on the default device (CUDA when built with it and present).
-    pub fn new() -> Self {
+    /// An executor whose slots are `slots`.
+    pub fn new(slots: SlotDevices) -> Self {
         Self {
-            device: lorasweep_worker::loader::default_device(),
+            slots,
+            opened: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The device of slot `slot`.
+    fn device(&self, slot: u32) -> Result<Device, ExecError> {
+        match self.slots {
+            SlotDevices::Default => Ok(lorasweep_worker::loader::default_device()),
+            SlotDevices::Cpu => Ok(Device::Cpu),
+            #[cfg(not(feature = "cuda"))]
+            SlotDevices::Gpus => {
+                tracing::debug!(slot, "a CPU-only build computes on the CPU for every slot");
+                Ok(Device::Cpu)
+            }
+            #[cfg(feature = "cuda")]
+            SlotDevices::Gpus => {
+                let mut opened = self.opened.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(device) = opened.get(&slot) {
+                    return Ok(device.clone());
+                }
+                let device = Device::new_cuda(slot as usize).map_err(|e| {
+                    ExecError::Retryable(format!(
+                        "cannot open cuda device {slot} (this worker offers it with --gpus): {e}"
+                    ))
+                })?;
+                opened.insert(slot, device.clone());
+                Ok(device)
+            }
+        }
+    }
+
+    /// The device of a single-slot job: its first leased slot.
+    fn job_device(&self, job: &JobAssignment) -> Result<Device, ExecError> {
+        self.device(job.local_ranks.first().map_or(0, |slot| slot.gpu))
     }
 }
 
@@ -50,6 +104,10 @@ impl JobExecutor for EngineExecutor {
         }
     }
 }
+
+/// How long a rank of a gang spread over workers waits for rank 0's NCCL id.
+#[cfg(feature = "nccl")]
+const RENDEZVOUS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// Reads a field of the job's parameters.
 fn field<T: serde::de::DeserializeOwned>(params: &Value, name: &str) -> Result<T, ExecError> {
@@ -104,8 +162,8 @@ impl EngineExecutor {
             message: "probing".into(),
             ..Default::default()
         });
-        let result =
-            jobs::probe(&job.model, &data, &settings, &self.device).map_err(engine_error)?;
+        let device = self.job_device(job)?;
+        let result = jobs::probe(&job.model, &data, &settings, &device).map_err(engine_error)?;
         let path = context.work_dir().join("probe.json");
         lorasweep_worker::peft::write_json(&path, &result)
             .map_err(|e| io_error("writing probe.json", e))?;
@@ -189,35 +247,47 @@ impl EngineExecutor {
         };
         let total = train_job.train.steps as u64;
         let every = train_job.train.checkpoint_every;
-        let mut upload_error = None;
-        let outcome = jobs::train_controlled(&train_job, &self.device, &mut |record| {
-            context.progress(Progress {
-                step: record.step as u64,
-                total_steps: total,
-                loss: Some(record.loss),
-                tokens_per_second: Some(record.tokens_per_s),
-                message: format!("lr {:.2e}", record.lr),
-            });
-            if every > 0 && record.step % every == 0 && record.step as u64 != total {
-                let archive = context.work_dir().join("checkpoint.tar");
-                let uploaded = pack_checkpoint(&out.join("checkpoint"), &archive)
-                    .map_err(|e| io_error("packing the checkpoint", e))
-                    .and_then(|()| {
-                        context
-                            .save_checkpoint(&archive, record.step as u64)
-                            .map_err(ExecError::from)
-                    });
-                if let Err(error) = uploaded {
-                    upload_error = Some(error);
-                    return ControlFlow::Break(());
+        let world = job.world_size.max(1) as usize;
+        let upload_error = Mutex::new(None);
+        // Every rank stops when the job is cancelled; rank 0 alone reports progress and
+        // uploads its checkpoints.
+        let on_step = |rank: usize, record: &lorasweep_worker::train::StepRecord| {
+            if rank == 0 {
+                context.progress(Progress {
+                    step: record.step as u64,
+                    total_steps: total,
+                    loss: Some(record.loss),
+                    tokens_per_second: Some(record.tokens_per_s),
+                    message: format!("lr {:.2e}", record.lr),
+                });
+                if every > 0 && record.step % every == 0 && record.step as u64 != total {
+                    let archive = context.work_dir().join("checkpoint.tar");
+                    let uploaded = pack_checkpoint(&out.join("checkpoint"), &archive)
+                        .map_err(|e| io_error("packing the checkpoint", e))
+                        .and_then(|()| {
+                            context
+                                .save_checkpoint(&archive, record.step as u64)
+                                .map_err(ExecError::from)
+                        });
+                    if let Err(error) = uploaded {
+                        *upload_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(error);
+                        return ControlFlow::Break(());
+                    }
                 }
             }
             if context.is_cancelled() {
                 return ControlFlow::Break(());
             }
             ControlFlow::Continue(())
-        });
-        if let Some(error) = upload_error {
+        };
+        let outcome = if world == 1 {
+            let device = self.job_device(job)?;
+            jobs::train_controlled(&train_job, &device, &mut |record| on_step(0, record))
+        } else {
+            let ranks = self.local_ranks(job, context)?;
+            jobs::train_ranks(&train_job, world, ranks, &on_step)
+        };
+        if let Some(error) = upload_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
             return Err(error);
         }
         if context.is_cancelled() {
@@ -235,6 +305,7 @@ impl EngineExecutor {
             "wall_s": metrics.wall_s,
             "resumed_from": metrics.resumed_from,
             "dominant": outcome.dominant,
+            "world_size": world,
         });
         let artifacts = [
             "adapter_config.json",
@@ -253,6 +324,108 @@ impl EngineExecutor {
             artifacts,
             cache_key: None,
         })
+    }
+
+    /// The data-parallel ranks of a train job that are leased here, each on its slot's
+    /// device with its reducer: when every rank is here, one group of threads (on CUDA
+    /// devices of an NCCL build, an NCCL group whose id is made here; see
+    /// [`jobs::local_world`]); when the gang spans workers, NCCL, rank 0's worker making the
+    /// id and the coordinator relaying it to the others.
+    fn local_ranks(
+        &self,
+        job: &JobAssignment,
+        context: &JobContext,
+    ) -> Result<Vec<LocalRank>, ExecError> {
+        let world = job.world_size as usize;
+        let mut slots = job.local_ranks.clone();
+        slots.sort();
+        slots.dedup_by_key(|slot| slot.rank);
+        if slots.len() != job.local_ranks.len()
+            || slots.is_empty()
+            || slots.iter().any(|slot| slot.rank as usize >= world)
+        {
+            return Err(ExecError::Permanent(format!(
+                "job {}: the ranks leased here ({:?}) are not distinct ranks of a world of {world}",
+                job.key, job.local_ranks
+            )));
+        }
+        let devices = slots
+            .iter()
+            .map(|slot| Ok((slot.rank as usize, self.device(slot.gpu)?)))
+            .collect::<Result<Vec<_>, ExecError>>()?;
+        let all_here = devices.len() == world;
+        let on_cuda = devices.iter().all(|(_, device)| device.is_cuda());
+        tracing::info!(job = %job.key, world, here = devices.len(), on_cuda, "data-parallel train job");
+        if all_here {
+            // Ranks 0..world in order (checked above), all here.
+            let devices = devices.into_iter().map(|(_, device)| device).collect();
+            return jobs::local_world(devices)
+                .map_err(|e| ExecError::Retryable(format!("setting up the ranks: {e}")));
+        }
+        self.nccl_ranks(job, context, devices)
+    }
+
+    /// NCCL members for the ranks leased here (see [`EngineExecutor::local_ranks`]).
+    #[cfg(feature = "nccl")]
+    fn nccl_ranks(
+        &self,
+        job: &JobAssignment,
+        context: &JobContext,
+        devices: Vec<(usize, Device)>,
+    ) -> Result<Vec<LocalRank>, ExecError> {
+        use lorasweep_worker::parallel::NcclReducer;
+        let world = job.world_size as usize;
+        if !devices.iter().all(|(_, device)| device.is_cuda()) {
+            return Err(ExecError::Permanent(format!(
+                "a train job spread over several workers needs NCCL on CUDA devices; this worker offers CPU slots (job {}: {world} ranks, {} here); give the workers --gpus, or keep resources.gpus_per_job within one worker's slots",
+                job.key,
+                devices.len()
+            )));
+        }
+        let id = if devices.iter().any(|(rank, _)| *rank == 0) {
+            let id = NcclReducer::new_unique_id()
+                .map_err(|e| ExecError::Retryable(format!("making the nccl id: {e}")))?;
+            context.publish_rendezvous(&id)?;
+            id
+        } else {
+            context.wait_rendezvous(RENDEZVOUS_TIMEOUT)?
+        };
+        Ok(devices
+            .into_iter()
+            .map(|(rank, device)| {
+                let id = id.clone();
+                LocalRank {
+                    rank,
+                    device,
+                    reducer: Box::new(move |device: &Device| {
+                        Ok(Box::new(NcclReducer::new(rank, world, &id, device)?)
+                            as Box<dyn GradReducer>)
+                    }),
+                }
+            })
+            .collect())
+    }
+
+    /// Without NCCL, a gang spread over workers cannot share gradients: a clear, permanent
+    /// error on every worker of the gang (never a wait).
+    #[cfg(not(feature = "nccl"))]
+    fn nccl_ranks(
+        &self,
+        job: &JobAssignment,
+        _context: &JobContext,
+        devices: Vec<(usize, Device)>,
+    ) -> Result<Vec<LocalRank>, ExecError> {
+        let world = job.world_size;
+        Err(ExecError::Permanent(format!(
+            "a train job spread over several workers needs a CUDA build with NCCL; this worker is {} (job {}: {world} ranks, {} of them here); run it on one worker with {world} slots (--gpus or --cpu-slots {world}), or build the workers with --features cuda,nccl",
+            if cfg!(feature = "cuda") {
+                "built without NCCL"
+            } else {
+                "CPU-only"
+            },
+            job.key,
+            devices.len()
+        )))
     }
 
     /// The PAGE result a train job reads: its probe dependencies' `probe.json`, averaged over
@@ -377,7 +550,8 @@ impl EngineExecutor {
                 ..EvalOptions::default()
             },
         };
-        let report = evaluate::eval_job(&eval_job, &self.device).map_err(engine_error)?;
+        let device = self.job_device(job)?;
+        let report = evaluate::eval_job(&eval_job, &device).map_err(engine_error)?;
         let path = context.work_dir().join("eval.json");
         report
             .write_json(&path)

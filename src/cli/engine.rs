@@ -201,6 +201,12 @@ pub struct TrainArgs {
     /// Output directory (PEFT adapter, metrics.json, checkpoint/).
     #[arg(long)]
     out: PathBuf,
+    /// Train data-parallel over N ranks: on CUDA devices 0..N-1, all-reducing through NCCL
+    /// when built with `nccl` (1 runs the NCCL path with one rank), otherwise as N threads on
+    /// the CPU. --batch-size stays the global micro-batch, split over the ranks. Prints every
+    /// step's loss.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=64))]
+    data_parallel: Option<u32>,
 }
 
 /// `lorasweep generate`.
@@ -324,6 +330,9 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     if hidden {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
+    if let Some(world) = args.data_parallel {
+        return train_data_parallel(&job, world as usize, &device, &args.out);
+    }
     let outcome = jobs::train(&job, &device, &mut |record| {
         bar.set_position(record.step as u64);
         bar.set_message(format!(
@@ -356,5 +365,55 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         println!("PAGE dominant module: {dominant}");
     }
     println!("wrote {}", args.out.display());
+    Ok(())
+}
+
+/// `lorasweep train --data-parallel N`: N ranks on devices 0..N-1 of the default device's
+/// kind; every step's loss, gradient norm and tokens/s on standard output.
+fn train_data_parallel(
+    job: &TrainJob,
+    world: usize,
+    device: &candle_core::Device,
+    out: &std::path::Path,
+) -> anyhow::Result<()> {
+    let devices = (0..world)
+        .map(|index| {
+            if device.is_cuda() {
+                candle_core::Device::new_cuda(index)
+                    .with_context(|| format!("--data-parallel {world}: cuda device {index}"))
+            } else {
+                Ok(candle_core::Device::Cpu)
+            }
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let ranks = jobs::local_world(devices)?;
+    let reducer = if device.is_cuda() && cfg!(feature = "nccl") {
+        "nccl"
+    } else {
+        "threads"
+    };
+    println!(
+        "data-parallel: {world} rank(s) on {}, all-reduce through {reducer}, global micro-batch {}",
+        if device.is_cuda() { "cuda" } else { "cpu" },
+        job.train.batch_size
+    );
+    let outcome = jobs::train_ranks(job, world, ranks, &|rank, record| {
+        if rank == 0 {
+            println!(
+                "step {:>5}  loss {:.6}  grad_norm {:.6}  lr {:.3e}  {:.0} tok/s",
+                record.step, record.loss, record.grad_norm, record.lr, record.tokens_per_s
+            );
+        }
+        std::ops::ControlFlow::Continue(())
+    })?;
+    let metrics = &outcome.metrics;
+    println!(
+        "trained {} module(s), {} trainable parameters over {world} rank(s); {:.0} tokens/s; {:.1} s",
+        outcome.modules.len(),
+        metrics.trainable_parameters,
+        metrics.tokens_per_s,
+        metrics.wall_s
+    );
+    println!("wrote {}", out.display());
     Ok(())
 }

