@@ -260,7 +260,7 @@ impl EngineExecutor {
                     tokens_per_second: Some(record.tokens_per_s),
                     message: format!("lr {:.2e}", record.lr),
                 });
-                if every > 0 && record.step % every == 0 && record.step as u64 != total {
+                if every > 0 && record.step.is_multiple_of(every) && record.step as u64 != total {
                     let archive = context.work_dir().join("checkpoint.tar");
                     let uploaded = pack_checkpoint(&out.join("checkpoint"), &archive)
                         .map_err(|e| io_error("packing the checkpoint", e))
