@@ -377,7 +377,7 @@ impl EngineExecutor {
         let world = job.world_size as usize;
         if !devices.iter().all(|(_, device)| device.is_cuda()) {
             return Err(ExecError::Permanent(format!(
-                "a train job spread over several workers needs NCCL on CUDA devices; this worker offers CPU slots (job {}: {world} ranks, {} here); give the workers --gpus, or keep resources.gpus_per_job within one worker's slots",
+                "a train job spread over several workers needs NCCL on CUDA devices; this worker computes on the CPU (job {}: {world} ranks, {} of them here); give the workers --gpus, or keep resources.gpus_per_job within one worker's slots",
                 job.key,
                 devices.len()
             )));

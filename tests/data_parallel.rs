@@ -326,3 +326,77 @@ fn slots_are_gpus_or_cpu_ranks_never_both_and_run_gives_every_worker_a_gpu() {
         "{stderr}"
     );
 }
+
+/// `lorasweep train --data-parallel N` on the tiny model: its per-step losses.
+fn train_losses(setup: &Setup, ranks: &str) -> Vec<f64> {
+    let out = bin()
+        .arg("train")
+        .arg("--model")
+        .arg(setup.path("model"))
+        .arg("--data")
+        .arg(setup.path("chat.jsonl"))
+        .args([
+            "--steps",
+            "4",
+            "--batch-size",
+            "4",
+            "--max-len",
+            "64",
+            "--rank",
+            "4",
+        ])
+        .args([
+            "--lr",
+            "0.01",
+            "--schedule",
+            "constant",
+            "--warmup-ratio",
+            "0",
+        ])
+        .args(["--data-parallel", ranks])
+        .arg("--out")
+        .arg(setup.path(&format!("train-{ranks}")))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(&format!(
+            "data-parallel: {ranks} rank(s) on cpu, all-reduce through threads"
+        )),
+        "{stdout}"
+    );
+    assert!(stdout.contains("tokens/s"), "{stdout}");
+    stdout
+        .lines()
+        .filter(|line| line.starts_with("step "))
+        .map(|line| {
+            line.split("loss ")
+                .nth(1)
+                .unwrap()
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn train_data_parallel_prints_the_same_losses_for_one_and_two_ranks() {
+    let setup = Setup::start();
+    let one = train_losses(&setup, "1");
+    let two = train_losses(&setup, "2");
+    assert_eq!(one.len(), 4, "{one:?}");
+    assert_eq!(one.len(), two.len());
+    for (a, b) in one.iter().zip(&two) {
+        // Printed with 6 decimals.
+        assert!((a - b).abs() <= 1e-5 * a.abs() + 1e-6, "{one:?} vs {two:?}");
+    }
+    assert!(setup.path("train-2/adapter_model.safetensors").is_file());
+}
