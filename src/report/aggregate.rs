@@ -1186,3 +1186,145 @@ fn job_table(jobs: &[JobResult], by_id: &HashMap<JobId, &JobResult>) -> JobTable
         .collect();
     JobTable { columns, rows }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lorasweep_coordinator::domain::{
+        JobRecord, Progress, SweepRecord, SweepResults, Timestamp,
+    };
+    use lorasweep_coordinator::graph::JobKey;
+    use lorasweep_coordinator::ids::SweepId;
+
+    fn job(id: u64, kind: JobKind, params: Value, deps: Vec<u64>, result: Value) -> JobResult {
+        JobResult {
+            job: JobRecord {
+                id: JobId(id),
+                sweep: SweepId(1),
+                key: JobKey(format!("{}-{id}", kind.name())),
+                kind,
+                model: "m".to_string(),
+                task: "chat".to_string(),
+                params,
+                deps: deps.into_iter().map(JobId).collect(),
+                gpus: 1,
+                state: JobState::Succeeded,
+                attempts: 1,
+                max_attempts: 1,
+                epoch: 1,
+                last_error: None,
+                result: Some(result),
+                workers: Vec::new(),
+                progress: Progress::default(),
+                queued_at: Timestamp(0),
+                started_at: Some(Timestamp(0)),
+                finished_at: Some(Timestamp(1000)),
+            },
+            artifacts: Vec::new(),
+        }
+    }
+
+    /// Two placements × two ranks × two seeds on the chat task (a loss), no sweep file: the
+    /// default baseline (vanilla LoRA) applies, matched at the same rank.
+    fn ranked_input() -> ReportInput {
+        let mut jobs = vec![job(
+            1,
+            JobKind::Eval,
+            json!({"adapter": null}),
+            vec![],
+            json!({"score": 2.0}),
+        )];
+        let mut next = 2;
+        for placement in ["all", "dominant"] {
+            for rank in [8u64, 16] {
+                for seed in [0u64, 1] {
+                    let parameters = if placement == "all" {
+                        1000 * rank
+                    } else {
+                        10 * rank
+                    };
+                    // Dominant is worse by 0.1 at rank 8 and by 0.2 at rank 16.
+                    let loss = match (placement, rank) {
+                        ("all", _) => 1.5 + 0.01 * seed as f64,
+                        (_, 8) => 1.6 + 0.01 * seed as f64,
+                        _ => 1.7 + 0.01 * seed as f64,
+                    };
+                    jobs.push(job(
+                        next,
+                        JobKind::Train,
+                        json!({"placement": placement, "variant": "lora", "rank": rank, "seed": seed}),
+                        vec![],
+                        json!({"trainable_parameters": parameters, "wall_s": 1.0, "tokens_per_s": 10.0}),
+                    ));
+                    jobs.push(job(
+                        next + 1,
+                        JobKind::Eval,
+                        json!({"adapter": format!("train-{next}")}),
+                        vec![next],
+                        json!({"score": loss}),
+                    ));
+                    next += 2;
+                }
+            }
+        }
+        ReportInput {
+            results: SweepResults {
+                sweep: SweepRecord {
+                    id: SweepId(1),
+                    name: "ranked".to_string(),
+                    file_name: "ranked.yaml".to_string(),
+                    spec_yaml: "not: a sweep".to_string(),
+                    created: Timestamp(0),
+                    cancelled: None,
+                },
+                jobs,
+            },
+            probes: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn rows_compare_with_the_baseline_of_the_same_rank() {
+        let report = build(&ranked_input());
+        assert_eq!(
+            report.baseline.as_deref(),
+            Some("placement=all variant=lora")
+        );
+        let group = &report.groups[0];
+        assert_eq!(group.fields, vec!["placement", "rank"]);
+        assert!(!group.higher_is_better, "chat is scored by a loss");
+        let labels: Vec<&str> = group.rows.iter().map(|row| row.label.as_str()).collect();
+        assert_eq!(
+            labels,
+            vec![
+                "all / r=8",
+                "all / r=16",
+                "dominant / r=8",
+                "dominant / r=16"
+            ]
+        );
+        assert!(group.rows[0].is_baseline && group.rows[1].is_baseline);
+        let rank8 = group.rows[2].versus_baseline.as_ref().unwrap();
+        assert_eq!(rank8.baseline, "all / r=8");
+        assert!((rank8.mean - 0.1).abs() < 1e-9);
+        assert_eq!(rank8.better, Some(false));
+        let rank16 = group.rows[3].versus_baseline.as_ref().unwrap();
+        assert_eq!(rank16.baseline, "all / r=16");
+        assert!((rank16.mean - 0.2).abs() < 1e-9);
+        assert_eq!(group.rows[3].percent_of_lora, Some(1.0));
+        assert_eq!(group.base.as_ref().unwrap().mean, Some(2.0));
+        // Lower loss ranks first; the base model is last.
+        let summary = &report.summaries[0];
+        assert_eq!(summary.rows[0].label, "base model");
+        assert_eq!(summary.rows[0].ranks, vec![Some(5.0)]);
+        assert_eq!(summary.rows[1].ranks, vec![Some(1.5)]);
+        assert_eq!(report.jobs.rows.len(), 17);
+    }
+
+    #[test]
+    fn file_parts_are_plain_names() {
+        assert_eq!(file_part("smollm2-135m"), "smollm2-135m");
+        assert_eq!(file_part("/data/my task.jsonl"), "data-my-task.jsonl");
+        assert_eq!(file_part("///"), "unnamed");
+    }
+}
