@@ -9,6 +9,9 @@ mkdir -p "$out/runs"
 steps="${STEPS:-10}"
 warmup="${WARMUP:-3}"
 log() { echo "== $*" >&2; }
+# Which parts to run (a device call has 10 minutes): any of agree compare profile ncu generic.
+sections="${SECTIONS:-agree compare profile ncu generic}"
+want() { [[ " $sections " == *" $1 "* ]]; }
 run() { # name, command...
     local name="$1"; shift
     log "$name"
@@ -17,14 +20,14 @@ run() { # name, command...
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >&2
 
 # CPU vs CUDA on a small geometry: same seeded weights and batches, f32 on the CPU, bf16 on CUDA.
-for mode in train probe; do
+want agree && for mode in train probe; do
     for device in cpu cuda; do
         run "agree_${mode}_${device}" lorasweep bench "$mode" --geometry tiny --device "$device" --batch 4 --seq-len 64 --steps 8 --warmup 0 --lr 1e-3
     done
 done
 
 # The four configurations of GPU.md plus the probe, ours then PEFT's, batch 16 x 512, r=16, a=32.
-for geometry in smollm2-135m qwen2.5-0.5b; do
+want compare && for geometry in smollm2-135m qwen2.5-0.5b; do
     for placement in all one:2.down_proj; do
         tag="${geometry}_${placement//[:.]/_}"
         run "ours_train_$tag" lorasweep bench train --geometry "$geometry" --placement "$placement" --steps "$steps" --warmup "$warmup"
@@ -34,15 +37,36 @@ for geometry in smollm2-135m qwen2.5-0.5b; do
     run "peft_probe_$geometry" python3 bench/peft_baseline.py --mode probe --geometry "$geometry" --steps "$steps" --warmup "$warmup"
 done
 # Where the time goes: each phase of a step timed apart, ours and PEFT's (issue 7's profile).
-for geometry in smollm2-135m qwen2.5-0.5b; do
+want profile && for geometry in smollm2-135m qwen2.5-0.5b; do
     for placement in all one:2.down_proj; do
         tag="${geometry}_${placement//[:.]/_}"
         run "profile_ours_$tag" lorasweep bench train --geometry "$geometry" --placement "$placement" --steps 5 --warmup 2 --profile
         run "profile_peft_$tag" python3 bench/peft_baseline.py --mode train --geometry "$geometry" --placement "$placement" --steps 5 --warmup 2 --profile
     done
 done
+# Kernel time of one step under Nsight Compute (duration only, clocks left alone): is the step
+# bound by the kernels or by the host? Compared with the step's wall time measured above.
+if want ncu && command -v ncu >/dev/null; then
+    for who in ours peft; do
+        tag=smollm2-135m_one_2_down_proj
+        if [[ $who == ours ]]; then
+            cmd=(lorasweep bench train --geometry smollm2-135m --placement one:2.down_proj --steps 1 --warmup 0)
+        else
+            cmd=(python3 bench/peft_baseline.py --mode train --geometry smollm2-135m --placement one:2.down_proj --steps 1 --warmup 0)
+        fi
+        log "ncu $who $tag"
+        timeout "${NCU_TIMEOUT:-240}" ncu --clock-control none --metrics gpu__time_duration.sum --csv \
+            --log-file "$out/ncu_${who}_$tag.csv" "${cmd[@]}" >"$out/ncu_${who}_$tag.log" 2>&1 || log "ncu $who failed or timed out"
+        wall_var="WALL_MS_$who"
+        wall=${!wall_var:-}
+        [[ -n $wall ]] || wall=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1])).get("step_ms_median", ""))' "$out/runs/${who}_train_$tag.json" 2>/dev/null || true)
+        python3 bench/ncu_summary.py "$out/ncu_${who}_$tag.csv" "$who $tag" "$wall" > "$out/ncu_${who}_$tag.md" 2>&1
+    done
+fi
+
 # The waste frozen_linear avoids: candle's generic matmul computes every frozen weight gradient.
-run "ours_generic_matmul_smollm2-135m_one_2_down_proj" lorasweep bench train --geometry smollm2-135m --placement one:2.down_proj --generic-matmul --steps "$steps" --warmup "$warmup"
+want generic && run "ours_generic_matmul_smollm2-135m_one_2_down_proj" lorasweep bench train --geometry smollm2-135m --placement one:2.down_proj --generic-matmul --steps "$steps" --warmup "$warmup"
 
 for f in "$out"/runs/*.json; do python3 -c 'import json,sys,os; d=json.load(open(sys.argv[1])); d["name"]=os.path.basename(sys.argv[1])[:-5]; print(json.dumps(d))' "$f"; done > "$out/results.jsonl"
 python3 bench/compare.py "$out/results.jsonl" | tee "$out/table.md"
+cat "$out"/ncu_*.md 2>/dev/null | tee -a "$out/table.md"
