@@ -294,7 +294,7 @@ fn submitted_text_takes_relative_paths_from_the_submitter_s_folder_without_looki
     match &sweep.models[..] {
         [ModelRef::HfDir { path: first, .. }, ModelRef::Gguf { path: second }] => {
             assert_eq!(first, &folder.join("my-model"));
-            assert_eq!(second, &folder.join("./other/model.gguf"));
+            assert_eq!(second, &folder.join("other/model.gguf"));
         }
         other => panic!("unexpected models {other:?}"),
     }

@@ -136,7 +136,12 @@ impl ModelRef {
 pub(crate) fn resolve(path: &str, base_dir: Option<&Path>) -> PathBuf {
     let written = PathBuf::from(path);
     match base_dir {
-        Some(base) if written.is_relative() => base.join(written),
+        // `./model` and `model` name the same folder: drop `.` so job keys and reports agree.
+        Some(base) if written.is_relative() => base
+            .join(written)
+            .components()
+            .filter(|part| !matches!(part, std::path::Component::CurDir))
+            .collect(),
         _ => written,
     }
 }
