@@ -6,7 +6,6 @@
 //! `cargo run --release -p lorasweep-worker --example tiny_model -- DIR [HIDDEN LAYERS]`
 
 #[path = "../tests/common/files.rs"]
-#[allow(dead_code)]
 mod files;
 
 use std::path::PathBuf;
