@@ -251,7 +251,7 @@ fn hf_directory_geometry_is_checked() {
         panic!("accepted a layer the model does not have");
     };
     let file = sweep_path.display().to_string();
-    let model = dir.path().join("./tiny").display().to_string();
+    let model = dir.path().join("tiny").display().to_string();
     let shown: Vec<String> = errors.0.iter().map(ToString::to_string).collect();
     assert_eq!(
         shown,
