@@ -399,6 +399,7 @@ async fn the_metrics_endpoint_reports_jobs_workers_and_health() {
     let address = harness.coordinator.metrics_address.unwrap();
     let health = http_get(address, "/healthz").await;
     assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+    assert!(health.ends_with("\r\n\r\nok\n"), "{health}");
     let metrics = http_get(address, "/metrics").await;
     assert!(
         metrics.contains("lorasweep_jobs{state=\"running\"} 1"),

@@ -129,7 +129,36 @@ async fn answer(
     let mut words = request_line.split_whitespace();
     let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
     let (status, content_type, body) = match (method, path) {
-        ("GET", "/healthz") => ("200 OK", "text/plain", "ok\n".to_string()),
+        // Healthy means the state database answers: a coordinator whose store is gone must
+        // fail its liveness probe rather than hand out errors.
+        ("GET", "/healthz") => {
+            let store = store.clone();
+            let answer = tokio::time::timeout(
+                Duration::from_secs(5),
+                tokio::task::spawn_blocking(move || {
+                    store.metrics(Timestamp::now(), worker_timeout)
+                }),
+            )
+            .await;
+            match answer {
+                Ok(Ok(Ok(_))) => ("200 OK", "text/plain", "ok\n".to_string()),
+                Ok(Ok(Err(error))) => (
+                    "503 Service Unavailable",
+                    "text/plain",
+                    format!("store unavailable: {error}\n"),
+                ),
+                Ok(Err(error)) => (
+                    "503 Service Unavailable",
+                    "text/plain",
+                    format!("health task failed: {error}\n"),
+                ),
+                Err(_) => (
+                    "503 Service Unavailable",
+                    "text/plain",
+                    "store did not answer within 5 s\n".to_string(),
+                ),
+            }
+        }
         ("GET", "/metrics") => {
             let metrics = tokio::task::spawn_blocking(move || {
                 store.metrics(Timestamp::now(), worker_timeout)
