@@ -64,6 +64,10 @@ pub struct BenchArgs {
     /// Write the result object here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Measure the fused softmax: attention on CUDA through the softmax composed of candle
+    /// primitives in f32 (the path before the fused op).
+    #[arg(long)]
+    composed_softmax: bool,
     /// Also time each phase of a step (forward, head + loss, backward, optimizer), with a
     /// device synchronisation between phases.
     #[arg(long)]
@@ -97,6 +101,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
         profile: args.profile,
     };
     lorasweep_worker::ops::use_generic_matmul(args.generic_matmul);
+    lorasweep_worker::ops::use_composed_softmax(args.composed_softmax);
     let sampler = device.is_cuda().then(MemorySampler::start);
     let mut result = bench::run(&options, &device).map_err(anyhow::Error::msg)?;
     if let Some(sampler) = sampler {

@@ -98,6 +98,146 @@ impl CustomOp2 for FrozenLinear {
     }
 }
 
+static COMPOSED_SOFTMAX: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// For measurement only (`lorasweep bench --composed-softmax`): attention on CUDA uses the
+/// softmax composed of candle primitives in f32 instead of [`softmax_last_dim`].
+pub fn use_composed_softmax(enabled: bool) {
+    COMPOSED_SOFTMAX.store(enabled, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether attention should use [`softmax_last_dim`] on this device: on CUDA, unless
+/// [`use_composed_softmax`] said otherwise. (On the CPU the composed softmax is multi-threaded
+/// by candle and not the bottleneck.)
+pub fn fused_softmax_on(device: &candle_core::Device) -> bool {
+    device.is_cuda() && !COMPOSED_SOFTMAX.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Softmax over the last dimension in one pass, in the input's dtype (accumulating in f32),
+/// with a backward: `∂x = y ⊙ (∂y − Σ(∂y ⊙ y))`, computed in f32. candle's own fused softmax
+/// has no backward, so without this op attention composes max/sub/exp/sum/div, each pass over
+/// the `seq × seq` scores kept for backward.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(SoftmaxLastDim)
+}
+
+struct SoftmaxLastDim;
+
+impl SoftmaxLastDim {
+    fn rows<T: Copy>(
+        src: &[T],
+        layout: &Layout,
+        to: impl Fn(T) -> f32,
+        from: impl Fn(f32) -> T,
+    ) -> Result<Vec<T>> {
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("softmax_last_dim: input must be contiguous")
+        };
+        let src = &src[start..end];
+        let cols = layout.dims().last().copied().unwrap_or(1).max(1);
+        let mut out = Vec::with_capacity(src.len());
+        let mut exps = vec![0f32; cols];
+        for row in src.chunks(cols) {
+            let max = row.iter().map(|&v| to(v)).fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f32;
+            for (e, &v) in exps.iter_mut().zip(row) {
+                *e = (to(v) - max).exp();
+                sum += *e;
+            }
+            out.extend(exps.iter().map(|&e| from(e / sum)));
+        }
+        Ok(out)
+    }
+}
+
+impl candle_core::CustomOp1 for SoftmaxLastDim {
+    fn name(&self) -> &'static str {
+        "softmax-last-dim-with-backward"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        use half::{bf16, f16};
+        let out = match storage {
+            CpuStorage::F32(src) => CpuStorage::F32(Self::rows(src, layout, |v| v, |v| v)?),
+            CpuStorage::BF16(src) => {
+                CpuStorage::BF16(Self::rows(src, layout, bf16::to_f32, bf16::from_f32)?)
+            }
+            CpuStorage::F16(src) => {
+                CpuStorage::F16(Self::rows(src, layout, f16::to_f32, f16::from_f32)?)
+            }
+            CpuStorage::F64(src) => {
+                CpuStorage::F64(Self::rows(src, layout, |v| v as f32, |v| v as f64)?)
+            }
+            other => candle_core::bail!("softmax_last_dim: unsupported dtype {:?}", other.dtype()),
+        };
+        Ok((out, layout.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::cuda_backend::cudarc::driver::{
+            CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg,
+        };
+        use candle_core::cuda_backend::{kernel_name, kernels, Map1, WrapErr};
+        use candle_core::{CudaDevice, WithDType};
+
+        // candle-kernels' row softmax (one warp per row), launched as candle-nn launches it.
+        struct Rows;
+        impl Map1 for Rows {
+            fn f<T: DeviceRepr + WithDType>(
+                &self,
+                src: &CudaSlice<T>,
+                dev: &CudaDevice,
+                layout: &Layout,
+            ) -> Result<CudaSlice<T>> {
+                let Some((start, end)) = layout.contiguous_offsets() else {
+                    candle_core::bail!("softmax_last_dim: input must be contiguous")
+                };
+                let src = src.slice(start..end);
+                let elements = layout.shape().elem_count();
+                let cols = layout.dims().last().copied().unwrap_or(1).max(1);
+                let config = LaunchConfig {
+                    grid_dim: ((elements / cols) as u32, 1, 1),
+                    block_dim: (1, 32, 1),
+                    shared_mem_bytes: 0,
+                };
+                let func = dev.get_or_load_func(&kernel_name::<T>("softmax"), &kernels::REDUCE)?;
+                // SAFETY: every element is written by the kernel before it is read.
+                let dst = unsafe { dev.alloc::<T>(elements)? };
+                let mut builder = func.builder();
+                builder.arg(&src);
+                builder.arg(&dst);
+                candle_core::builder_arg!(builder, cols as i32);
+                // SAFETY: the arguments match the kernel's signature (src, dst, ncols).
+                unsafe { builder.launch(config) }.w()?;
+                Ok(dst)
+            }
+        }
+        let device = storage.device();
+        let out = Rows.map(&storage.slice, device, layout)?;
+        Ok((
+            candle_core::CudaStorage {
+                slice: out,
+                device: device.clone(),
+            },
+            layout.shape().clone(),
+        ))
+    }
+
+    fn bwd(&self, _x: &Tensor, y: &Tensor, grad_y: &Tensor) -> Result<Option<Tensor>> {
+        let dtype = y.dtype();
+        let y32 = y.to_dtype(candle_core::DType::F32)?;
+        let g32 = grad_y.to_dtype(candle_core::DType::F32)?;
+        let dot = (&g32 * &y32)?.sum_keepdim(candle_core::D::Minus1)?;
+        let grad = (y32 * g32.broadcast_sub(&dot)?)?;
+        Ok(Some(grad.to_dtype(dtype)?))
+    }
+}
+
 /// Row-wise RMS normalisation `x / sqrt(mean(x²) + eps) · g`, computed in f32, differentiable.
 pub fn rms_norm(x: &Tensor, gain: &Tensor, eps: f64) -> Result<Tensor> {
     let dtype = x.dtype();
@@ -150,6 +290,80 @@ mod tests {
             "a frozen weight must get no gradient"
         );
         Ok(())
+    }
+
+    /// Fresh random scores with a causal mask of -inf above the diagonal, as attention makes
+    /// them.
+    fn masked_scores(shape: (usize, usize, usize)) -> Result<Tensor> {
+        let (_, rows, cols) = shape;
+        let device = Device::Cpu;
+        let scores = (Tensor::randn(0f32, 1.0, shape, &device)? * 3.0)?;
+        let mask: Vec<f32> = (0..rows)
+            .flat_map(|i| (0..cols).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+            .collect();
+        let mask = Tensor::from_vec(mask, (rows, cols), &device)?;
+        scores.broadcast_add(&mask)
+    }
+
+    fn relative_difference(a: &Tensor, b: &Tensor) -> Result<f32> {
+        let a = a.to_dtype(candle_core::DType::F64)?;
+        let b = b.to_dtype(candle_core::DType::F64)?;
+        let norm = b.sqr()?.sum_all()?.sqrt()?.to_scalar::<f64>()?;
+        let diff = (a - &b)?.sqr()?.sum_all()?.sqrt()?.to_scalar::<f64>()?;
+        Ok((diff / norm.max(1e-30)) as f32)
+    }
+
+    #[test]
+    fn softmax_last_dim_matches_the_composed_softmax_forward_and_backward() -> Result<()> {
+        for (dtype, tolerance) in [
+            (candle_core::DType::F32, 1e-6),
+            (candle_core::DType::F32, 1e-6),
+            (candle_core::DType::BF16, 1e-2),
+        ] {
+            let x = masked_scores((3, 9, 9))?.to_dtype(dtype)?;
+            let x = Var::from_tensor(&x)?;
+            let upstream = Tensor::randn(0f32, 1.0, (3, 9, 9), &Device::Cpu)?.to_dtype(dtype)?;
+            let fused = softmax_last_dim(x.as_tensor())?;
+            // The reference in f64 through candle's composed softmax.
+            let x64 = Var::from_tensor(&x.as_tensor().to_dtype(candle_core::DType::F64)?)?;
+            let composed = candle_nn::ops::softmax(x64.as_tensor(), candle_core::D::Minus1)?;
+            let forward = relative_difference(&fused, &composed)?;
+            assert!(
+                forward < tolerance,
+                "{dtype:?} forward differs by {forward}"
+            );
+            let rows = fused
+                .sum_keepdim(candle_core::D::Minus1)?
+                .to_dtype(candle_core::DType::F32)?;
+            let worst = (rows - 1.0)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(
+                worst < 10.0 * tolerance + 1e-6,
+                "rows sum to 1 within {worst}"
+            );
+
+            let grad = (fused * &upstream)?.sum_all()?.backward()?;
+            let grad = grad.get(x.as_tensor()).expect("x has a gradient").clone();
+            let upstream64 = upstream.to_dtype(candle_core::DType::F64)?;
+            let grad64 = (composed * upstream64)?.sum_all()?.backward()?;
+            let reference = grad64.get(x64.as_tensor()).expect("reference gradient");
+            let backward = relative_difference(&grad, reference)?;
+            assert!(
+                backward < 2.0 * tolerance,
+                "{dtype:?} backward differs by {backward}"
+            );
+            // Masked entries get exactly zero probability and zero gradient.
+            let fused = softmax_last_dim(x.as_tensor())?.to_dtype(candle_core::DType::F32)?;
+            let above = fused.get(0)?.get(0)?.narrow(0, 1, 8)?;
+            assert_eq!(above.abs()?.max_all()?.to_scalar::<f32>()?, 0.0);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn softmax_last_dim_refuses_integer_input() {
+        let ids = Tensor::new(&[[1u32, 2, 3]], &Device::Cpu).unwrap();
+        let error = softmax_last_dim(&ids).unwrap_err().to_string();
+        assert!(error.contains("unsupported dtype"), "{error}");
     }
 
     #[test]

@@ -469,9 +469,16 @@ impl Transformer {
         let k = repeat_kv(&k, groups)?;
         let v = repeat_kv(&v, groups)?;
         let scale = 1.0 / (head_dim as f64).sqrt();
-        let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
-        let scores = scores.broadcast_add(mask)?;
-        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(self.dtype)?;
+        let probs = if ops::fused_softmax_on(&self.device) {
+            // One pass over the scores in the compute dtype, one saved tensor for backward.
+            let scores = (q.matmul(&k.t()?)? * scale)?;
+            let scores = scores.broadcast_add(&mask.to_dtype(scores.dtype())?)?;
+            ops::softmax_last_dim(&scores)?
+        } else {
+            let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
+            let scores = scores.broadcast_add(mask)?;
+            candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(self.dtype)?
+        };
         let out = probs.matmul(&v)?;
         let out = out
             .transpose(1, 2)?
