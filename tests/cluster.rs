@@ -8,81 +8,20 @@
 
 #[path = "../worker/tests/common/files.rs"]
 mod files;
+#[path = "common/process.rs"]
+mod process;
 
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use process::{bin, Proc};
+
 const TOKEN: &str = "cluster-test-token-0123456789";
-
-fn bin() -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_lorasweep"));
-    command
-        .env_remove("LORASWEEP_TOKEN")
-        .env_remove("LORASWEEP_COORDINATOR")
-        .env("RUST_LOG", "info");
-    command
-}
-
-/// A child process killed (SIGKILL) when dropped, its output in a log file.
-struct Proc {
-    name: String,
-    child: Child,
-    log: PathBuf,
-}
-
-impl Proc {
-    fn spawn(name: &str, mut command: Command, log: PathBuf) -> Proc {
-        let file = File::create(&log).unwrap();
-        let child = command
-            .stdin(Stdio::null())
-            .stdout(file.try_clone().unwrap())
-            .stderr(file)
-            .spawn()
-            .unwrap_or_else(|error| panic!("cannot start {name}: {error}"));
-        Proc {
-            name: name.to_string(),
-            child,
-            log,
-        }
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
-        let started = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                started.elapsed() < limit,
-                "{} did not exit within {limit:?}; its log:\n{}",
-                self.name,
-                self.log()
-            );
-            sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
 
 /// A test's folder: the model, the data, the sweep, the token, logs and state.
 struct Cluster {

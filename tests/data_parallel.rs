@@ -6,62 +6,19 @@
 
 #[path = "../worker/tests/common/files.rs"]
 mod files;
+#[path = "common/process.rs"]
+mod process;
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use process::{bin, Proc};
+
 const TOKEN: &str = "data-parallel-test-token-0123456789";
 
-fn bin() -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_lorasweep"));
-    command
-        .env_remove("LORASWEEP_TOKEN")
-        .env_remove("LORASWEEP_COORDINATOR")
-        .env("RUST_LOG", "info");
-    command
-}
-
-/// A child process killed when dropped, its output in a log file.
-struct Proc {
-    name: String,
-    child: Child,
-    log: PathBuf,
-}
-
-impl Proc {
-    fn spawn(name: &str, mut command: Command, log: PathBuf) -> Proc {
-        let file = File::create(&log).unwrap();
-        let child = command
-            .stdin(Stdio::null())
-            .stdout(file.try_clone().unwrap())
-            .stderr(file)
-            .spawn()
-            .unwrap_or_else(|error| panic!("cannot start {name}: {error}"));
-        Proc {
-            name: name.to_string(),
-            child,
-            log,
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// The test's folder (tiny model, chat data, token, logs, state) and its coordinator.
 struct Setup {
     dir: tempfile::TempDir,
     url: String,
