@@ -419,6 +419,15 @@ impl Transformer {
         targets: &Tensor,
         weights: &Tensor,
     ) -> candle_core::Result<Tensor> {
+        if ops::fused_softmax_on(&self.device) {
+            let logits = self.logits(hidden)?;
+            let vocab = logits.dim(D::Minus1)?;
+            let rows =
+                ops::cross_entropy_rows(&logits.reshape(((), vocab))?, &targets.flatten_all()?)?;
+            let weights = weights.flatten_all()?.to_dtype(DType::F32)?;
+            let total = weights.sum_all()?;
+            return rows.mul(&weights)?.sum_all()? / total;
+        }
         let logits = self.logits(hidden)?.to_dtype(DType::F32)?;
         let vocab = logits.dim(D::Minus1)?;
         let logits = logits.reshape(((), vocab))?;
