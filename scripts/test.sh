@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 cargo build --release --bin lorasweep
-bin=target/release/lorasweep
+bin="${CARGO_TARGET_DIR:-target}/release/lorasweep"
 export LORASWEEP_SMOLLM2_GGUF="$("$bin" assets fetch smollm2-135m)"
 export LORASWEEP_QWEN_GGUF="$("$bin" assets fetch qwen2.5-coder-0.5b)"
 "$bin" assets fetch humaneval ifbench sharegpt gsm-symbolic stdlib-code >/dev/null

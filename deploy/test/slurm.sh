@@ -46,7 +46,7 @@ if [[ -n ${LORASWEEP_BIN:-} ]]; then
 	bin=$LORASWEEP_BIN
 else
 	(cd "$REPO" && cargo build --release --bin lorasweep)
-	bin=$REPO/target/release/lorasweep
+	bin=${CARGO_TARGET_DIR:-$REPO/target}/release/lorasweep
 fi
 [[ -x $bin ]] || fail "no lorasweep binary at $bin"
 
