@@ -175,7 +175,7 @@ pub fn probe(
             probe::Estimator::Expected => scores.expected.expect("expected scores requested"),
         });
     }
-    let (
+    let probe::Summary {
         modules,
         dominant,
         top1_share,
@@ -183,7 +183,7 @@ pub fn probe(
         share_by_layer,
         batch_argmax,
         argmax_stability,
-    ) = probe::summarise(model.config(), &per_batch);
+    } = probe::summarise(model.config(), &per_batch);
     Ok(ProbeResult {
         model: model_spec.to_string(),
         model_digest: model.digest.clone(),

@@ -299,7 +299,7 @@ mod tests {
             .enumerate()
             .map(|(i, _)| i as f64 + 1.0)
             .collect::<Vec<_>>()];
-        let (
+        let crate::probe::Summary {
             modules,
             dominant,
             top1_share,
@@ -307,7 +307,7 @@ mod tests {
             share_by_layer,
             batch_argmax,
             argmax_stability,
-        ) = crate::probe::summarise(config, &per_batch);
+        } = crate::probe::summarise(config, &per_batch);
         ProbeResult {
             model: "tiny".into(),
             model_digest: String::new(),

@@ -288,18 +288,24 @@ fn expected_energy(
     Ok(s * s * settings.rank as f64 * variance * g_norm_sq)
 }
 
-/// What [`summarise`] returns, in the order of [`ProbeResult`]'s fields: module scores,
-/// dominant module, top-1 share, share by kind, share by layer, per-batch argmax, argmax
-/// stability.
-pub type Summary = (
-    Vec<ModuleScore>,
-    String,
-    f64,
-    BTreeMap<String, f64>,
-    Vec<f64>,
-    Vec<String>,
-    f64,
-);
+/// What [`summarise`] returns: the statistics part of a [`ProbeResult`], by name.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Summary {
+    /// Every candidate module with its mean score and share, in layer-major order.
+    pub modules: Vec<ModuleScore>,
+    /// The argmax module.
+    pub dominant: String,
+    /// Share of the dominant module.
+    pub top1_share: f64,
+    /// Share per module kind.
+    pub share_by_kind: BTreeMap<String, f64>,
+    /// Share per layer.
+    pub share_by_layer: Vec<f64>,
+    /// Argmax of each batch on its own.
+    pub batch_argmax: Vec<String>,
+    /// Fraction of batches whose own argmax is the overall dominant module.
+    pub argmax_stability: f64,
+}
 
 /// Summarises per-batch scores into the probe's result (shares, ranking, stability).
 pub fn summarise(config: &ModelConfig, per_batch: &[Vec<f64>]) -> Summary {
@@ -342,16 +348,15 @@ pub fn summarise(config: &ModelConfig, per_batch: &[Vec<f64>]) -> Summary {
         .iter()
         .filter(|name| **name == modules[top].name())
         .count();
-    let stability = agree as f64 / batches;
-    (
-        scores.clone(),
-        modules[top].name(),
-        scores[top].share,
-        by_kind,
-        by_layer,
+    Summary {
+        top1_share: scores[top].share,
+        modules: scores,
+        dominant: modules[top].name(),
+        share_by_kind: by_kind,
+        share_by_layer: by_layer,
         batch_argmax,
-        stability,
-    )
+        argmax_stability: agree as f64 / batches,
+    }
 }
 
 /// Spearman rank correlation of two score vectors (average ranks for ties).
