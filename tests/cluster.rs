@@ -175,24 +175,6 @@ impl Cluster {
             sleep(Duration::from_millis(100));
         }
     }
-
-    fn wait_registered(&self, coordinator: &Proc, workers: &[&str]) {
-        let started = Instant::now();
-        loop {
-            let log = coordinator.log();
-            if workers.iter().all(|id| {
-                log.lines()
-                    .any(|line| line.contains("worker registered") && line.contains(id))
-            }) {
-                return;
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(30),
-                "workers {workers:?} did not register:\n{log}"
-            );
-            sleep(Duration::from_millis(50));
-        }
-    }
 }
 
 /// A sweep over the tiny model and the fixture chat file beside it, by relative paths (taken
@@ -254,7 +236,7 @@ fn a_sweep_runs_across_a_coordinator_and_two_workers() {
     let coordinator = cluster.coordinator("127.0.0.1:0", "coordinator.log");
     let one = cluster.worker("w1");
     let two = cluster.worker("w2");
-    cluster.wait_registered(&coordinator, &["w1", "w2"]);
+    coordinator.wait_registered(&["w1", "w2"]);
     let id = cluster.submit(&sweep(
         "two-workers",
         true,
@@ -300,7 +282,7 @@ fn a_worker_killed_mid_training_leaves_the_job_to_another_that_resumes_it() {
     let mut cluster = Cluster::new();
     let coordinator = cluster.coordinator("127.0.0.1:0", "coordinator.log");
     let mut first = cluster.worker("w1");
-    cluster.wait_registered(&coordinator, &["w1"]);
+    coordinator.wait_registered(&["w1"]);
     let id = cluster.submit(&sweep(
         "killed-worker",
         false,
@@ -349,7 +331,7 @@ fn a_coordinator_killed_and_restarted_loses_nothing_and_reruns_nothing() {
     let mut coordinator = cluster.coordinator("127.0.0.1:0", "coordinator-1.log");
     let address = cluster.address.clone().unwrap();
     let worker = cluster.worker("w1");
-    cluster.wait_registered(&coordinator, &["w1"]);
+    coordinator.wait_registered(&["w1"]);
     let id = cluster.submit(&sweep(
         "killed-coordinator",
         true,
@@ -538,7 +520,7 @@ fn a_sweep_runs_over_tls_and_clients_without_the_ca_are_refused() {
     );
     cluster.tls = Some((ca, "localhost".to_string()));
     let worker = cluster.worker("w1");
-    cluster.wait_registered(&coordinator, &["w1"]);
+    coordinator.wait_registered(&["w1"]);
     let id = cluster.submit(&sweep(
         "over-tls",
         false,

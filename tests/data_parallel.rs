@@ -101,24 +101,6 @@ impl Setup {
         Proc::spawn(id, command, self.path(&format!("{id}.log")))
     }
 
-    fn wait_registered(&self, workers: &[&str]) {
-        let started = Instant::now();
-        loop {
-            let log = self.coordinator.log();
-            if workers.iter().all(|id| {
-                log.lines()
-                    .any(|line| line.contains("worker registered") && line.contains(id))
-            }) {
-                return;
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(30),
-                "workers {workers:?} did not register:\n{log}"
-            );
-            sleep(Duration::from_millis(50));
-        }
-    }
-
     /// Submits a sweep of one train job (and its evals) on the tiny model, over `ranks` ranks.
     fn submit(&self, name: &str, ranks: u32) -> String {
         let sweep = format!(
@@ -185,7 +167,7 @@ fn losses(job: &Value) -> Vec<f64> {
 fn a_worker_with_two_cpu_slots_runs_a_two_rank_job_on_the_one_rank_curve() {
     let setup = Setup::start();
     let worker = setup.worker("w2", &["--cpu-slots", "2"]);
-    setup.wait_registered(&["w2"]);
+    setup.coordinator.wait_registered(&["w2"]);
     let two = setup.submit("two-ranks", 2);
     let one = setup.submit("one-rank", 1);
     let limit = Duration::from_secs(180);
@@ -225,7 +207,7 @@ fn a_gang_spread_over_two_cpu_workers_fails_at_once_with_a_clear_error() {
     let setup = Setup::start();
     let first = setup.worker("c1", &["--cpu-slots", "1"]);
     let second = setup.worker("c2", &[]);
-    setup.wait_registered(&["c1", "c2"]);
+    setup.coordinator.wait_registered(&["c1", "c2"]);
     let started = Instant::now();
     let sweep = setup.submit("spread", 2);
     let status = setup.wait_ended(&sweep, Duration::from_secs(120), &[&first, &second]);

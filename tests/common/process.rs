@@ -67,6 +67,27 @@ impl Proc {
     }
 }
 
+impl Proc {
+    /// For a coordinator: waits until each of `workers` is in its log as registered.
+    pub fn wait_registered(&self, workers: &[&str]) {
+        let started = Instant::now();
+        loop {
+            let log = self.log();
+            if workers.iter().all(|id| {
+                log.lines()
+                    .any(|line| line.contains("worker registered") && line.contains(id))
+            }) {
+                return;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "workers {workers:?} did not register:\n{log}"
+            );
+            sleep(Duration::from_millis(50));
+        }
+    }
+}
+
 impl Drop for Proc {
     fn drop(&mut self) {
         self.kill();
