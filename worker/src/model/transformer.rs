@@ -365,6 +365,13 @@ impl Transformer {
                 )
             }
         };
+        // The fused softmax adds the mask to scores in the compute dtype: cast it once here,
+        // not in every layer. The composed softmax adds it to f32 scores.
+        let mask = if ops::fused_softmax_on(&self.device) {
+            mask.to_dtype(self.dtype)?
+        } else {
+            mask
+        };
         for (index, layer) in self.layers.iter().enumerate() {
             let residual = &x;
             let h = ops::rms_norm(&x, &layer.input_norm, self.config.rms_norm_eps)?;
@@ -481,7 +488,7 @@ impl Transformer {
         let probs = if ops::fused_softmax_on(&self.device) {
             // One pass over the scores in the compute dtype, one saved tensor for backward.
             let scores = (q.matmul(&k.t()?)? * scale)?;
-            let scores = scores.broadcast_add(&mask.to_dtype(scores.dtype())?)?;
+            let scores = scores.broadcast_add(mask)?;
             ops::softmax_last_dim(&scores)?
         } else {
             let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
