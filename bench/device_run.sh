@@ -9,8 +9,9 @@ mkdir -p "$out/runs"
 steps="${STEPS:-10}"
 warmup="${WARMUP:-3}"
 log() { echo "== $*" >&2; }
-# Which parts to run (a device call has 10 minutes): any of agree compare profile ncu generic.
-sections="${SECTIONS:-agree compare profile ncu generic}"
+# Which parts to run (a device call has 10 minutes): any of
+# kernels agree compare fusedcheck profile ncu nsys generic.
+sections="${SECTIONS:-kernels agree compare fusedcheck profile ncu generic}"
 want() { [[ " $sections " == *" $1 "* ]]; }
 run() { # name, command...
     local name="$1"; shift
@@ -18,6 +19,12 @@ run() { # name, command...
     if timeout "${RUN_TIMEOUT:-150}" "$@" --json "$out/runs/$name.json"; then :; else echo "{\"name\": \"$name\", \"failed\": true}" > "$out/runs/$name.json"; fi
 }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >&2
+
+# Every fused kernel on the GPU against candle's composed ops on the CPU, forward and backward.
+if want kernels; then
+    log "kernels"
+    lorasweep bench kernels --device cuda --json "$out/kernels.json" | tee "$out/kernels.txt" >&2 || log "kernel check FAILED"
+fi
 
 # CPU vs CUDA on a small geometry: same seeded weights and batches, f32 on the CPU, bf16 on CUDA.
 want agree && for mode in train probe; do
@@ -61,6 +68,28 @@ if want ncu && command -v ncu >/dev/null; then
         wall=${!wall_var:-}
         [[ -n $wall ]] || wall=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1])).get("step_ms_median", ""))' "$out/runs/${who}_train_$tag.json" 2>/dev/null || true)
         python3 bench/ncu_summary.py "$out/ncu_${who}_$tag.csv" "$who $tag" "$wall" > "$out/ncu_${who}_$tag.md" 2>&1
+    done
+fi
+
+# 50-step loss curves, fused kernels vs candle's composed ops (training must not change).
+if want fusedcheck; then
+    log "fusedcheck"
+    OUT="$out/fused-check" bash bench/fused_check.sh | tee "$out/fused_check.txt" >&2 || log "fused check failed"
+fi
+
+# Where the kernel time goes in one step, from Nsight Systems (if the machine has it).
+if want nsys && command -v nsys >/dev/null; then
+    for who in ours peft; do
+        tag=smollm2-135m_one_2_down_proj
+        if [[ $who == ours ]]; then
+            cmd=(lorasweep bench train --geometry smollm2-135m --placement one:2.down_proj --steps 3 --warmup 2)
+        else
+            cmd=(python3 bench/peft_baseline.py --mode train --geometry smollm2-135m --placement one:2.down_proj --steps 3 --warmup 2)
+        fi
+        log "nsys $who $tag"
+        timeout "${NSYS_TIMEOUT:-200}" nsys profile --trace=cuda --sample=none --cpuctxsw=none -o "$out/nsys_${who}" --force-overwrite true "${cmd[@]}" >"$out/nsys_${who}.log" 2>&1 || log "nsys $who failed"
+        nsys stats --report cuda_gpu_kern_sum,cuda_api_sum --format csv --output "$out/nsys_${who}" "$out/nsys_${who}.nsys-rep" >>"$out/nsys_${who}.log" 2>&1 || log "nsys stats $who failed"
+        rm -f "$out/nsys_${who}.nsys-rep" "$out/nsys_${who}.sqlite"
     done
 fi
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 7's check that a fused kernel does not change training: the same 50 steps on the same
-# seeded random SmolLM2-geometry model and batches, attention through the fused softmax and
-# through the composed one; prints both loss curves' ends and the largest relative difference.
+# seeded random SmolLM2-geometry model and batches, attention through the fused kernels and
+# through candle's composed ops; prints both loss curves' ends and the largest relative difference.
 # On the GPU machine with the CUDA build carried:
 #   deploy/cuda/run-on-device.sh bash bench/fused_check.sh
 set -euo pipefail
@@ -9,7 +9,7 @@ out="${OUT:-/tmp/fused-check}"
 mkdir -p "$out"
 common=(bench train --geometry smollm2-135m --placement all --batch 8 --seq-len 256 --steps 50 --warmup 0 --lr 1e-3)
 lorasweep "${common[@]}" --json "$out/fused.json" | tail -1
-lorasweep "${common[@]}" --composed-softmax --json "$out/composed.json" | tail -1
+lorasweep "${common[@]}" --composed-kernels --json "$out/composed.json" | tail -1
 python3 - "$out/fused.json" "$out/composed.json" <<'PY'
 import json, sys
 a = json.load(open(sys.argv[1]))["losses"]

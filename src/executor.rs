@@ -78,7 +78,7 @@ impl EngineExecutor {
                 if let Some(device) = opened.get(&slot) {
                     return Ok(device.clone());
                 }
-                let device = Device::new_cuda(slot as usize).map_err(|e| {
+                let device = lorasweep_worker::loader::cuda_device(slot as usize).map_err(|e| {
                     ExecError::Retryable(format!(
                         "cannot open cuda device {slot} (this worker offers it with --gpus): {e}"
                     ))

@@ -1,5 +1,6 @@
 //! `lorasweep bench train|probe`: step time, tokens/s, peak memory and TFLOP/s of the engine on
 //! a named geometry with random weights, in the JSON shape of `bench/peft_baseline.py`.
+//! `lorasweep bench kernels`: the fused kernels against candle's composed ops.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,6 +17,9 @@ pub enum Mode {
     Train,
     /// A PAGE probe batch: adapters everywhere, forward, backward, every ‖∇B‖².
     Probe,
+    /// No timing: every fused kernel on the device, in f32 and bf16, forward and backward,
+    /// against candle's composed ops on the CPU in f32; fails if one is out of tolerance.
+    Kernels,
 }
 
 /// Arguments of `lorasweep bench`.
@@ -64,10 +68,10 @@ pub struct BenchArgs {
     /// Write the result object here.
     #[arg(long)]
     json: Option<PathBuf>,
-    /// Measure the fused softmax: attention on CUDA through the softmax composed of candle
-    /// primitives in f32 (the path before the fused op).
+    /// Measure the fused kernels: attention, RMSNorm, RoPE, SwiGLU, the loss and AdamW on CUDA
+    /// through candle's composed primitives instead (the path before the fused ops).
     #[arg(long)]
-    composed_softmax: bool,
+    composed_kernels: bool,
     /// Also time each phase of a step (forward, head + loss, backward, optimizer), with a
     /// device synchronisation between phases.
     #[arg(long)]
@@ -80,14 +84,18 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
     let device = match args.device.as_deref() {
         None => loader::default_device(),
         Some("cpu") => candle_core::Device::Cpu,
-        Some("cuda") => candle_core::Device::new_cuda(0)?,
+        Some("cuda") => loader::cuda_device(0)?,
         Some(other) => anyhow::bail!("--device {other:?}: expected cpu or cuda"),
     };
+    if let Mode::Kernels = args.mode {
+        return kernels(&device, args.json.as_deref());
+    }
     let options = BenchOptions {
         geometry: args.geometry.clone(),
         mode: match args.mode {
             Mode::Train => "train".into(),
             Mode::Probe => "probe".into(),
+            Mode::Kernels => unreachable!("handled above"),
         },
         placement: args.placement.clone(),
         batch: args.batch,
@@ -101,7 +109,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
         profile: args.profile,
     };
     lorasweep_worker::ops::use_generic_matmul(args.generic_matmul);
-    lorasweep_worker::ops::use_composed_softmax(args.composed_softmax);
+    lorasweep_worker::fused::force_composed(args.composed_kernels);
     let sampler = device.is_cuda().then(MemorySampler::start);
     let mut result = bench::run(&options, &device).map_err(anyhow::Error::msg)?;
     if let Some(sampler) = sampler {
@@ -127,6 +135,49 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
             .collect();
         println!("  phases (median): {}", phases.join(", "));
     }
+    Ok(())
+}
+
+/// `lorasweep bench kernels`: prints one line per comparison, writes them all as JSON.
+fn kernels(device: &candle_core::Device, json: Option<&std::path::Path>) -> anyhow::Result<()> {
+    let mut all = Vec::new();
+    for dtype in [candle_core::DType::F32, candle_core::DType::BF16] {
+        for a in lorasweep_worker::fused::check(device, dtype)? {
+            println!(
+                "{:<34} {:<10} {:<5} max |diff| {:.3e}  relative {:.3e}  (tolerance {:.0e}) {}",
+                a.op,
+                a.tensor,
+                format!("{dtype:?}").to_lowercase(),
+                a.max_abs_diff,
+                a.rel_diff,
+                a.tolerance,
+                if a.ok() { "ok" } else { "FAILED" }
+            );
+            all.push((format!("{dtype:?}").to_lowercase(), a));
+        }
+    }
+    if let Some(path) = json {
+        let rows: Vec<serde_json::Value> = all
+            .iter()
+            .map(|(dtype, a)| {
+                let mut row = serde_json::to_value(a).unwrap_or_default();
+                row["dtype"] = dtype.clone().into();
+                row["device"] = format!("{device:?}").into();
+                row
+            })
+            .collect();
+        std::fs::write(path, serde_json::to_string_pretty(&rows)? + "\n")?;
+    }
+    let failed = all.iter().filter(|(_, a)| !a.ok()).count();
+    anyhow::ensure!(
+        failed == 0,
+        "{failed} of {} kernel comparisons are out of tolerance",
+        all.len()
+    );
+    println!(
+        "all {} kernel comparisons within tolerance on {device:?}",
+        all.len()
+    );
     Ok(())
 }
 

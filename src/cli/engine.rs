@@ -379,7 +379,7 @@ fn train_data_parallel(
     let devices = (0..world)
         .map(|index| {
             if device.is_cuda() {
-                candle_core::Device::new_cuda(index)
+                lorasweep_worker::loader::cuda_device(index)
                     .with_context(|| format!("--data-parallel {world}: cuda device {index}"))
             } else {
                 Ok(candle_core::Device::Cpu)

@@ -350,7 +350,12 @@ impl Adapter {
         let dtype = x.dtype();
         let a = self.a.as_tensor().to_dtype(dtype)?;
         let b = self.b.as_tensor().to_dtype(dtype)?;
-        let mut branch = (x.broadcast_matmul(&a.t()?)?.broadcast_matmul(&b.t()?)? * self.scale)?;
+        // Rows flattened (plain matmuls, no broadcast copies of A and B in backward) and the
+        // scale applied to the rank-r intermediate rather than the full-width output.
+        let d_in = x.dim(candle_core::D::Minus1)?;
+        let rows = x.elem_count() / d_in.max(1);
+        let low = (x.reshape((rows, d_in))?.matmul(&a.t()?)? * self.scale)?;
+        let mut branch = low.matmul(&b.t()?)?.reshape(base.shape())?;
         if let Some(capture) = &self.capture {
             let tap = Var::zeros(branch.shape(), branch.dtype(), branch.device())?;
             branch = (branch + tap.as_tensor())?;

@@ -296,19 +296,12 @@ pub fn run(options: &BenchOptions, device: &Device) -> Result<BenchResult, Strin
         phase.lap("backward").map_err(err)?;
         if options.mode == "probe" {
             // Read every ‖∇B‖², as the probe does.
-            probe_scores.clear();
-            for (_, adapter) in model.adapters() {
-                let energy = match grads.get(adapter.b().as_tensor()) {
-                    Some(g) => g
-                        .to_dtype(DType::F32)
-                        .and_then(|g| g.sqr())
-                        .and_then(|g| g.sum_all())
-                        .and_then(|g| g.to_scalar::<f32>())
-                        .map_err(err)? as f64,
-                    None => 0.0,
-                };
-                probe_scores.push(energy);
-            }
+            let grads_b: Vec<Option<&Tensor>> = model
+                .adapters()
+                .iter()
+                .map(|(_, adapter)| grads.get(adapter.b().as_tensor()))
+                .collect();
+            probe_scores = crate::ops::squared_norms(&grads_b).map_err(err)?;
         } else {
             let collected: Vec<Option<Tensor>> = params
                 .iter()

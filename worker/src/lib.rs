@@ -10,6 +10,7 @@ pub mod chat;
 pub mod data;
 pub mod eval;
 pub mod evaluate;
+pub mod fused;
 pub mod generate;
 pub mod jobs;
 pub mod loader;

@@ -113,11 +113,27 @@ pub fn file_digest(files: &[std::path::PathBuf]) -> Result<String, ModelError> {
 pub fn default_device() -> Device {
     #[cfg(feature = "cuda")]
     {
-        if let Ok(device) = Device::new_cuda(0) {
+        if let Ok(device) = cuda_device(0) {
             return device;
         }
     }
     Device::Cpu
+}
+
+/// CUDA device `index`, set up for the engine: cudarc's per-buffer event tracking is turned
+/// off. That tracking orders uses of a buffer across streams by recording and waiting on an
+/// event for every kernel argument; the engine issues everything on the device's one stream
+/// (NCCL collectives included), where stream order already guarantees it, so those driver
+/// calls were pure host overhead on every launch.
+pub fn cuda_device(index: usize) -> candle_core::Result<Device> {
+    let device = Device::new_cuda(index)?;
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(cuda) = &device {
+        // SAFETY: every tensor of the engine lives and is used on this device's single stream
+        // (see above), so no cross-stream synchronisation is needed.
+        unsafe { cuda.disable_event_tracking() };
+    }
+    Ok(device)
 }
 
 /// The compute dtype for a device: bf16 on CUDA, f32 on the CPU.

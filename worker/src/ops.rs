@@ -98,21 +98,6 @@ impl CustomOp2 for FrozenLinear {
     }
 }
 
-static COMPOSED_SOFTMAX: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-/// For measurement only (`lorasweep bench --composed-softmax`): attention on CUDA uses the
-/// softmax composed of candle primitives in f32 instead of [`softmax_last_dim`].
-pub fn use_composed_softmax(enabled: bool) {
-    COMPOSED_SOFTMAX.store(enabled, std::sync::atomic::Ordering::Relaxed);
-}
-
-/// Whether attention should use [`softmax_last_dim`] on this device: on CUDA, unless
-/// [`use_composed_softmax`] said otherwise. (On the CPU the composed softmax is multi-threaded
-/// by candle and not the bottleneck.)
-pub fn fused_softmax_on(device: &candle_core::Device) -> bool {
-    device.is_cuda() && !COMPOSED_SOFTMAX.load(std::sync::atomic::Ordering::Relaxed)
-}
-
 /// Softmax over the last dimension in one pass, in the input's dtype (accumulating in f32),
 /// with a backward: `∂x = y ⊙ (∂y − Σ(∂y ⊙ y))`, computed in f32. candle's own fused softmax
 /// has no backward, so without this op attention composes max/sub/exp/sum/div, each pass over
@@ -238,41 +223,25 @@ impl candle_core::CustomOp1 for SoftmaxLastDim {
     }
 }
 
-/// Cross-entropy of each row of `logits` (`rows × vocab`, any float dtype) at `targets`
-/// (`rows`, u32), in f32, without keeping f32 copies of the logits for backward.
-///
-/// The value is `logsumexp(row) − row[target]`; the gradient with respect to the logits is
-/// `softmax(row) − onehot(target)`. Both are obtained from pieces that keep little: the
-/// log-sum-exp is computed in f32 on detached row chunks (freed at once), `−row[target]` is a
-/// gather (its backward is a scatter), and the softmax term enters as `Σ p·row − (Σ p·row)`
-/// detached, whose value is exactly 0 and whose gradient is `p`, the fused softmax of the
-/// detached logits in their own dtype. The composed `log_softmax` keeps about four f32 copies
-/// of `rows × vocab` (5 GB each for Qwen2.5 at 16 × 512 tokens).
-pub fn cross_entropy_rows(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    use candle_core::{DType, D};
-    let (rows, _) = logits.dims2()?;
-    let detached = logits.detach();
-    let chunk = 1024.min(rows.max(1));
-    let mut lse = Vec::with_capacity(rows.div_ceil(chunk));
-    for start in (0..rows).step_by(chunk) {
-        let part = detached
-            .narrow(0, start, chunk.min(rows - start))?
-            .to_dtype(DType::F32)?;
-        let max = part.max_keepdim(D::Minus1)?;
-        let sum = part.broadcast_sub(&max)?.exp()?.sum_keepdim(D::Minus1)?;
-        lse.push((sum.log()? + max)?.squeeze(1)?);
+/// `‖t‖²` (in f32, widened) of each tensor, `0` for `None`, read back in one transfer: on a GPU
+/// each read is a synchronisation, so reading per tensor would stall the queue once per tensor.
+pub fn squared_norms(tensors: &[Option<&Tensor>]) -> Result<Vec<f64>> {
+    let present: Vec<Tensor> = tensors
+        .iter()
+        .flatten()
+        .map(|t| t.to_dtype(candle_core::DType::F32)?.sqr()?.sum_all())
+        .collect::<Result<_>>()?;
+    if present.is_empty() {
+        return Ok(vec![0.0; tensors.len()]);
     }
-    let lse = Tensor::cat(&lse, 0)?;
-    let picked = logits
-        .gather(&targets.unsqueeze(1)?, 1)?
-        .squeeze(1)?
-        .to_dtype(DType::F32)?;
-    let probs = softmax_last_dim(&detached)?;
-    let linear = (probs * logits)?
-        .sum_keepdim(D::Minus1)?
-        .squeeze(1)?
-        .to_dtype(DType::F32)?;
-    (lse - picked)? + (&linear - linear.detach())?
+    let mut values = Tensor::stack(&present, 0)?.to_vec1::<f32>()?.into_iter();
+    Ok(tensors
+        .iter()
+        .map(|t| match t {
+            Some(_) => values.next().map_or(0.0, f64::from),
+            None => 0.0,
+        })
+        .collect())
 }
 
 /// Row-wise RMS normalisation `x / sqrt(mean(x²) + eps) · g`, computed in f32, differentiable.
@@ -392,49 +361,6 @@ mod tests {
             let fused = softmax_last_dim(x.as_tensor())?.to_dtype(candle_core::DType::F32)?;
             let above = fused.get(0)?.get(0)?.narrow(0, 1, 8)?;
             assert_eq!(above.abs()?.max_all()?.to_scalar::<f32>()?, 0.0);
-        }
-        Ok(())
-    }
-
-    #[test]
-    fn cross_entropy_rows_matches_log_softmax_value_and_gradient() -> Result<()> {
-        for (dtype, tolerance) in [
-            (candle_core::DType::F32, 1e-5),
-            (candle_core::DType::BF16, 1e-2),
-        ] {
-            let (rows, vocab) = (2500, 37);
-            let logits = (Tensor::randn(0f32, 1.0, (rows, vocab), &Device::Cpu)? * 4.0)?;
-            let logits = Var::from_tensor(&logits.to_dtype(dtype)?)?;
-            let ids: Vec<u32> = (0..rows as u32)
-                .map(|i| (i * 7 + 3) % vocab as u32)
-                .collect();
-            let targets = Tensor::from_vec(ids, rows, &Device::Cpu)?;
-            let weights = Tensor::rand(0f32, 1.0, rows, &Device::Cpu)?;
-            let ours = cross_entropy_rows(logits.as_tensor(), &targets)?;
-            let grad = (&ours * &weights)?.sum_all()?.backward()?;
-            let grad = grad
-                .get(logits.as_tensor())
-                .expect("logits gradient")
-                .clone();
-
-            let logits64 =
-                Var::from_tensor(&logits.as_tensor().to_dtype(candle_core::DType::F64)?)?;
-            let log_probs =
-                candle_nn::ops::log_softmax(logits64.as_tensor(), candle_core::D::Minus1)?;
-            let reference = log_probs
-                .gather(&targets.unsqueeze(1)?, 1)?
-                .squeeze(1)?
-                .neg()?;
-            let weights64 = weights.to_dtype(candle_core::DType::F64)?;
-            let grad64 = (&reference * &weights64)?.sum_all()?.backward()?;
-            let grad_reference = grad64.get(logits64.as_tensor()).expect("reference");
-            let value = relative_difference(&ours, &reference)?;
-            assert!(value < tolerance, "{dtype:?} value differs by {value}");
-            let gradient = relative_difference(&grad, grad_reference)?;
-            assert!(
-                gradient < 2.0 * tolerance,
-                "{dtype:?} gradient differs by {gradient}"
-            );
         }
         Ok(())
     }

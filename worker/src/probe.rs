@@ -222,21 +222,22 @@ pub fn score_batch(
     let config = model.config().clone();
     let mut sample = Vec::new();
     let mut expected = (settings.estimator == Estimator::Expected).then(Vec::new);
-    for module in config.all_modules() {
-        let adapter = model
-            .projection(module)
-            .adapter()
-            .expect("probe adapters are attached everywhere");
-        let grad_b = grads.get(adapter.b().as_tensor());
-        let energy = match grad_b {
-            Some(g) => g
-                .to_dtype(DType::F32)?
-                .sqr()?
-                .sum_all()?
-                .to_scalar::<f32>()? as f64,
-            None => 0.0,
-        };
-        sample.push(energy);
+    let modules = config.all_modules();
+    let adapters: Vec<&Adapter> = modules
+        .iter()
+        .map(|&module| {
+            model
+                .projection(module)
+                .adapter()
+                .expect("probe adapters are attached everywhere")
+        })
+        .collect();
+    let grads_b: Vec<Option<&Tensor>> = adapters
+        .iter()
+        .map(|adapter| grads.get(adapter.b().as_tensor()))
+        .collect();
+    sample.extend(crate::ops::squared_norms(&grads_b)?);
+    for (&module, adapter) in modules.iter().zip(&adapters) {
         if let Some(expected) = expected.as_mut() {
             expected.push(expected_energy(&config, module, adapter, &grads, settings)?);
         }

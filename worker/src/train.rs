@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::adapter::ParamGroup;
 use crate::data::{collate, Example};
+use crate::fused;
 use crate::model::Transformer;
 use crate::parallel::{self, GradReducer, ReduceError};
 
@@ -438,7 +439,12 @@ fn run_training(
             let store = loss.backward()?;
             for (slot, param) in grads.iter_mut().zip(&params) {
                 if let Some(g) = store.get(param.var.as_tensor()) {
-                    let g = (g.to_dtype(DType::F32)? / settings.grad_accum as f64)?;
+                    let g = g.to_dtype(DType::F32)?;
+                    let g = if settings.grad_accum > 1 {
+                        (g / settings.grad_accum as f64)?
+                    } else {
+                        g
+                    };
                     *slot = Some(match slot.take() {
                         Some(acc) => (acc + g)?,
                         None => g,
@@ -641,14 +647,12 @@ pub(crate) fn collect_params(model: &Transformer) -> Result<Vec<Param>, TrainErr
 }
 
 pub(crate) fn global_norm(grads: &[Option<Tensor>]) -> Result<f64, TrainError> {
-    let mut total = 0.0f64;
-    for g in grads.iter().flatten() {
-        total += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
-    }
-    Ok(total.sqrt())
+    let refs: Vec<Option<&Tensor>> = grads.iter().map(Option::as_ref).collect();
+    Ok(crate::ops::squared_norms(&refs)?.iter().sum::<f64>().sqrt())
 }
 
-/// AdamW as PyTorch defines it: `p ← p·(1 − lr·λ)`, then `p ← p − lr·m̂/(√v̂ + ε)`.
+/// AdamW as PyTorch defines it: `p ← p·(1 − lr·λ)`, then `p ← p − lr·m̂/(√v̂ + ε)`; one
+/// kernel per parameter on CUDA ([`fused::adamw`]), candle's primitives on the CPU.
 pub(crate) fn adamw_step(
     params: &mut [Param],
     grads: &[Option<Tensor>],
@@ -657,23 +661,30 @@ pub(crate) fn adamw_step(
     clip: f64,
     s: &TrainSettings,
 ) -> Result<(), TrainError> {
-    let bias1 = 1.0 - s.beta1.powi(t as i32);
-    let bias2 = 1.0 - s.beta2.powi(t as i32);
     for (param, grad) in params.iter_mut().zip(grads) {
         let Some(grad) = grad else { continue };
-        let grad = (grad * clip)?;
-        let group_lr = if param.group == ParamGroup::B {
-            lr * s.b_lr_ratio
-        } else {
-            lr
+        let hyper = fused::AdamW {
+            lr: if param.group == ParamGroup::B {
+                lr * s.b_lr_ratio
+            } else {
+                lr
+            },
+            beta1: s.beta1,
+            beta2: s.beta2,
+            eps: s.eps,
+            weight_decay: s.weight_decay,
+            step: t,
+            clip,
         };
-        param.m = ((&param.m * s.beta1)? + (&grad * (1.0 - s.beta1))?)?;
-        param.v = ((&param.v * s.beta2)? + (grad.sqr()? * (1.0 - s.beta2))?)?;
-        let m_hat = (&param.m / bias1)?;
-        let v_hat = (&param.v / bias2)?;
-        let update = (m_hat / (v_hat.sqrt()? + s.eps)?)?;
-        let decayed = (param.var.as_tensor() * (1.0 - group_lr * s.weight_decay))?;
-        param.var.set(&(decayed - (update * group_lr)?)?)?;
+        let p = param.var.as_tensor();
+        let (p, m, v) = if fused::default_on(p.device()) {
+            fused::adamw(p, grad, &param.m, &param.v, hyper)?
+        } else {
+            fused::adamw_composed(p, grad, &param.m, &param.v, hyper)?
+        };
+        param.var.set(&p)?;
+        param.m = m;
+        param.v = v;
     }
     Ok(())
 }

@@ -166,6 +166,8 @@ pub struct Transformer {
     sin: Tensor,
     dtype: DType,
     device: Device,
+    /// Whether the hot ops run as the fused kernels of [`crate::fused`].
+    fused: bool,
 }
 
 /// The weights a transformer is built from, keyed by Hugging Face names
@@ -246,7 +248,28 @@ impl Transformer {
             sin,
             dtype,
             device: device.clone(),
+            fused: crate::fused::default_on(device),
         })
+    }
+
+    /// Whether attention, RMSNorm, RoPE, SwiGLU and the loss use the fused kernels of
+    /// [`crate::fused`] (by default on CUDA) or candle's composed ops.
+    pub fn fused_kernels(&self) -> bool {
+        self.fused
+    }
+
+    /// Chooses the fused kernels or the composed ops (see [`fused_kernels`](Self::fused_kernels));
+    /// both compute the same function, to the dtype's rounding.
+    pub fn set_fused_kernels(&mut self, on: bool) {
+        self.fused = on;
+    }
+
+    fn rms_norm(&self, x: &Tensor, gain: &Tensor) -> candle_core::Result<Tensor> {
+        if self.fused {
+            crate::fused::rms_norm(x, gain, self.config.rms_norm_eps)
+        } else {
+            ops::rms_norm(x, gain, self.config.rms_norm_eps)
+        }
     }
 
     /// The model's configuration.
@@ -325,11 +348,16 @@ impl Transformer {
             .embed_tokens
             .index_select(&input_ids.flatten_all()?, 0)?
             .reshape((batch, seq_len, self.config.hidden_size))?;
+        // Without padding the fused attention masks by position itself: no mask tensor.
         let (cos, sin, mask) = match left_padding {
             None => (
                 self.cos.narrow(0, start_pos, seq_len)?,
                 self.sin.narrow(0, start_pos, seq_len)?,
-                causal_mask(seq_len, start_pos, &self.device)?,
+                if self.fused {
+                    None
+                } else {
+                    Some(causal_mask(seq_len, start_pos, &self.device)?)
+                },
             ),
             Some(padding) => {
                 if padding.len() != batch {
@@ -361,32 +389,46 @@ impl Transformer {
                     self.sin
                         .index_select(&positions, 0)?
                         .reshape((batch, 1, seq_len, half))?,
-                    padded_causal_mask(padding, seq_len, start_pos, &self.device)?,
+                    Some(padded_causal_mask(
+                        padding,
+                        seq_len,
+                        start_pos,
+                        &self.device,
+                    )?),
                 )
             }
         };
         // The fused softmax adds the mask to scores in the compute dtype: cast it once here,
         // not in every layer. The composed softmax adds it to f32 scores.
-        let mask = if ops::fused_softmax_on(&self.device) {
-            mask.to_dtype(self.dtype)?
-        } else {
-            mask
+        let mask = match mask {
+            Some(mask) if self.fused => Some(mask.to_dtype(self.dtype)?),
+            other => other,
         };
         for (index, layer) in self.layers.iter().enumerate() {
             let residual = &x;
-            let h = ops::rms_norm(&x, &layer.input_norm, self.config.rms_norm_eps)?;
-            let attended =
-                self.attention(index, layer, &h, &cos, &sin, &mask, cache.as_deref_mut())?;
+            let h = self.rms_norm(&x, &layer.input_norm)?;
+            let attended = self.attention(
+                index,
+                layer,
+                &h,
+                &cos,
+                &sin,
+                mask.as_ref(),
+                cache.as_deref_mut(),
+            )?;
             let x1 = (residual + attended)?;
-            let h = ops::rms_norm(&x1, &layer.post_attention_norm, self.config.rms_norm_eps)?;
+            let h = self.rms_norm(&x1, &layer.post_attention_norm)?;
             let gate = layer.projection(ModuleKind::GateProj).forward(&h)?;
             let up = layer.projection(ModuleKind::UpProj).forward(&h)?;
-            let mlp = layer
-                .projection(ModuleKind::DownProj)
-                .forward(&ops::swiglu(&gate, &up)?)?;
+            let act = if self.fused {
+                crate::fused::swiglu(&gate, &up)?
+            } else {
+                ops::swiglu(&gate, &up)?
+            };
+            let mlp = layer.projection(ModuleKind::DownProj).forward(&act)?;
             x = (x1 + mlp)?;
         }
-        ops::rms_norm(&x, &self.norm, self.config.rms_norm_eps)
+        self.rms_norm(&x, &self.norm)
     }
 
     /// Logits `(batch, seq, vocab)` in f32.
@@ -426,11 +468,13 @@ impl Transformer {
         targets: &Tensor,
         weights: &Tensor,
     ) -> candle_core::Result<Tensor> {
-        if ops::fused_softmax_on(&self.device) {
+        if self.fused {
             let logits = self.logits(hidden)?;
             let vocab = logits.dim(D::Minus1)?;
-            let rows =
-                ops::cross_entropy_rows(&logits.reshape(((), vocab))?, &targets.flatten_all()?)?;
+            let rows = crate::fused::cross_entropy(
+                &logits.reshape(((), vocab))?,
+                &targets.flatten_all()?,
+            )?;
             let weights = weights.flatten_all()?.to_dtype(DType::F32)?;
             let total = weights.sum_all()?;
             return rows.mul(&weights)?.sum_all()? / total;
@@ -454,7 +498,7 @@ impl Transformer {
         h: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        mask: &Tensor,
+        mask: Option<&Tensor>,
         cache: Option<&mut KvCache>,
     ) -> candle_core::Result<Tensor> {
         let (batch, seq_len, _) = h.dims3()?;
@@ -475,17 +519,37 @@ impl Transformer {
             .reshape((batch, seq_len, cfg.num_kv_heads, head_dim))?
             .transpose(1, 2)?
             .contiguous()?;
+        let groups = cfg.num_heads / cfg.num_kv_heads;
+        let scale = 1.0 / (head_dim as f64).sqrt();
+        let Some(mask) = mask else {
+            // Fused: the query heads sharing a key head are stacked along the rows, so keys
+            // and values are never repeated; the causal mask is applied by position.
+            let q = crate::fused::rope(&q, cos, sin)?;
+            let k = crate::fused::rope(&k, cos, sin)?;
+            let (k, v) = match cache {
+                Some(cache) => cache.append(index, k, v)?,
+                None => (k, v),
+            };
+            let t_k = k.dim(2)?;
+            let q = q.reshape((batch, cfg.num_kv_heads, groups * seq_len, head_dim))?;
+            let probs =
+                crate::fused::causal_attention_probs(&q, &k, scale, seq_len, t_k - seq_len)?;
+            let out = probs
+                .matmul(&v)?
+                .reshape((batch, cfg.num_heads, seq_len, head_dim))?
+                .transpose(1, 2)?
+                .reshape((batch, seq_len, cfg.num_heads * head_dim))?;
+            return layer.projection(ModuleKind::OProj).forward(&out);
+        };
         let q = ops::rope(&q, cos, sin)?;
         let k = ops::rope(&k, cos, sin)?;
         let (k, v) = match cache {
             Some(cache) => cache.append(index, k, v)?,
             None => (k, v),
         };
-        let groups = cfg.num_heads / cfg.num_kv_heads;
         let k = repeat_kv(&k, groups)?;
         let v = repeat_kv(&v, groups)?;
-        let scale = 1.0 / (head_dim as f64).sqrt();
-        let probs = if ops::fused_softmax_on(&self.device) {
+        let probs = if self.fused {
             // One pass over the scores in the compute dtype, one saved tensor for backward.
             let scores = (q.matmul(&k.t()?)? * scale)?;
             let scores = scores.broadcast_add(mask)?;

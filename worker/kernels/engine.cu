@@ -1,0 +1,275 @@
+// Fused kernels of the training engine. Each has a CPU reference in worker/src/fused.rs and a
+// test comparing the two (`lorasweep bench kernels` on the GPU machine).
+//
+// Conventions: one thread block per row for row-wise kernels (blockDim.x a multiple of 32, at
+// most 1024); all arithmetic in f32 whatever the storage type; rows are contiguous.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <math.h>
+#include <stdint.h>
+
+__device__ __forceinline__ float to_f(float x) { return x; }
+__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
+
+template <typename T> __device__ __forceinline__ T from_f(float x);
+template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) {
+    return __float2bfloat16(x);
+}
+template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half(x); }
+
+// Sum (or max) over the block; every thread gets the result. `scratch` holds 32 floats.
+__device__ __forceinline__ float block_sum(float v, float *scratch) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = lane < (int)(blockDim.x >> 5) ? scratch[lane] : 0.f;
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float block_max(float v, float *scratch) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = lane < (int)(blockDim.x >> 5) ? scratch[lane] : -INFINITY;
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Columns a query row may attend to: row r is query position (r mod t_q) + offset, which sees
+// keys 0..=position.
+__device__ __forceinline__ int causal_limit(int row, int cols, int t_q, int offset) {
+    return min(cols, row % t_q + offset + 1);
+}
+
+// p = softmax(scale * s) over each row, keys after the query's position masked out (p = 0).
+template <typename T>
+__device__ void causal_softmax_fwd(const T *s, T *p, int cols, int t_q, int offset, float scale) {
+    __shared__ float scratch[32];
+    const size_t row = blockIdx.x;
+    const T *x = s + row * cols;
+    T *y = p + row * cols;
+    const int limit = causal_limit((int)row, cols, t_q, offset);
+    float m = -INFINITY;
+    for (int j = threadIdx.x; j < limit; j += blockDim.x) m = fmaxf(m, to_f(x[j]) * scale);
+    m = block_max(m, scratch);
+    float sum = 0.f;
+    for (int j = threadIdx.x; j < limit; j += blockDim.x) sum += expf(to_f(x[j]) * scale - m);
+    const float inv = 1.f / block_sum(sum, scratch);
+    for (int j = threadIdx.x; j < cols; j += blockDim.x)
+        y[j] = from_f<T>(j < limit ? expf(to_f(x[j]) * scale - m) * inv : 0.f);
+}
+
+// ds = scale * p * (dp - sum(p * dp)) over each row: the gradient of the scores given the
+// probabilities p and their gradient dp. Masked keys have p = 0, so ds = 0 there.
+template <typename T>
+__device__ void causal_softmax_bwd(const T *p, const T *dp, T *ds, int cols, int t_q, int offset,
+                                   float scale) {
+    __shared__ float scratch[32];
+    const size_t row = blockIdx.x;
+    const T *y = p + row * cols;
+    const T *dy = dp + row * cols;
+    T *dx = ds + row * cols;
+    const int limit = causal_limit((int)row, cols, t_q, offset);
+    float dot = 0.f;
+    for (int j = threadIdx.x; j < limit; j += blockDim.x) dot += to_f(y[j]) * to_f(dy[j]);
+    dot = block_sum(dot, scratch);
+    for (int j = threadIdx.x; j < cols; j += blockDim.x)
+        dx[j] = from_f<T>(j < limit ? scale * to_f(y[j]) * (to_f(dy[j]) - dot) : 0.f);
+}
+
+// y = g * round(x * r), r = 1 / sqrt(mean(x^2) + eps): the normalised row is rounded to the
+// storage type before the gain multiplies it, as the composed version and Hugging Face do.
+template <typename T>
+__device__ void rms_norm_fwd(const T *x, const T *g, T *y, int cols, float eps) {
+    __shared__ float scratch[32];
+    const size_t row = blockIdx.x;
+    const T *xr = x + row * cols;
+    T *yr = y + row * cols;
+    float ss = 0.f;
+    for (int j = threadIdx.x; j < cols; j += blockDim.x) {
+        const float v = to_f(xr[j]);
+        ss += v * v;
+    }
+    const float r = rsqrtf(block_sum(ss, scratch) / cols + eps);
+    for (int j = threadIdx.x; j < cols; j += blockDim.x)
+        yr[j] = from_f<T>(to_f(from_f<T>(to_f(xr[j]) * r)) * to_f(g[j]));
+}
+
+// dx = r * g * dy - x * r^3 * mean(g * dy * x); the gain is frozen and gets no gradient.
+template <typename T>
+__device__ void rms_norm_bwd(const T *x, const T *g, const T *dy, T *dx, int cols, float eps) {
+    __shared__ float scratch[32];
+    const size_t row = blockIdx.x;
+    const T *xr = x + row * cols;
+    const T *dyr = dy + row * cols;
+    T *dxr = dx + row * cols;
+    float ss = 0.f, dot = 0.f;
+    for (int j = threadIdx.x; j < cols; j += blockDim.x) {
+        const float v = to_f(xr[j]);
+        ss += v * v;
+        dot += to_f(g[j]) * to_f(dyr[j]) * v;
+    }
+    ss = block_sum(ss, scratch);
+    dot = block_sum(dot, scratch);
+    const float r = rsqrtf(ss / cols + eps);
+    const float k = r * r * r * dot / cols;
+    for (int j = threadIdx.x; j < cols; j += blockDim.x)
+        dxr[j] = from_f<T>(r * to_f(g[j]) * to_f(dyr[j]) - to_f(xr[j]) * k);
+}
+
+// Rotary embedding, "rotate half" layout. x: (rows, t, d) with rows = batch * heads; cos and
+// sin: (t, d / 2) in f32. sign = 1 rotates forward; sign = -1 applies the inverse rotation,
+// which is the transpose (the backward).
+template <typename T>
+__device__ void rope_apply(const T *x, const float *cos, const float *sin, T *y, int rows, int t,
+                           int d, float sign) {
+    const int half = d / 2;
+    const size_t pairs = (size_t)rows * t * half;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < pairs;
+         i += (size_t)gridDim.x * blockDim.x) {
+        const int col = (int)(i % half);
+        const size_t rt = i / half;  // row * t + position
+        const int pos = (int)(rt % t);
+        const size_t base = rt * d;
+        const float c = cos[pos * half + col], s = sign * sin[pos * half + col];
+        const float x1 = to_f(x[base + col]), x2 = to_f(x[base + col + half]);
+        y[base + col] = from_f<T>(x1 * c - x2 * s);
+        y[base + col + half] = from_f<T>(x2 * c + x1 * s);
+    }
+}
+
+__device__ __forceinline__ float sigmoid(float v) { return 1.f / (1.f + expf(-v)); }
+
+// h = silu(gate) * up.
+template <typename T>
+__device__ void swiglu_fwd(const T *gate, const T *up, T *h, size_t n) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x) {
+        const float g = to_f(gate[i]);
+        h[i] = from_f<T>(g * sigmoid(g) * to_f(up[i]));
+    }
+}
+
+// grads = [d gate; d up] (2n elements): d gate = dh * up * s * (1 + g * (1 - s)),
+// d up = dh * g * s, with s = sigmoid(g).
+template <typename T>
+__device__ void swiglu_bwd(const T *gate, const T *up, const T *dh, T *grads, size_t n) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x) {
+        const float g = to_f(gate[i]), u = to_f(up[i]), d = to_f(dh[i]);
+        const float s = sigmoid(g);
+        grads[i] = from_f<T>(d * u * s * (1.f + g * (1.f - s)));
+        grads[n + i] = from_f<T>(d * g * s);
+    }
+}
+
+// Cross-entropy of each row of logits at its target: loss = logsumexp(x) - x[target], in f32.
+// The logits are read twice (max, then the sum), never copied.
+template <typename T>
+__device__ void cross_entropy_fwd(const T *logits, const uint32_t *targets, float *loss,
+                                  int cols) {
+    __shared__ float scratch[32];
+    const size_t row = blockIdx.x;
+    const T *x = logits + row * cols;
+    float m = -INFINITY;
+    for (int j = threadIdx.x; j < cols; j += blockDim.x) m = fmaxf(m, to_f(x[j]));
+    m = block_max(m, scratch);
+    float sum = 0.f;
+    for (int j = threadIdx.x; j < cols; j += blockDim.x) sum += expf(to_f(x[j]) - m);
+    sum = block_sum(sum, scratch);
+    // A target outside the vocabulary gives NaN, which the training loop reports, rather than
+    // a read out of bounds.
+    const uint32_t t = targets[row];
+    if (threadIdx.x == 0) loss[row] = t < (uint32_t)cols ? logf(sum) + m - to_f(x[t]) : NAN;
+}
+
+// d logits = dloss[row] * (softmax(x) - onehot(target)).
+template <typename T>
+__device__ void cross_entropy_bwd(const T *logits, const uint32_t *targets, const float *dloss,
+                                  T *dlogits, int cols) {
+    __shared__ float scratch[32];
+    const size_t row = blockIdx.x;
+    const T *x = logits + row * cols;
+    T *dx = dlogits + row * cols;
+    float m = -INFINITY;
+    for (int j = threadIdx.x; j < cols; j += blockDim.x) m = fmaxf(m, to_f(x[j]));
+    m = block_max(m, scratch);
+    float sum = 0.f;
+    for (int j = threadIdx.x; j < cols; j += blockDim.x) sum += expf(to_f(x[j]) - m);
+    sum = block_sum(sum, scratch);
+    const float g = dloss[row], inv = 1.f / sum;
+    const int target = (int)targets[row];
+    for (int j = threadIdx.x; j < cols; j += blockDim.x)
+        dx[j] = from_f<T>(g * (expf(to_f(x[j]) - m) * inv - (j == target ? 1.f : 0.f)));
+}
+
+#define ROW_KERNELS(T, SUFFIX)                                                                  \
+    extern "C" __global__ void causal_softmax_fwd_##SUFFIX(const T *s, T *p, int cols, int t_q, \
+                                                           int offset, float scale) {           \
+        causal_softmax_fwd<T>(s, p, cols, t_q, offset, scale);                                  \
+    }                                                                                           \
+    extern "C" __global__ void causal_softmax_bwd_##SUFFIX(const T *p, const T *dp, T *ds,      \
+                                                           int cols, int t_q, int offset,       \
+                                                           float scale) {                       \
+        causal_softmax_bwd<T>(p, dp, ds, cols, t_q, offset, scale);                             \
+    }                                                                                           \
+    extern "C" __global__ void rms_norm_fwd_##SUFFIX(const T *x, const T *g, T *y, int cols,    \
+                                                     float eps) {                               \
+        rms_norm_fwd<T>(x, g, y, cols, eps);                                                    \
+    }                                                                                           \
+    extern "C" __global__ void rms_norm_bwd_##SUFFIX(const T *x, const T *g, const T *dy, T *dx, \
+                                                     int cols, float eps) {                     \
+        rms_norm_bwd<T>(x, g, dy, dx, cols, eps);                                               \
+    }                                                                                           \
+    extern "C" __global__ void rope_##SUFFIX(const T *x, const float *cos, const float *sin,    \
+                                             T *y, int rows, int t, int d, float sign) {        \
+        rope_apply<T>(x, cos, sin, y, rows, t, d, sign);                                        \
+    }                                                                                           \
+    extern "C" __global__ void swiglu_fwd_##SUFFIX(const T *gate, const T *up, T *h, size_t n) { \
+        swiglu_fwd<T>(gate, up, h, n);                                                          \
+    }                                                                                           \
+    extern "C" __global__ void swiglu_bwd_##SUFFIX(const T *gate, const T *up, const T *dh,     \
+                                                   T *grads, size_t n) {                        \
+        swiglu_bwd<T>(gate, up, dh, grads, n);                                                  \
+    }                                                                                           \
+    extern "C" __global__ void cross_entropy_fwd_##SUFFIX(const T *logits,                      \
+                                                          const uint32_t *targets, float *loss, \
+                                                          int cols) {                           \
+        cross_entropy_fwd<T>(logits, targets, loss, cols);                                      \
+    }                                                                                           \
+    extern "C" __global__ void cross_entropy_bwd_##SUFFIX(const T *logits,                      \
+                                                          const uint32_t *targets,              \
+                                                          const float *dloss, T *dlogits,       \
+                                                          int cols) {                           \
+        cross_entropy_bwd<T>(logits, targets, dloss, dlogits, cols);                            \
+    }
+
+ROW_KERNELS(float, f32)
+ROW_KERNELS(__nv_bfloat16, bf16)
+ROW_KERNELS(__half, f16)
+
+// AdamW as PyTorch defines it, for one f32 parameter: p <- p * (1 - lr * wd), then
+// p <- p - lr * m_hat / (sqrt(v_hat) + eps), with the gradient scaled by `clip` first.
+// Writes [p; m; v] (3n) into `out`; the inputs are left untouched.
+extern "C" __global__ void adamw_f32(const float *p, const float *g, const float *m,
+                                     const float *v, float *out, size_t n, float lr, float beta1,
+                                     float beta2, float eps, float wd, float bias1, float bias2,
+                                     float clip) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x) {
+        const float grad = g[i] * clip;
+        const float m1 = beta1 * m[i] + (1.f - beta1) * grad;
+        const float v1 = beta2 * v[i] + (1.f - beta2) * grad * grad;
+        const float update = (m1 / bias1) / (sqrtf(v1 / bias2) + eps);
+        out[i] = p[i] * (1.f - lr * wd) - lr * update;
+        out[n + i] = m1;
+        out[2 * n + i] = v1;
+    }
+}

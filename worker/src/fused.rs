@@ -1,0 +1,1892 @@
+//! Fused training kernels: each a candle custom op with one kernel forward and one backward.
+//!
+//! candle's autograd records every primitive op and, in backward, computes a gradient for every
+//! operand (constants such as the causal mask, the RoPE tables or the RMSNorm gain included),
+//! starting each from a zero tensor. A transformer layer composed of primitives therefore costs
+//! dozens of kernel launches and full-size temporaries per layer in backward, and keeps every
+//! intermediate alive until the step ends. The ops here replace the hot compositions:
+//!
+//! - [`causal_attention_probs`]: `softmax(scale · q·kᵀ)` with the causal mask applied by
+//!   index (no mask tensor) and grouped-query heads handled by shape (no repeated keys); the
+//!   raw scores are freed at once, only the probabilities are kept for backward;
+//! - [`rms_norm`], [`rope`] and [`swiglu`]: one kernel each way, no gradient for the frozen
+//!   gain or the position tables;
+//! - [`adamw`]: the whole AdamW update of one parameter in one kernel.
+//!
+//! Every op has a CPU implementation, which is the reference the CUDA kernels
+//! (`kernels/engine.cu`) are compared with by [`check`] (run on the GPU machine by
+//! `lorasweep bench kernels`), and which CI tests against candle's composed ops, forward and
+//! backward.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use candle_core::backend::BackendStorage;
+use candle_core::{
+    CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, D,
+};
+use half::{bf16, f16};
+
+#[cfg(feature = "cuda")]
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, CudaView, DeviceRepr, PushKernelArg, ValidAsZeroBits,
+};
+#[cfg(feature = "cuda")]
+use candle_core::cuda_backend::{CudaStorageSlice, Map1, Map2, Map3, WrapErr};
+#[cfg(feature = "cuda")]
+use candle_core::{CudaDevice, CudaStorage, WithDType};
+
+static FORCE_COMPOSED: AtomicBool = AtomicBool::new(false);
+
+/// For measurement (`lorasweep bench --composed-kernels`): models built afterwards use candle's
+/// composed primitives even on CUDA.
+pub fn force_composed(enabled: bool) {
+    FORCE_COMPOSED.store(enabled, Ordering::Relaxed);
+}
+
+/// Whether a model on `device` uses these ops by default: on CUDA, unless [`force_composed`]
+/// said otherwise. On the CPU candle's composed ops are multi-threaded and the CPU versions here
+/// (single-threaded references) would be slower.
+pub fn default_on(device: &Device) -> bool {
+    device.is_cuda() && !FORCE_COMPOSED.load(Ordering::Relaxed)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The ops.
+
+/// Attention probabilities `softmax(scale · q·kᵀ)` over the keys, causal: query row `r` is at
+/// position `r mod t_q + offset` and sees keys `0..=position`.
+///
+/// `q`: `(batch, kv_heads, groups · t_q, head_dim)` — the query heads sharing a key head stacked
+/// along the rows; `k`: `(batch, kv_heads, t_k, head_dim)`. Returns
+/// `(batch, kv_heads, groups · t_q, t_k)` in `q`'s dtype.
+pub fn causal_attention_probs(
+    q: &Tensor,
+    k: &Tensor,
+    scale: f64,
+    t_q: usize,
+    offset: usize,
+) -> Result<Tensor> {
+    let (b, h, m, d) = q.dims4()?;
+    let (b2, h2, _, d2) = k.dims4()?;
+    if (b, h, d) != (b2, h2, d2) || t_q == 0 || m % t_q != 0 {
+        candle_core::bail!(
+            "causal_attention_probs: q {:?} and k {:?} do not match (t_q {t_q})",
+            q.shape(),
+            k.shape()
+        )
+    }
+    q.contiguous()?.apply_op2(
+        &k.contiguous()?,
+        CausalProbs(RowMask {
+            scale: scale as f32,
+            t_q,
+            offset,
+        }),
+    )
+}
+
+/// `x / sqrt(mean(x²) + eps) · g` over the last dimension; `g` (the frozen gain) gets no
+/// gradient.
+pub fn rms_norm(x: &Tensor, gain: &Tensor, eps: f64) -> Result<Tensor> {
+    let cols = x.dim(D::Minus1)?;
+    if gain.dims() != [cols] {
+        candle_core::bail!("rms_norm: gain {:?} for rows of {cols}", gain.shape())
+    }
+    x.contiguous()?.apply_op2(gain, RmsNorm { eps: eps as f32 })
+}
+
+/// Rotary position embedding ("rotate half" layout). `x`: `(batch, heads, t, head_dim)`;
+/// `cos`, `sin`: `(t, head_dim / 2)` in f32. Neither table gets a gradient.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let (_, _, t, d) = x.dims4()?;
+    if d % 2 != 0 || cos.dims() != [t, d / 2] || sin.dims() != [t, d / 2] {
+        candle_core::bail!(
+            "rope: x {:?} with tables {:?} / {:?}",
+            x.shape(),
+            cos.shape(),
+            sin.shape()
+        )
+    }
+    let cos = cos.to_dtype(DType::F32)?.contiguous()?;
+    let sin = sin.to_dtype(DType::F32)?.contiguous()?;
+    x.contiguous()?.apply_op3(&cos, &sin, Rope { sign: 1.0 })
+}
+
+/// `silu(gate) · up`.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if gate.shape() != up.shape() {
+        candle_core::bail!("swiglu: gate {:?}, up {:?}", gate.shape(), up.shape())
+    }
+    gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)
+}
+
+/// Cross-entropy of each row of `logits` (`rows × vocab`, any float dtype) at `targets`
+/// (`rows`, u32): `logsumexp(row) − row[target]`, in f32. The backward writes
+/// `∂loss · (softmax(row) − onehot(target))` in the logits' dtype, recomputed from the logits:
+/// nothing else is kept (candle's composed `log_softmax` keeps several f32 copies of
+/// `rows × vocab`, 5 GB each for Qwen2.5 at 16 × 512 tokens).
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let (rows, _) = logits.dims2()?;
+    if targets.dims() != [rows] || targets.dtype() != DType::U32 {
+        candle_core::bail!(
+            "cross_entropy: targets {:?} ({:?}) for {rows} rows of logits; expected u32 [{rows}]",
+            targets.shape(),
+            targets.dtype()
+        )
+    }
+    logits
+        .contiguous()?
+        .apply_op2(&targets.contiguous()?, CrossEntropy)
+}
+
+/// AdamW's hyper-parameters for one update (PyTorch's definition).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamW {
+    /// Learning rate of this parameter's group.
+    pub lr: f64,
+    /// β₁.
+    pub beta1: f64,
+    /// β₂.
+    pub beta2: f64,
+    /// ε.
+    pub eps: f64,
+    /// Decoupled weight decay λ.
+    pub weight_decay: f64,
+    /// The step number, from 1 (for the bias corrections).
+    pub step: usize,
+    /// Factor applied to the gradient first (global-norm clipping).
+    pub clip: f64,
+}
+
+/// One AdamW update of an f32 parameter: returns the new parameter and moments
+/// `(p, m, v)`. `p ← p·(1 − lr·λ) − lr·m̂/(√v̂ + ε)`, with `g` scaled by `clip` first.
+pub fn adamw(
+    p: &Tensor,
+    g: &Tensor,
+    m: &Tensor,
+    v: &Tensor,
+    hyper: AdamW,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    for (name, t) in [("gradient", g), ("first moment", m), ("second moment", v)] {
+        if t.shape() != p.shape() {
+            candle_core::bail!(
+                "adamw: {name} {:?} for a parameter {:?}",
+                t.shape(),
+                p.shape()
+            )
+        }
+    }
+    for t in [p, g, m, v] {
+        if t.dtype() != DType::F32 {
+            candle_core::bail!(
+                "adamw: parameters and moments must be f32, not {:?}",
+                t.dtype()
+            )
+        }
+    }
+    let n = p.elem_count();
+    let out = p.flatten_all()?.contiguous()?.apply_op3_no_bwd(
+        &m.flatten_all()?.contiguous()?,
+        &v.flatten_all()?.contiguous()?,
+        &AdamWOp {
+            grad: g.flatten_all()?.contiguous()?,
+            hyper,
+        },
+    )?;
+    let part = |i: usize| out.narrow(0, i * n, n)?.reshape(p.shape());
+    Ok((part(0)?, part(1)?, part(2)?))
+}
+
+// ---------------------------------------------------------------------------------------------
+// CPU storage helpers.
+
+/// The contiguous values of a float storage, widened to f32.
+fn cpu_values(storage: &CpuStorage, layout: &Layout, op: &str) -> Result<Vec<f32>> {
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("{op}: input must be contiguous")
+    };
+    Ok(match storage {
+        CpuStorage::F32(v) => v[start..end].to_vec(),
+        CpuStorage::BF16(v) => v[start..end].iter().map(|x| x.to_f32()).collect(),
+        CpuStorage::F16(v) => v[start..end].iter().map(|x| x.to_f32()).collect(),
+        CpuStorage::F64(v) => v[start..end].iter().map(|&x| x as f32).collect(),
+        other => candle_core::bail!("{op}: unsupported dtype {:?}", other.dtype()),
+    })
+}
+
+/// f32 values stored in `dtype` (rounded to nearest).
+fn cpu_storage(values: Vec<f32>, dtype: DType, op: &str) -> Result<CpuStorage> {
+    Ok(match dtype {
+        DType::F32 => CpuStorage::F32(values),
+        DType::BF16 => CpuStorage::BF16(values.into_iter().map(bf16::from_f32).collect()),
+        DType::F16 => CpuStorage::F16(values.into_iter().map(f16::from_f32).collect()),
+        DType::F64 => CpuStorage::F64(values.into_iter().map(f64::from).collect()),
+        other => candle_core::bail!("{op}: unsupported dtype {other:?}"),
+    })
+}
+
+/// Rounds an f32 to `dtype` and back, as a kernel storing an intermediate in `dtype` does.
+fn round_to(dtype: DType) -> fn(f32) -> f32 {
+    match dtype {
+        DType::BF16 => |x| bf16::from_f32(x).to_f32(),
+        DType::F16 => |x| f16::from_f32(x).to_f32(),
+        _ => |x| x,
+    }
+}
+
+fn last_dim(layout: &Layout) -> usize {
+    layout.dims().last().copied().unwrap_or(1).max(1)
+}
+
+// ---------------------------------------------------------------------------------------------
+// CUDA helpers.
+
+/// The kernel `root_<dtype of T>` of the engine's module on `dev` (loaded once per device).
+/// A macro because candle does not export the function handle's type.
+#[cfg(feature = "cuda")]
+macro_rules! engine_func {
+    ($dev:expr, $t:ty, $root:expr) => {
+        $dev.get_or_load_custom_func(
+            &candle_core::cuda_backend::kernel_name::<$t>($root),
+            gpu::MODULE,
+            gpu::PTX,
+        )
+    };
+}
+
+#[cfg(feature = "cuda")]
+mod gpu {
+    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr};
+    use candle_core::{Layout, Result};
+
+    /// The PTX of `kernels/engine.cu`, compiled by the build script.
+    pub(super) const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/engine.ptx"));
+
+    /// The name the engine's module is cached under in each device.
+    pub(super) const MODULE: &str = "lorasweep_engine";
+
+    /// The part of `slice` that `layout` covers, which must be contiguous.
+    pub(super) fn view<'a, T: DeviceRepr>(
+        slice: &'a CudaSlice<T>,
+        layout: &Layout,
+        op: &str,
+    ) -> Result<CudaView<'a, T>> {
+        match layout.contiguous_offsets() {
+            Some((start, end)) => Ok(slice.slice(start..end)),
+            None => candle_core::bail!("{op}: input must be contiguous"),
+        }
+    }
+
+    /// Threads per block for a row kernel over `cols` columns.
+    pub(super) fn row_block(cols: usize) -> u32 {
+        (cols.div_ceil(32) * 32).clamp(32, 256) as u32
+    }
+
+    /// A grid-stride launch over `n` elements.
+    pub(super) fn elementwise(n: usize) -> candle_core::cuda_backend::cudarc::driver::LaunchConfig {
+        let blocks = n.div_ceil(256).clamp(1, 65_535 * 8) as u32;
+        candle_core::cuda_backend::cudarc::driver::LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    /// One block of 1,024 threads per row (rows as long as a vocabulary).
+    pub(super) fn wide_rows(
+        rows: usize,
+    ) -> candle_core::cuda_backend::cudarc::driver::LaunchConfig {
+        candle_core::cuda_backend::cudarc::driver::LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (1024, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    /// One block per row.
+    pub(super) fn rows(
+        rows: usize,
+        cols: usize,
+    ) -> candle_core::cuda_backend::cudarc::driver::LaunchConfig {
+        candle_core::cuda_backend::cudarc::driver::LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (row_block(cols), 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_storage(slice: CudaStorageSlice, device: &CudaDevice) -> CudaStorage {
+    CudaStorage {
+        slice,
+        device: device.clone(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Causal softmax over attention scores.
+
+/// Which keys each row of a score matrix may see, and the score scale.
+#[derive(Debug, Clone, Copy)]
+struct RowMask {
+    scale: f32,
+    t_q: usize,
+    offset: usize,
+}
+
+impl RowMask {
+    /// Number of visible keys of row `row` (out of `cols`).
+    fn limit(&self, row: usize, cols: usize) -> usize {
+        cols.min(row % self.t_q + self.offset + 1)
+    }
+
+    fn softmax_rows(&self, scores: &[f32], cols: usize) -> Vec<f32> {
+        let mut out = vec![0f32; scores.len()];
+        for (row, (x, y)) in scores.chunks(cols).zip(out.chunks_mut(cols)).enumerate() {
+            let limit = self.limit(row, cols);
+            let max = x[..limit]
+                .iter()
+                .map(|&v| v * self.scale)
+                .fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f32;
+            for (e, &v) in y[..limit].iter_mut().zip(&x[..limit]) {
+                *e = (v * self.scale - max).exp();
+                sum += *e;
+            }
+            y[..limit].iter_mut().for_each(|e| *e /= sum);
+        }
+        out
+    }
+
+    fn softmax_backward_rows(&self, p: &[f32], dp: &[f32], cols: usize) -> Vec<f32> {
+        let mut out = vec![0f32; p.len()];
+        for (row, ((y, dy), dx)) in p
+            .chunks(cols)
+            .zip(dp.chunks(cols))
+            .zip(out.chunks_mut(cols))
+            .enumerate()
+        {
+            let limit = self.limit(row, cols);
+            let dot: f32 = y[..limit]
+                .iter()
+                .zip(&dy[..limit])
+                .map(|(a, b)| a * b)
+                .sum();
+            for j in 0..limit {
+                dx[j] = self.scale * y[j] * (dy[j] - dot);
+            }
+        }
+        out
+    }
+
+    #[cfg(feature = "cuda")]
+    fn launch<T: DeviceRepr + WithDType>(
+        &self,
+        dev: &CudaDevice,
+        root: &str,
+        inputs: &[&CudaView<'_, T>],
+        rows: usize,
+        cols: usize,
+    ) -> Result<CudaSlice<T>> {
+        let func = engine_func!(dev, T, root)?;
+        // SAFETY: the kernel writes every element of every row.
+        let dst = unsafe { dev.alloc::<T>(rows * cols)? };
+        let mut builder = func.builder();
+        for input in inputs {
+            builder.arg(*input);
+        }
+        builder.arg(&dst);
+        candle_core::builder_arg!(
+            builder,
+            cols as i32,
+            self.t_q as i32,
+            self.offset as i32,
+            self.scale
+        );
+        // SAFETY: the arguments match the kernel's signature.
+        unsafe { builder.launch(gpu::rows(rows, cols)) }.w()?;
+        Ok(dst)
+    }
+}
+
+/// Forward: `(q, k)` → probabilities. Backward: `∂s = softmax_bwd(p, ∂p)`, `∂q = ∂s·k`,
+/// `∂k = ∂sᵀ·q`.
+struct CausalProbs(RowMask);
+
+impl CausalProbs {
+    /// The batched product `q·kᵀ`: `(batch, m, n, k)` and the layout of `kᵀ`.
+    fn problem(q: &Layout, k: &Layout) -> Result<((usize, usize, usize, usize), Layout)> {
+        let (b, h, m, d) = q.shape().dims4()?;
+        let (_, _, n, _) = k.shape().dims4()?;
+        Ok(((b * h, m, n, d), k.transpose(2, 3)?))
+    }
+
+    fn out_shape(q: &Layout, k: &Layout) -> Result<Shape> {
+        let (b, h, m, _) = q.shape().dims4()?;
+        let (_, _, n, _) = k.shape().dims4()?;
+        Ok(Shape::from((b, h, m, n)))
+    }
+}
+
+impl CustomOp2 for CausalProbs {
+    fn name(&self) -> &'static str {
+        "causal-attention-probs"
+    }
+
+    fn cpu_fwd(
+        &self,
+        q: &CpuStorage,
+        q_l: &Layout,
+        k: &CpuStorage,
+        k_l: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (bmnk, kt_l) = Self::problem(q_l, k_l)?;
+        let scores = q.matmul(k, bmnk, q_l, &kt_l)?;
+        let shape = Self::out_shape(q_l, k_l)?;
+        let values = cpu_values(&scores, &Layout::contiguous(&shape), self.name())?;
+        let probs = self.0.softmax_rows(&values, bmnk.2);
+        Ok((cpu_storage(probs, q.dtype(), self.name())?, shape))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        q: &CudaStorage,
+        q_l: &Layout,
+        k: &CudaStorage,
+        k_l: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (bmnk, kt_l) = Self::problem(q_l, k_l)?;
+        let shape = Self::out_shape(q_l, k_l)?;
+        let scores = q.matmul(k, bmnk, q_l, &kt_l)?;
+        let probs = Map1::map(
+            &SoftmaxRows(self.0),
+            &scores.slice,
+            q.device(),
+            &Layout::contiguous(&shape),
+        )?;
+        Ok((cuda_storage(probs, q.device()), shape))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        p: &Tensor,
+        grad_p: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad_s = p.apply_op2_no_bwd(&grad_p.contiguous()?, &CausalSoftmaxBackward(self.0))?;
+        let grad_q = grad_s.matmul(k)?;
+        let grad_k = grad_s.transpose(2, 3)?.matmul(q)?;
+        Ok((Some(grad_q), Some(grad_k)))
+    }
+}
+
+/// `(p, ∂p)` → `∂s` (the scale included).
+struct CausalSoftmaxBackward(RowMask);
+
+impl CustomOp2 for CausalSoftmaxBackward {
+    fn name(&self) -> &'static str {
+        "causal-softmax-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        p: &CpuStorage,
+        p_l: &Layout,
+        dp: &CpuStorage,
+        dp_l: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let cols = last_dim(p_l);
+        let grad = self.0.softmax_backward_rows(
+            &cpu_values(p, p_l, self.name())?,
+            &cpu_values(dp, dp_l, self.name())?,
+            cols,
+        );
+        Ok((
+            cpu_storage(grad, p.dtype(), self.name())?,
+            p_l.shape().clone(),
+        ))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        p: &CudaStorage,
+        p_l: &Layout,
+        dp: &CudaStorage,
+        dp_l: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let out = SoftmaxBackwardRows(self.0).map(&p.slice, p_l, &dp.slice, dp_l, p.device())?;
+        Ok((cuda_storage(out, p.device()), p_l.shape().clone()))
+    }
+}
+
+#[cfg(feature = "cuda")]
+struct SoftmaxRows(RowMask);
+
+#[cfg(feature = "cuda")]
+impl Map1 for SoftmaxRows {
+    fn f<T: DeviceRepr + WithDType + ValidAsZeroBits>(
+        &self,
+        src: &CudaSlice<T>,
+        dev: &CudaDevice,
+        layout: &Layout,
+    ) -> Result<CudaSlice<T>> {
+        let cols = last_dim(layout);
+        let rows = layout.shape().elem_count() / cols;
+        let src = gpu::view(src, layout, "causal softmax")?;
+        self.0
+            .launch(dev, "causal_softmax_fwd", &[&src], rows, cols)
+    }
+}
+
+#[cfg(feature = "cuda")]
+struct SoftmaxBackwardRows(RowMask);
+
+#[cfg(feature = "cuda")]
+impl Map2 for SoftmaxBackwardRows {
+    fn f<T: DeviceRepr + WithDType + ValidAsZeroBits>(
+        &self,
+        p: &CudaSlice<T>,
+        p_l: &Layout,
+        dp: &CudaSlice<T>,
+        dp_l: &Layout,
+        dev: &CudaDevice,
+    ) -> Result<CudaSlice<T>> {
+        let cols = last_dim(p_l);
+        let rows = p_l.shape().elem_count() / cols;
+        let p = gpu::view(p, p_l, "causal softmax backward")?;
+        let dp = gpu::view(dp, dp_l, "causal softmax backward")?;
+        self.0
+            .launch(dev, "causal_softmax_bwd", &[&p, &dp], rows, cols)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// RMSNorm.
+
+/// Forward: `(x, g)` → `g · round(x·r)`. Backward: `∂x` only (the gain is frozen).
+struct RmsNorm {
+    eps: f32,
+}
+
+impl RmsNorm {
+    /// `1 / sqrt(mean(x²) + eps)` of one row.
+    fn inv_rms(&self, row: &[f32]) -> f32 {
+        let ss: f32 = row.iter().map(|v| v * v).sum();
+        1.0 / (ss / row.len() as f32 + self.eps).sqrt()
+    }
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_l: &Layout,
+        g: &CpuStorage,
+        g_l: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let round = round_to(x.dtype());
+        let gain = cpu_values(g, g_l, self.name())?;
+        let mut values = cpu_values(x, x_l, self.name())?;
+        for row in values.chunks_mut(gain.len()) {
+            let r = self.inv_rms(row);
+            for (v, g) in row.iter_mut().zip(&gain) {
+                *v = round(*v * r) * g;
+            }
+        }
+        Ok((
+            cpu_storage(values, x.dtype(), self.name())?,
+            x_l.shape().clone(),
+        ))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        x_l: &Layout,
+        g: &CudaStorage,
+        g_l: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let out = Map2::map(
+            &RowKernel {
+                root: "rms_norm_fwd",
+                eps: self.eps,
+            },
+            &x.slice,
+            x_l,
+            &g.slice,
+            g_l,
+            x.device(),
+        )?;
+        Ok((cuda_storage(out, x.device()), x_l.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        g: &Tensor,
+        _y: &Tensor,
+        grad_y: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad_x =
+            x.apply_op3_no_bwd(g, &grad_y.contiguous()?, &RmsNormBackward { eps: self.eps })?;
+        Ok((Some(grad_x), None))
+    }
+}
+
+/// `(x, g, ∂y)` → `∂x = r·g·∂y − x·r³·mean(g·∂y·x)`.
+struct RmsNormBackward {
+    eps: f32,
+}
+
+impl CustomOp3 for RmsNormBackward {
+    fn name(&self) -> &'static str {
+        "rms-norm-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_l: &Layout,
+        g: &CpuStorage,
+        g_l: &Layout,
+        dy: &CpuStorage,
+        dy_l: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let gain = cpu_values(g, g_l, self.name())?;
+        let x_values = cpu_values(x, x_l, self.name())?;
+        let mut grad = cpu_values(dy, dy_l, self.name())?;
+        let cols = gain.len();
+        for (xr, dr) in x_values.chunks(cols).zip(grad.chunks_mut(cols)) {
+            let r = RmsNorm { eps: self.eps }.inv_rms(xr);
+            let dot: f32 = xr
+                .iter()
+                .zip(dr.iter())
+                .zip(&gain)
+                .map(|((x, d), g)| x * d * g)
+                .sum();
+            let k = r * r * r * dot / cols as f32;
+            for ((d, x), g) in dr.iter_mut().zip(xr).zip(&gain) {
+                *d = r * g * *d - x * k;
+            }
+        }
+        Ok((
+            cpu_storage(grad, x.dtype(), self.name())?,
+            x_l.shape().clone(),
+        ))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        x_l: &Layout,
+        g: &CudaStorage,
+        g_l: &Layout,
+        dy: &CudaStorage,
+        dy_l: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let out = Map3::map(
+            &RowKernel {
+                root: "rms_norm_bwd",
+                eps: self.eps,
+            },
+            &x.slice,
+            x_l,
+            &g.slice,
+            g_l,
+            &dy.slice,
+            dy_l,
+            x.device(),
+        )?;
+        Ok((cuda_storage(out, x.device()), x_l.shape().clone()))
+    }
+}
+
+/// A row kernel `root(inputs…, out, cols, eps)` over the rows of the first input.
+#[cfg(feature = "cuda")]
+struct RowKernel {
+    root: &'static str,
+    eps: f32,
+}
+
+#[cfg(feature = "cuda")]
+impl RowKernel {
+    fn launch<T: DeviceRepr + WithDType>(
+        &self,
+        dev: &CudaDevice,
+        inputs: &[&CudaView<'_, T>],
+        elements: usize,
+        cols: usize,
+    ) -> Result<CudaSlice<T>> {
+        let func = engine_func!(dev, T, self.root)?;
+        // SAFETY: the kernel writes every element.
+        let dst = unsafe { dev.alloc::<T>(elements)? };
+        let mut builder = func.builder();
+        for input in inputs {
+            builder.arg(*input);
+        }
+        builder.arg(&dst);
+        candle_core::builder_arg!(builder, cols as i32, self.eps);
+        // SAFETY: the arguments match the kernel's signature.
+        unsafe { builder.launch(gpu::rows(elements / cols, cols)) }.w()?;
+        Ok(dst)
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl Map2 for RowKernel {
+    fn f<T: DeviceRepr + WithDType + ValidAsZeroBits>(
+        &self,
+        x: &CudaSlice<T>,
+        x_l: &Layout,
+        g: &CudaSlice<T>,
+        g_l: &Layout,
+        dev: &CudaDevice,
+    ) -> Result<CudaSlice<T>> {
+        let cols = last_dim(x_l);
+        let x = gpu::view(x, x_l, self.root)?;
+        let g = gpu::view(g, g_l, self.root)?;
+        self.launch(dev, &[&x, &g], x_l.shape().elem_count(), cols)
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl Map3 for RowKernel {
+    fn f<T: DeviceRepr + WithDType + ValidAsZeroBits>(
+        &self,
+        x: &CudaSlice<T>,
+        x_l: &Layout,
+        g: &CudaSlice<T>,
+        g_l: &Layout,
+        dy: &CudaSlice<T>,
+        dy_l: &Layout,
+        dev: &CudaDevice,
+    ) -> Result<CudaSlice<T>> {
+        let cols = last_dim(x_l);
+        let x = gpu::view(x, x_l, self.root)?;
+        let g = gpu::view(g, g_l, self.root)?;
+        let dy = gpu::view(dy, dy_l, self.root)?;
+        self.launch(dev, &[&x, &g, &dy], x_l.shape().elem_count(), cols)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// RoPE.
+
+/// Rotation of each `(x[i], x[i + d/2])` pair by `sign · θ(position, i)`. Its transpose (the
+/// backward) is the rotation by `−sign · θ`.
+struct Rope {
+    sign: f32,
+}
+
+impl CustomOp3 for Rope {
+    fn name(&self) -> &'static str {
+        "rope"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_l: &Layout,
+        cos: &CpuStorage,
+        cos_l: &Layout,
+        sin: &CpuStorage,
+        sin_l: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (_, _, t, d) = x_l.shape().dims4()?;
+        let half = d / 2;
+        let cos = cpu_values(cos, cos_l, self.name())?;
+        let sin = cpu_values(sin, sin_l, self.name())?;
+        let mut values = cpu_values(x, x_l, self.name())?;
+        for (i, row) in values.chunks_mut(d).enumerate() {
+            let pos = i % t;
+            let (first, second) = row.split_at_mut(half);
+            for (col, (x1, x2)) in first.iter_mut().zip(second.iter_mut()).enumerate() {
+                let c = cos[pos * half + col];
+                let s = self.sign * sin[pos * half + col];
+                let (a, b) = (*x1, *x2);
+                *x1 = a * c - b * s;
+                *x2 = b * c + a * s;
+            }
+        }
+        Ok((
+            cpu_storage(values, x.dtype(), self.name())?,
+            x_l.shape().clone(),
+        ))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        x_l: &Layout,
+        cos: &CudaStorage,
+        cos_l: &Layout,
+        sin: &CudaStorage,
+        sin_l: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let cos = gpu::view(cos.as_cuda_slice::<f32>()?, cos_l, self.name())?;
+        let sin = gpu::view(sin.as_cuda_slice::<f32>()?, sin_l, self.name())?;
+        let out = Map1::map(
+            &RopeKernel {
+                cos,
+                sin,
+                sign: self.sign,
+            },
+            &x.slice,
+            x.device(),
+            x_l,
+        )?;
+        Ok((cuda_storage(out, x.device()), x_l.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        _y: &Tensor,
+        grad_y: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let inverse = Rope { sign: -self.sign };
+        let grad_x = grad_y.contiguous()?.apply_op3_no_bwd(cos, sin, &inverse)?;
+        Ok((Some(grad_x), None, None))
+    }
+}
+
+#[cfg(feature = "cuda")]
+struct RopeKernel<'a> {
+    cos: CudaView<'a, f32>,
+    sin: CudaView<'a, f32>,
+    sign: f32,
+}
+
+#[cfg(feature = "cuda")]
+impl Map1 for RopeKernel<'_> {
+    fn f<T: DeviceRepr + WithDType + ValidAsZeroBits>(
+        &self,
+        src: &CudaSlice<T>,
+        dev: &CudaDevice,
+        layout: &Layout,
+    ) -> Result<CudaSlice<T>> {
+        let (b, h, t, d) = layout.shape().dims4()?;
+        let elements = b * h * t * d;
+        let src = gpu::view(src, layout, "rope")?;
+        let func = engine_func!(dev, T, "rope")?;
+        // SAFETY: the kernel writes both halves of every row.
+        let dst = unsafe { dev.alloc::<T>(elements)? };
+        let mut builder = func.builder();
+        builder.arg(&src);
+        builder.arg(&self.cos);
+        builder.arg(&self.sin);
+        builder.arg(&dst);
+        candle_core::builder_arg!(builder, (b * h) as i32, t as i32, d as i32, self.sign);
+        // SAFETY: the arguments match the kernel's signature.
+        unsafe { builder.launch(gpu::elementwise(elements / 2)) }.w()?;
+        Ok(dst)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// SwiGLU.
+
+fn sigmoid(v: f32) -> f32 {
+    1.0 / (1.0 + (-v).exp())
+}
+
+/// Forward: `silu(gate) · up`. Backward: both gradients from one kernel.
+struct SwiGlu;
+
+impl CustomOp2 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "swiglu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        gate: &CpuStorage,
+        gate_l: &Layout,
+        up: &CpuStorage,
+        up_l: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let up = cpu_values(up, up_l, self.name())?;
+        let mut values = cpu_values(gate, gate_l, self.name())?;
+        for (g, u) in values.iter_mut().zip(&up) {
+            *g = *g * sigmoid(*g) * u;
+        }
+        Ok((
+            cpu_storage(values, gate.dtype(), self.name())?,
+            gate_l.shape().clone(),
+        ))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        gate: &CudaStorage,
+        gate_l: &Layout,
+        up: &CudaStorage,
+        up_l: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let out = Map2::map(
+            &Elementwise {
+                root: "swiglu_fwd",
+                outputs: 1,
+            },
+            &gate.slice,
+            gate_l,
+            &up.slice,
+            up_l,
+            gate.device(),
+        )?;
+        Ok((cuda_storage(out, gate.device()), gate_l.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        _h: &Tensor,
+        grad_h: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let both = gate.apply_op3_no_bwd(up, &grad_h.contiguous()?, &SwiGluBackward)?;
+        Ok((Some(both.get(0)?), Some(both.get(1)?)))
+    }
+}
+
+/// `(gate, up, ∂h)` → `[∂gate; ∂up]`, stacked on a new leading dimension of 2.
+struct SwiGluBackward;
+
+impl CustomOp3 for SwiGluBackward {
+    fn name(&self) -> &'static str {
+        "swiglu-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        gate: &CpuStorage,
+        gate_l: &Layout,
+        up: &CpuStorage,
+        up_l: &Layout,
+        dh: &CpuStorage,
+        dh_l: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let gate_values = cpu_values(gate, gate_l, self.name())?;
+        let up = cpu_values(up, up_l, self.name())?;
+        let dh = cpu_values(dh, dh_l, self.name())?;
+        let n = gate_values.len();
+        let mut out = vec![0f32; 2 * n];
+        for (i, ((&g, &u), &d)) in gate_values.iter().zip(&up).zip(&dh).enumerate() {
+            let s = sigmoid(g);
+            out[i] = d * u * s * (1.0 + g * (1.0 - s));
+            out[n + i] = d * g * s;
+        }
+        Ok((
+            cpu_storage(out, gate.dtype(), self.name())?,
+            stacked_pair(gate_l.shape()),
+        ))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        gate: &CudaStorage,
+        gate_l: &Layout,
+        up: &CudaStorage,
+        up_l: &Layout,
+        dh: &CudaStorage,
+        dh_l: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let out = Map3::map(
+            &Elementwise {
+                root: "swiglu_bwd",
+                outputs: 2,
+            },
+            &gate.slice,
+            gate_l,
+            &up.slice,
+            up_l,
+            &dh.slice,
+            dh_l,
+            gate.device(),
+        )?;
+        Ok((
+            cuda_storage(out, gate.device()),
+            stacked_pair(gate_l.shape()),
+        ))
+    }
+}
+
+/// `(2, dims…)`.
+fn stacked_pair(shape: &Shape) -> Shape {
+    let mut dims = vec![2];
+    dims.extend_from_slice(shape.dims());
+    Shape::from(dims)
+}
+
+/// An element-wise kernel `root(inputs…, out, n)` writing `outputs · n` elements.
+#[cfg(feature = "cuda")]
+struct Elementwise {
+    root: &'static str,
+    outputs: usize,
+}
+
+#[cfg(feature = "cuda")]
+impl Elementwise {
+    fn launch<T: DeviceRepr + WithDType>(
+        &self,
+        dev: &CudaDevice,
+        inputs: &[&CudaView<'_, T>],
+        n: usize,
+    ) -> Result<CudaSlice<T>> {
+        let func = engine_func!(dev, T, self.root)?;
+        // SAFETY: the kernel writes every element of every output.
+        let dst = unsafe { dev.alloc::<T>(self.outputs * n)? };
+        let mut builder = func.builder();
+        for input in inputs {
+            builder.arg(*input);
+        }
+        builder.arg(&dst);
+        candle_core::builder_arg!(builder, n);
+        // SAFETY: the arguments match the kernel's signature (size_t n).
+        unsafe { builder.launch(gpu::elementwise(n)) }.w()?;
+        Ok(dst)
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl Map2 for Elementwise {
+    fn f<T: DeviceRepr + WithDType + ValidAsZeroBits>(
+        &self,
+        a: &CudaSlice<T>,
+        a_l: &Layout,
+        b: &CudaSlice<T>,
+        b_l: &Layout,
+        dev: &CudaDevice,
+    ) -> Result<CudaSlice<T>> {
+        let a = gpu::view(a, a_l, self.root)?;
+        let b = gpu::view(b, b_l, self.root)?;
+        self.launch(dev, &[&a, &b], a_l.shape().elem_count())
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl Map3 for Elementwise {
+    fn f<T: DeviceRepr + WithDType + ValidAsZeroBits>(
+        &self,
+        a: &CudaSlice<T>,
+        a_l: &Layout,
+        b: &CudaSlice<T>,
+        b_l: &Layout,
+        c: &CudaSlice<T>,
+        c_l: &Layout,
+        dev: &CudaDevice,
+    ) -> Result<CudaSlice<T>> {
+        let a = gpu::view(a, a_l, self.root)?;
+        let b = gpu::view(b, b_l, self.root)?;
+        let c = gpu::view(c, c_l, self.root)?;
+        self.launch(dev, &[&a, &b, &c], a_l.shape().elem_count())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cross-entropy.
+
+/// `(logits, targets)` → per-row loss (f32).
+struct CrossEntropy;
+
+/// The targets of a cross-entropy as row indices, checked against the vocabulary.
+fn cpu_targets(targets: &CpuStorage, layout: &Layout, cols: usize) -> Result<Vec<usize>> {
+    let (CpuStorage::U32(values), Some((start, end))) = (targets, layout.contiguous_offsets())
+    else {
+        candle_core::bail!("cross_entropy: targets must be contiguous u32")
+    };
+    values[start..end]
+        .iter()
+        .map(|&t| {
+            let t = t as usize;
+            if t < cols {
+                Ok(t)
+            } else {
+                candle_core::bail!("cross_entropy: target {t} is outside the {cols} logits")
+            }
+        })
+        .collect()
+}
+
+/// Row maximum and `Σ exp(x − max)`.
+fn row_lse_parts(row: &[f32]) -> (f32, f32) {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    (max, row.iter().map(|&v| (v - max).exp()).sum())
+}
+
+impl CustomOp2 for CrossEntropy {
+    fn name(&self) -> &'static str {
+        "cross-entropy"
+    }
+
+    fn cpu_fwd(
+        &self,
+        logits: &CpuStorage,
+        logits_l: &Layout,
+        targets: &CpuStorage,
+        targets_l: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let cols = last_dim(logits_l);
+        let targets = cpu_targets(targets, targets_l, cols)?;
+        let values = cpu_values(logits, logits_l, self.name())?;
+        let loss: Vec<f32> = values
+            .chunks(cols)
+            .zip(&targets)
+            .map(|(row, &t)| {
+                let (max, sum) = row_lse_parts(row);
+                sum.ln() + max - row[t]
+            })
+            .collect();
+        let rows = loss.len();
+        Ok((CpuStorage::F32(loss), Shape::from(rows)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        logits: &CudaStorage,
+        logits_l: &Layout,
+        targets: &CudaStorage,
+        targets_l: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev = logits.device();
+        let cols = last_dim(logits_l);
+        let rows = logits_l.shape().elem_count() / cols;
+        let targets = gpu::view(targets.as_cuda_slice::<u32>()?, targets_l, self.name())?;
+        fn launch<T: DeviceRepr + WithDType>(
+            dev: &CudaDevice,
+            logits: &CudaSlice<T>,
+            layout: &Layout,
+            targets: &CudaView<'_, u32>,
+            rows: usize,
+            cols: usize,
+        ) -> Result<CudaSlice<f32>> {
+            let logits = gpu::view(logits, layout, "cross_entropy")?;
+            let func = engine_func!(dev, T, "cross_entropy_fwd")?;
+            // SAFETY: one loss per row, each written by its block.
+            let loss = unsafe { dev.alloc::<f32>(rows)? };
+            let mut builder = func.builder();
+            builder.arg(&logits);
+            builder.arg(targets);
+            builder.arg(&loss);
+            candle_core::builder_arg!(builder, cols as i32);
+            // SAFETY: the arguments match the kernel's signature.
+            unsafe { builder.launch(gpu::wide_rows(rows)) }.w()?;
+            Ok(loss)
+        }
+        let loss = match &logits.slice {
+            CudaStorageSlice::F32(s) => launch(dev, s, logits_l, &targets, rows, cols)?,
+            CudaStorageSlice::BF16(s) => launch(dev, s, logits_l, &targets, rows, cols)?,
+            CudaStorageSlice::F16(s) => launch(dev, s, logits_l, &targets, rows, cols)?,
+            _ => candle_core::bail!("cross_entropy: unsupported dtype {:?}", logits.dtype()),
+        };
+        Ok((
+            cuda_storage(CudaStorageSlice::F32(loss), dev),
+            Shape::from(rows),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        logits: &Tensor,
+        targets: &Tensor,
+        _loss: &Tensor,
+        grad_loss: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad_loss = grad_loss.to_dtype(DType::F32)?.contiguous()?;
+        let grad = logits.apply_op3_no_bwd(targets, &grad_loss, &CrossEntropyBackward)?;
+        Ok((Some(grad), None))
+    }
+}
+
+/// `(logits, targets, ∂loss)` → `∂logits`.
+struct CrossEntropyBackward;
+
+impl CustomOp3 for CrossEntropyBackward {
+    fn name(&self) -> &'static str {
+        "cross-entropy-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        logits: &CpuStorage,
+        logits_l: &Layout,
+        targets: &CpuStorage,
+        targets_l: &Layout,
+        grad_loss: &CpuStorage,
+        grad_loss_l: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let cols = last_dim(logits_l);
+        let targets = cpu_targets(targets, targets_l, cols)?;
+        let grad_loss = cpu_values(grad_loss, grad_loss_l, self.name())?;
+        let mut values = cpu_values(logits, logits_l, self.name())?;
+        for ((row, &t), &g) in values.chunks_mut(cols).zip(&targets).zip(&grad_loss) {
+            let (max, sum) = row_lse_parts(row);
+            for (j, v) in row.iter_mut().enumerate() {
+                let onehot = if j == t { 1.0 } else { 0.0 };
+                *v = g * ((*v - max).exp() / sum - onehot);
+            }
+        }
+        Ok((
+            cpu_storage(values, logits.dtype(), self.name())?,
+            logits_l.shape().clone(),
+        ))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        logits: &CudaStorage,
+        logits_l: &Layout,
+        targets: &CudaStorage,
+        targets_l: &Layout,
+        grad_loss: &CudaStorage,
+        grad_loss_l: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev = logits.device();
+        let cols = last_dim(logits_l);
+        let rows = logits_l.shape().elem_count() / cols;
+        let targets = gpu::view(targets.as_cuda_slice::<u32>()?, targets_l, self.name())?;
+        let grad_loss = gpu::view(grad_loss.as_cuda_slice::<f32>()?, grad_loss_l, self.name())?;
+        fn launch<T: DeviceRepr + WithDType>(
+            dev: &CudaDevice,
+            logits: &CudaSlice<T>,
+            layout: &Layout,
+            targets: &CudaView<'_, u32>,
+            grad_loss: &CudaView<'_, f32>,
+            rows: usize,
+            cols: usize,
+        ) -> Result<CudaSlice<T>> {
+            let logits = gpu::view(logits, layout, "cross_entropy backward")?;
+            let func = engine_func!(dev, T, "cross_entropy_bwd")?;
+            // SAFETY: every element of every row is written.
+            let grad = unsafe { dev.alloc::<T>(rows * cols)? };
+            let mut builder = func.builder();
+            builder.arg(&logits);
+            builder.arg(targets);
+            builder.arg(grad_loss);
+            builder.arg(&grad);
+            candle_core::builder_arg!(builder, cols as i32);
+            // SAFETY: the arguments match the kernel's signature.
+            unsafe { builder.launch(gpu::wide_rows(rows)) }.w()?;
+            Ok(grad)
+        }
+        let out = match &logits.slice {
+            CudaStorageSlice::F32(s) => {
+                CudaStorageSlice::F32(launch(dev, s, logits_l, &targets, &grad_loss, rows, cols)?)
+            }
+            CudaStorageSlice::BF16(s) => {
+                CudaStorageSlice::BF16(launch(dev, s, logits_l, &targets, &grad_loss, rows, cols)?)
+            }
+            CudaStorageSlice::F16(s) => {
+                CudaStorageSlice::F16(launch(dev, s, logits_l, &targets, &grad_loss, rows, cols)?)
+            }
+            _ => candle_core::bail!("cross_entropy: unsupported dtype {:?}", logits.dtype()),
+        };
+        Ok((cuda_storage(out, dev), logits_l.shape().clone()))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// AdamW.
+
+/// `(p, m, v)` with the gradient carried by the op → `[p'; m'; v']` (flat, 3n).
+struct AdamWOp {
+    grad: Tensor,
+    hyper: AdamW,
+}
+
+impl AdamWOp {
+    /// The f32 constants the kernel takes: lr, β₁, β₂, ε, λ, bias1, bias2, clip.
+    fn constants(&self) -> [f32; 8] {
+        let h = &self.hyper;
+        let bias1 = 1.0 - h.beta1.powi(h.step as i32);
+        let bias2 = 1.0 - h.beta2.powi(h.step as i32);
+        [
+            h.lr,
+            h.beta1,
+            h.beta2,
+            h.eps,
+            h.weight_decay,
+            bias1,
+            bias2,
+            h.clip,
+        ]
+        .map(|v| v as f32)
+    }
+}
+
+impl CustomOp3 for AdamWOp {
+    fn name(&self) -> &'static str {
+        "adamw"
+    }
+
+    fn cpu_fwd(
+        &self,
+        p: &CpuStorage,
+        p_l: &Layout,
+        m: &CpuStorage,
+        m_l: &Layout,
+        v: &CpuStorage,
+        v_l: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let [lr, beta1, beta2, eps, wd, bias1, bias2, clip] = self.constants();
+        let (grad, grad_l) = self.grad.storage_and_layout();
+        let candle_core::Storage::Cpu(grad) = &*grad else {
+            candle_core::bail!("adamw: the gradient is not on the CPU")
+        };
+        let g = cpu_values(grad, grad_l, self.name())?;
+        let p = cpu_values(p, p_l, self.name())?;
+        let m = cpu_values(m, m_l, self.name())?;
+        let v = cpu_values(v, v_l, self.name())?;
+        let n = p.len();
+        let mut out = vec![0f32; 3 * n];
+        for i in 0..n {
+            let grad = g[i] * clip;
+            let m1 = beta1 * m[i] + (1.0 - beta1) * grad;
+            let v1 = beta2 * v[i] + (1.0 - beta2) * grad * grad;
+            let update = (m1 / bias1) / ((v1 / bias2).sqrt() + eps);
+            out[i] = p[i] * (1.0 - lr * wd) - lr * update;
+            out[n + i] = m1;
+            out[2 * n + i] = v1;
+        }
+        Ok((CpuStorage::F32(out), Shape::from(3 * n)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        p: &CudaStorage,
+        p_l: &Layout,
+        m: &CudaStorage,
+        m_l: &Layout,
+        v: &CudaStorage,
+        v_l: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev = p.device();
+        let (grad, grad_l) = self.grad.storage_and_layout();
+        let candle_core::Storage::Cuda(grad) = &*grad else {
+            candle_core::bail!("adamw: the gradient is not on the GPU")
+        };
+        let g = gpu::view(grad.as_cuda_slice::<f32>()?, grad_l, self.name())?;
+        let pv = gpu::view(p.as_cuda_slice::<f32>()?, p_l, self.name())?;
+        let mv = gpu::view(m.as_cuda_slice::<f32>()?, m_l, self.name())?;
+        let vv = gpu::view(v.as_cuda_slice::<f32>()?, v_l, self.name())?;
+        let n = p_l.shape().elem_count();
+        let func = dev.get_or_load_custom_func("adamw_f32", gpu::MODULE, gpu::PTX)?;
+        // SAFETY: the kernel writes all 3n elements.
+        let dst = unsafe { dev.alloc::<f32>(3 * n)? };
+        let mut builder = func.builder();
+        builder.arg(&pv);
+        builder.arg(&g);
+        builder.arg(&mv);
+        builder.arg(&vv);
+        builder.arg(&dst);
+        builder.arg(&n);
+        let constants = self.constants();
+        for c in &constants {
+            builder.arg(c);
+        }
+        // SAFETY: the arguments match the kernel's signature.
+        unsafe { builder.launch(gpu::elementwise(n)) }.w()?;
+        Ok((
+            cuda_storage(CudaStorageSlice::F32(dst), dev),
+            Shape::from(3 * n),
+        ))
+    }
+}
+
+/// AdamW composed of candle primitives (about a dozen launches per parameter): what
+/// [`adamw`] computes in one kernel, and what the CPU uses.
+pub fn adamw_composed(
+    p: &Tensor,
+    g: &Tensor,
+    m: &Tensor,
+    v: &Tensor,
+    hyper: AdamW,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let bias1 = 1.0 - hyper.beta1.powi(hyper.step as i32);
+    let bias2 = 1.0 - hyper.beta2.powi(hyper.step as i32);
+    let g = (g * hyper.clip)?;
+    let m = ((m * hyper.beta1)? + (&g * (1.0 - hyper.beta1))?)?;
+    let v = ((v * hyper.beta2)? + (g.sqr()? * (1.0 - hyper.beta2))?)?;
+    let update = ((&m / bias1)? / ((&v / bias2)?.sqrt()? + hyper.eps)?)?;
+    let decayed = (p * (1.0 - hyper.lr * hyper.weight_decay))?;
+    let p = (decayed - (update * hyper.lr)?)?;
+    Ok((p, m, v))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Checking the kernels against the composed ops.
+
+/// One comparison made by [`check`]: an output or gradient of a fused op against candle's
+/// composed ops on the CPU in f32, from the same inputs.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Agreement {
+    /// The op and case, e.g. `rms_norm`.
+    pub op: String,
+    /// Which tensor: `output` or `grad <input>`.
+    pub tensor: String,
+    /// Largest absolute difference.
+    pub max_abs_diff: f64,
+    /// `max_abs_diff` over the reference's largest magnitude.
+    pub rel_diff: f64,
+    /// The largest `rel_diff` accepted for the dtype.
+    pub tolerance: f64,
+}
+
+impl Agreement {
+    /// Whether the difference is within tolerance.
+    pub fn ok(&self) -> bool {
+        self.rel_diff <= self.tolerance
+    }
+}
+
+/// Runs every fused op on `device` in `dtype` (AdamW always in f32) on seeded random inputs,
+/// forward and backward, and compares outputs and gradients with candle's composed ops on the
+/// CPU in f32 from the same (rounded) inputs.
+pub fn check(device: &Device, dtype: DType) -> Result<Vec<Agreement>> {
+    use rand::SeedableRng;
+    let tolerance = match dtype {
+        DType::F32 | DType::F64 => 1e-4,
+        DType::F16 => 5e-3,
+        _ => 3e-2,
+    };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x5EED_CAFE);
+    let mut randn = |dims: &[usize], mean: f32, std: f32| -> Result<Tensor> {
+        use rand_distr::Distribution;
+        let normal = rand_distr::Normal::new(mean, std).expect("positive std");
+        let n: usize = dims.iter().product();
+        let values: Vec<f32> = (0..n).map(|_| normal.sample(&mut rng)).collect();
+        // Rounded to the dtype under test, so both sides start from the same values.
+        Tensor::from_vec(values, dims, &Device::Cpu)?
+            .to_dtype(dtype)?
+            .to_dtype(DType::F32)
+    };
+    let mut found = Vec::new();
+
+    // Attention probabilities: a short case (one warp per row) and a long one (several).
+    for (name, (b, kv, groups, t, offset, d)) in [
+        ("causal_attention_probs", (2, 2, 2, 12, 3, 16)),
+        ("causal_attention_probs long rows", (1, 1, 2, 300, 0, 8)),
+    ] {
+        let q = randn(&[b, kv, groups * t, d], 0.0, 1.0)?;
+        let k = randn(&[b, kv, t + offset, d], 0.0, 1.0)?;
+        let w = randn(&[b, kv, groups * t, t + offset], 0.0, 1.0)?;
+        let scale = 1.0 / (d as f64).sqrt();
+        let fused = |x: &[Tensor]| causal_attention_probs(&x[0], &x[1], scale, t, offset);
+        let composed = |x: &[Tensor]| {
+            let rows = groups * t;
+            let cols = t + offset;
+            let mask: Vec<f32> = (0..rows * cols)
+                .map(|i| {
+                    let (r, j) = (i / cols, i % cols);
+                    if j <= r % t + offset {
+                        0.0
+                    } else {
+                        f32::NEG_INFINITY
+                    }
+                })
+                .collect();
+            let mask = Tensor::from_vec(mask, (rows, cols), x[0].device())?;
+            let scores = (x[0].matmul(&x[1].t()?)? * scale)?.broadcast_add(&mask)?;
+            candle_nn::ops::softmax(&scores, D::Minus1)
+        };
+        let inputs = [q, k];
+        compare(
+            name,
+            &["q", "k"],
+            &inputs,
+            &w,
+            (fused, composed),
+            device,
+            dtype,
+            tolerance,
+            &mut found,
+        )?;
+    }
+
+    let x = randn(&[3, 5, 600], 0.5, 2.0)?;
+    let gain = randn(&[600], 1.0, 0.2)?;
+    let w = randn(&[3, 5, 600], 0.0, 1.0)?;
+    compare(
+        "rms_norm",
+        &["x"],
+        &[x, gain],
+        &w,
+        (
+            |x: &[Tensor]| rms_norm(&x[0], &x[1], 1e-5),
+            |x: &[Tensor]| crate::ops::rms_norm(&x[0], &x[1], 1e-5),
+        ),
+        device,
+        dtype,
+        tolerance,
+        &mut found,
+    )?;
+
+    let x = randn(&[2, 3, 10, 16], 0.0, 1.0)?;
+    let angles = randn(&[10, 8], 0.0, 3.0)?;
+    let (cos, sin) = (angles.cos()?, angles.sin()?);
+    let w = randn(&[2, 3, 10, 16], 0.0, 1.0)?;
+    compare(
+        "rope",
+        &["x"],
+        &[x, cos, sin],
+        &w,
+        (
+            |x: &[Tensor]| rope(&x[0], &x[1], &x[2]),
+            |x: &[Tensor]| crate::ops::rope(&x[0], &x[1], &x[2]),
+        ),
+        device,
+        dtype,
+        tolerance,
+        &mut found,
+    )?;
+
+    let gate = randn(&[4, 70], 0.0, 3.0)?;
+    let up = randn(&[4, 70], 0.0, 1.0)?;
+    let w = randn(&[4, 70], 0.0, 1.0)?;
+    compare(
+        "swiglu",
+        &["gate", "up"],
+        &[gate, up],
+        &w,
+        (
+            |x: &[Tensor]| swiglu(&x[0], &x[1]),
+            |x: &[Tensor]| crate::ops::swiglu(&x[0], &x[1]),
+        ),
+        device,
+        dtype,
+        tolerance,
+        &mut found,
+    )?;
+
+    // Cross-entropy over a row longer than a block, targets spread over the vocabulary.
+    let (rows, vocab) = (6, 3000);
+    let logits = randn(&[rows, vocab], 0.0, 4.0)?;
+    let targets: Vec<u32> = (0..rows as u32).map(|r| r * 997 % vocab as u32).collect();
+    let targets = Tensor::from_vec(targets, rows, &Device::Cpu)?;
+    let w = randn(&[rows], 0.0, 1.0)?;
+    let on_device = targets.to_device(device)?;
+    compare(
+        "cross_entropy",
+        &["logits"],
+        &[logits],
+        &w,
+        (
+            |x: &[Tensor]| cross_entropy(&x[0], &on_device),
+            |x: &[Tensor]| {
+                let log_probs = candle_nn::ops::log_softmax(&x[0], D::Minus1)?;
+                log_probs
+                    .gather(&targets.unsqueeze(1)?, 1)?
+                    .squeeze(1)?
+                    .neg()
+            },
+        ),
+        device,
+        dtype,
+        tolerance,
+        &mut found,
+    )?;
+
+    // AdamW in f32 whatever the dtype: adapters and their moments are kept in f32.
+    let p = randn(&[1000], 0.0, 1.0)?;
+    let g = randn(&[1000], 0.0, 1.0)?;
+    let m = randn(&[1000], 0.0, 0.1)?;
+    let v = randn(&[1000], 0.0, 0.1)?.abs()?;
+    let hyper = AdamW {
+        lr: 1e-3,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.01,
+        step: 3,
+        clip: 0.5,
+    };
+    let on_device: Vec<Tensor> = [&p, &g, &m, &v]
+        .iter()
+        .map(|t| t.to_device(device))
+        .collect::<Result<_>>()?;
+    let got = adamw(
+        &on_device[0],
+        &on_device[1],
+        &on_device[2],
+        &on_device[3],
+        hyper,
+    )?;
+    let want = adamw_composed(&p, &g, &m, &v, hyper)?;
+    for (name, a, b) in [
+        ("p", &got.0, &want.0),
+        ("m", &got.1, &want.1),
+        ("v", &got.2, &want.2),
+    ] {
+        found.push(agreement("adamw", name, a, b, 1e-5)?);
+    }
+    Ok(found)
+}
+
+/// The output of `f` on `inputs` (moved to `device`, cast to `dtype`) and the gradients of
+/// `Σ w·output` with respect to the first `grads` inputs, all back on the CPU in f32.
+fn forward_backward(
+    f: impl Fn(&[Tensor]) -> Result<Tensor>,
+    inputs: &[Tensor],
+    w: &Tensor,
+    grads: usize,
+    device: &Device,
+    dtype: DType,
+) -> Result<Vec<Tensor>> {
+    let mut vars = Vec::new();
+    let mut moved = Vec::new();
+    for (i, x) in inputs.iter().enumerate() {
+        let x = x.to_device(device)?.to_dtype(dtype)?;
+        if i < grads {
+            let var = candle_core::Var::from_tensor(&x)?;
+            moved.push(var.as_tensor().clone());
+            vars.push(var);
+        } else {
+            moved.push(x);
+        }
+    }
+    let y = f(&moved)?;
+    let loss = (y.to_dtype(DType::F32)? * w.to_device(device)?)?.sum_all()?;
+    let store = loss.backward()?;
+    let mut out = vec![y.to_dtype(DType::F32)?.to_device(&Device::Cpu)?];
+    for var in &vars {
+        let g = store
+            .get(var.as_tensor())
+            .ok_or_else(|| candle_core::Error::Msg("no gradient reached an input".into()))?;
+        out.push(g.to_dtype(DType::F32)?.to_device(&Device::Cpu)?);
+    }
+    Ok(out)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn compare<F, G>(
+    op: &str,
+    grad_names: &[&str],
+    inputs: &[Tensor],
+    w: &Tensor,
+    (fused, composed): (F, G),
+    device: &Device,
+    dtype: DType,
+    tolerance: f64,
+    found: &mut Vec<Agreement>,
+) -> Result<()>
+where
+    F: Fn(&[Tensor]) -> Result<Tensor>,
+    G: Fn(&[Tensor]) -> Result<Tensor>,
+{
+    let got = forward_backward(fused, inputs, w, grad_names.len(), device, dtype)?;
+    let want = forward_backward(
+        composed,
+        inputs,
+        w,
+        grad_names.len(),
+        &Device::Cpu,
+        DType::F32,
+    )?;
+    let names =
+        std::iter::once("output".to_string()).chain(grad_names.iter().map(|n| format!("grad {n}")));
+    for ((name, a), b) in names.zip(&got).zip(&want) {
+        found.push(agreement(op, &name, a, b, tolerance)?);
+    }
+    Ok(())
+}
+
+fn agreement(
+    op: &str,
+    tensor: &str,
+    got: &Tensor,
+    want: &Tensor,
+    tolerance: f64,
+) -> Result<Agreement> {
+    let got = got.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+    let want = want.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+    let max_abs_diff = (&got - &want)?.abs()?.max_all()?.to_scalar::<f32>()? as f64;
+    let scale = want.abs()?.max_all()?.to_scalar::<f32>()? as f64;
+    Ok(Agreement {
+        op: op.to_string(),
+        tensor: tensor.to_string(),
+        max_abs_diff,
+        rel_diff: max_abs_diff / scale.max(1e-12),
+        tolerance,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_fused_op_matches_the_composed_ops_on_the_cpu_forward_and_backward() -> Result<()> {
+        for dtype in [DType::F32, DType::BF16] {
+            let found = check(&Device::Cpu, dtype)?;
+            assert_eq!(found.len(), 18, "{found:?}");
+            for a in &found {
+                assert!(a.ok(), "{dtype:?}: {a:?}");
+                assert!(a.max_abs_diff.is_finite(), "{dtype:?}: {a:?}");
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn causal_probs_sum_to_one_and_are_exactly_zero_after_the_query() -> Result<()> {
+        let q = Tensor::randn(0f32, 1.0, (1, 1, 2 * 5, 4), &Device::Cpu)?;
+        let k = Tensor::randn(0f32, 1.0, (1, 1, 7, 4), &Device::Cpu)?;
+        let p = causal_attention_probs(&q, &k, 0.5, 5, 2)?;
+        let rows: Vec<Vec<f32>> = p.reshape((10, 7))?.to_vec2()?;
+        for (r, row) in rows.iter().enumerate() {
+            let visible = r % 5 + 2 + 1;
+            let sum: f32 = row.iter().sum();
+            assert!((sum - 1.0).abs() < 1e-5, "row {r} sums to {sum}");
+            assert!(row[..visible].iter().all(|&v| v > 0.0), "row {r}: {row:?}");
+            assert!(row[visible..].iter().all(|&v| v == 0.0), "row {r}: {row:?}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn rope_backward_is_the_inverse_rotation() -> Result<()> {
+        let x = Tensor::randn(0f32, 1.0, (1, 2, 3, 8), &Device::Cpu)?;
+        let angles = Tensor::randn(0f32, 2.0, (3, 4), &Device::Cpu)?;
+        let (cos, sin) = (angles.cos()?, angles.sin()?);
+        let y = rope(&x, &cos, &sin)?;
+        let back = y.apply_op3_no_bwd(&cos, &sin, &Rope { sign: -1.0 })?;
+        let diff = (back - &x)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-5, "rotating back differs by {diff}");
+        Ok(())
+    }
+
+    #[test]
+    fn bad_shapes_are_refused_with_the_op_named() {
+        let dev = Device::Cpu;
+        let x = Tensor::zeros((2, 6), DType::F32, &dev).unwrap();
+        let err = rms_norm(&x, &Tensor::ones(5, DType::F32, &dev).unwrap(), 1e-5).unwrap_err();
+        assert!(err.to_string().contains("rms_norm"), "{err}");
+        let err = swiglu(&x, &Tensor::zeros((2, 5), DType::F32, &dev).unwrap()).unwrap_err();
+        assert!(err.to_string().contains("swiglu"), "{err}");
+        let q = Tensor::zeros((1, 1, 6, 4), DType::F32, &dev).unwrap();
+        let k = Tensor::zeros((1, 1, 6, 8), DType::F32, &dev).unwrap();
+        let err = causal_attention_probs(&q, &k, 1.0, 6, 0).unwrap_err();
+        assert!(err.to_string().contains("causal_attention_probs"), "{err}");
+        let p = Tensor::zeros(4, DType::F32, &dev).unwrap();
+        let half = Tensor::zeros(4, DType::BF16, &dev).unwrap();
+        let hyper = AdamW {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+            step: 1,
+            clip: 1.0,
+        };
+        let err = adamw(&p, &half, &p, &p, hyper).unwrap_err();
+        assert!(err.to_string().contains("f32"), "{err}");
+        let logits = Tensor::zeros((2, 5), DType::F32, &dev).unwrap();
+        let outside = Tensor::new(&[1u32, 5], &dev).unwrap();
+        let err = cross_entropy(&logits, &outside).unwrap_err();
+        assert!(
+            err.to_string().contains("target 5 is outside the 5 logits"),
+            "{err}"
+        );
+        let err = cross_entropy(&logits, &Tensor::new(&[1u32], &dev).unwrap()).unwrap_err();
+        assert!(err.to_string().contains("cross_entropy: targets"), "{err}");
+    }
+}
+
+#[cfg(test)]
+mod model_tests {
+    use candle_core::{DType, Device, Tensor};
+
+    use crate::bench::{geometry, random_model};
+    use crate::model::KvCache;
+    use crate::probe::{attach_probe_adapters, ProbeSettings};
+
+    fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
+        let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+        let scale = b.abs().unwrap().max_all().unwrap();
+        diff.to_scalar::<f32>().unwrap() / scale.to_scalar::<f32>().unwrap().max(1e-12)
+    }
+
+    /// The whole model (grouped-query attention, adapters in every module) computes the same
+    /// loss, adapter gradients and cached-decoding logits with the fused ops as with candle's
+    /// composed ones.
+    #[test]
+    fn the_model_with_fused_ops_matches_the_composed_model() -> candle_core::Result<()> {
+        let device = Device::Cpu;
+        let config = geometry("tiny").expect("tiny geometry");
+        assert!(
+            config.num_heads > config.num_kv_heads,
+            "exercise grouped queries"
+        );
+        let mut model = random_model(&config, DType::F32, &device, 7)?;
+        let settings = ProbeSettings {
+            rank: 4,
+            ..Default::default()
+        };
+        attach_probe_adapters(&mut model, &settings).expect("adapters attach");
+        let ids: Vec<u32> = (0..2 * 10).map(|i| (i * 37 % 500) as u32).collect();
+        let ids = Tensor::from_vec(ids, (2, 10), &device)?;
+        let input = ids.narrow(1, 0, 9)?.contiguous()?;
+        let target = ids.narrow(1, 1, 9)?.contiguous()?;
+        let weights = Tensor::ones((2, 9), DType::F32, &device)?;
+
+        let mut results = Vec::new();
+        for fused in [true, false] {
+            model.set_fused_kernels(fused);
+            let loss = model.loss(&input, &target, &weights)?;
+            let store = loss.backward()?;
+            let grads: Vec<Tensor> = model
+                .adapters()
+                .iter()
+                .map(|(_, a)| {
+                    store
+                        .get(a.b().as_tensor())
+                        .expect("B has a gradient")
+                        .clone()
+                })
+                .collect();
+            // Decoding with a cache: the prompt, then two tokens one at a time.
+            let mut cache = KvCache::new();
+            let mut logits = vec![model.forward(&input.narrow(1, 0, 6)?, 0, Some(&mut cache))?];
+            for pos in 6..8 {
+                let next = input.narrow(1, pos, 1)?.contiguous()?;
+                logits.push(model.forward(&next, pos, Some(&mut cache))?);
+            }
+            results.push((loss.to_scalar::<f32>()?, grads, logits));
+        }
+        let (fused, composed) = (&results[0], &results[1]);
+        assert!(
+            (fused.0 - composed.0).abs() / composed.0.abs() < 1e-5,
+            "loss {} vs {}",
+            fused.0,
+            composed.0
+        );
+        assert_eq!(fused.1.len(), config.num_layers * 7);
+        for (i, (a, b)) in fused.1.iter().zip(&composed.1).enumerate() {
+            let scale = b.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(scale > 0.0, "adapter {i}: the gradient is zero");
+            assert!(max_rel(a, b) < 1e-4, "adapter {i}: {}", max_rel(a, b));
+        }
+        for (i, (a, b)) in fused.2.iter().zip(&composed.2).enumerate() {
+            assert!(max_rel(a, b) < 1e-4, "decode step {i}: {}", max_rel(a, b));
+        }
+        Ok(())
+    }
+}
