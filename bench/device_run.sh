@@ -10,8 +10,8 @@ steps="${STEPS:-10}"
 warmup="${WARMUP:-3}"
 log() { echo "== $*" >&2; }
 # Which parts to run (a device call has 10 minutes): any of
-# kernels agree compare fusedcheck profile ncu nsys generic.
-sections="${SECTIONS:-kernels agree compare fusedcheck profile ncu generic}"
+# kernels agree compare scaling fusedcheck profile ncu nsys generic.
+sections="${SECTIONS:-kernels agree compare scaling fusedcheck profile ncu generic}"
 want() { [[ " $sections " == *" $1 "* ]]; }
 run() { # name, command...
     local name="$1"; shift
@@ -43,6 +43,15 @@ want compare && for geometry in smollm2-135m qwen2.5-0.5b; do
     run "ours_probe_$geometry" lorasweep bench probe --geometry "$geometry" --steps "$steps" --warmup "$warmup"
     run "peft_probe_$geometry" python3 bench/peft_baseline.py --mode probe --geometry "$geometry" --steps "$steps" --warmup "$warmup"
 done
+# Bound by the host or by the device? The single-adapter steps again with a quarter of the
+# tokens (batch 4): a device-bound step takes about a quarter of the time, a host-bound one
+# about the same.
+want scaling && for geometry in smollm2-135m qwen2.5-0.5b; do
+    tag="${geometry}_one_2_down_proj"
+    run "ours_b4_train_$tag" lorasweep bench train --geometry "$geometry" --placement one:2.down_proj --batch 4 --steps "$steps" --warmup "$warmup"
+    run "peft_b4_train_$tag" python3 bench/peft_baseline.py --mode train --geometry "$geometry" --placement one:2.down_proj --batch 4 --steps "$steps" --warmup "$warmup"
+done
+
 # Where the time goes: each phase of a step timed apart, ours and PEFT's (issue 7's profile).
 want profile && for geometry in smollm2-135m qwen2.5-0.5b; do
     for placement in all one:2.down_proj; do

@@ -124,24 +124,38 @@ __device__ void rms_norm_bwd(const T *x, const T *g, const T *dy, T *dx, int col
         dxr[j] = from_f<T>(r * to_f(g[j]) * to_f(dyr[j]) - to_f(xr[j]) * k);
 }
 
-// Rotary embedding, "rotate half" layout. x: (rows, t, d) with rows = batch * heads; cos and
-// sin: (t, d / 2) in f32. sign = 1 rotates forward; sign = -1 applies the inverse rotation,
-// which is the transpose (the backward).
+// Moves a (batch, heads, t, d) tensor between the token-major layout (batch, t, heads, d), which
+// projections produce and consume, and the heads-major layout (batch, heads, t, d) attention
+// works in, applying the rotary embedding ("rotate half" pairs (c, c + d/2)) on the way when
+// `rotate` is set: cos and sin are (t, d / 2) in f32; sign = -1 rotates backwards, which is the
+// transpose (the backward). `src_tm` / `dst_tm` say whether each side is token-major.
 template <typename T>
-__device__ void rope_apply(const T *x, const float *cos, const float *sin, T *y, int rows, int t,
-                           int d, float sign) {
+__device__ void heads_apply(const T *x, const float *cos, const float *sin, T *y, int batch,
+                            int heads, int t, int d, float sign, int rotate, int src_tm,
+                            int dst_tm) {
     const int half = d / 2;
-    const size_t pairs = (size_t)rows * t * half;
+    const size_t pairs = (size_t)batch * heads * t * half;
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < pairs;
          i += (size_t)gridDim.x * blockDim.x) {
         const int col = (int)(i % half);
-        const size_t rt = i / half;  // row * t + position
-        const int pos = (int)(rt % t);
-        const size_t base = rt * d;
-        const float c = cos[pos * half + col], s = sign * sin[pos * half + col];
-        const float x1 = to_f(x[base + col]), x2 = to_f(x[base + col + half]);
-        y[base + col] = from_f<T>(x1 * c - x2 * s);
-        y[base + col + half] = from_f<T>(x2 * c + x1 * s);
+        size_t rest = i / half;
+        const int pos = (int)(rest % t);
+        rest /= t;
+        const int h = (int)(rest % heads);
+        const size_t b = rest / heads;
+        const size_t heads_major = ((b * heads + h) * t + pos) * d;
+        const size_t tokens_major = ((b * t + pos) * heads + h) * d;
+        const size_t src = src_tm ? tokens_major : heads_major;
+        const size_t dst = dst_tm ? tokens_major : heads_major;
+        const float x1 = to_f(x[src + col]), x2 = to_f(x[src + col + half]);
+        if (rotate) {
+            const float c = cos[pos * half + col], s = sign * sin[pos * half + col];
+            y[dst + col] = from_f<T>(x1 * c - x2 * s);
+            y[dst + col + half] = from_f<T>(x2 * c + x1 * s);
+        } else {
+            y[dst + col] = x[src + col];
+            y[dst + col + half] = x[src + col + half];
+        }
     }
 }
 
@@ -228,9 +242,10 @@ __device__ void cross_entropy_bwd(const T *logits, const uint32_t *targets, cons
                                                      int cols, float eps) {                     \
         rms_norm_bwd<T>(x, g, dy, dx, cols, eps);                                               \
     }                                                                                           \
-    extern "C" __global__ void rope_##SUFFIX(const T *x, const float *cos, const float *sin,    \
-                                             T *y, int rows, int t, int d, float sign) {        \
-        rope_apply<T>(x, cos, sin, y, rows, t, d, sign);                                        \
+    extern "C" __global__ void heads_##SUFFIX(const T *x, const float *cos, const float *sin,   \
+                                              T *y, int batch, int heads, int t, int d,         \
+                                              float sign, int rotate, int src_tm, int dst_tm) { \
+        heads_apply<T>(x, cos, sin, y, batch, heads, t, d, sign, rotate, src_tm, dst_tm);       \
     }                                                                                           \
     extern "C" __global__ void swiglu_fwd_##SUFFIX(const T *gate, const T *up, T *h, size_t n) { \
         swiglu_fwd<T>(gate, up, h, n);                                                          \

@@ -339,6 +339,23 @@ impl Adapter {
             .and_then(|c| c.lock().ok().and_then(|guard| guard.clone()))
     }
 
+    /// [`forward`](Self::forward) with the low-rank branch as one fused op
+    /// ([`crate::fused::lora_branch`]) where the variant allows: not for DoRA (its column norm
+    /// needs the branch's weights composed) and not while the probe captures the branch.
+    pub fn forward_fused(
+        &self,
+        x: &Tensor,
+        base: &Tensor,
+        weight: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        if self.capture.is_some() || self.magnitude.is_some() {
+            return self.forward(x, base, weight);
+        }
+        let branch =
+            crate::fused::lora_branch(x, self.a.as_tensor(), self.b.as_tensor(), self.scale)?;
+        base + branch
+    }
+
     /// Adds the adapter to `base = x·Wᵀ` (no bias). `weight` is the frozen weight (needed by
     /// DoRA's norm).
     pub fn forward(

@@ -96,20 +96,80 @@ pub fn rms_norm(x: &Tensor, gain: &Tensor, eps: f64) -> Result<Tensor> {
 }
 
 /// Rotary position embedding ("rotate half" layout). `x`: `(batch, heads, t, head_dim)`;
-/// `cos`, `sin`: `(t, head_dim / 2)` in f32. Neither table gets a gradient.
+/// `cos`, `sin`: `(t, head_dim / 2)`. Neither table gets a gradient.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let (_, _, t, d) = x.dims4()?;
-    if d % 2 != 0 || cos.dims() != [t, d / 2] || sin.dims() != [t, d / 2] {
+    let (batch, heads, t, d) = x.dims4()?;
+    Heads::new(batch, heads, t, d, true, false, false, x.shape().clone()).apply(x, cos, sin)
+}
+
+/// A projection's output `(batch, t, heads · head_dim)` split into heads, `(batch, heads, t,
+/// head_dim)` in memory, returned with the shape `out` (e.g. `(batch, kv_heads, groups · t,
+/// head_dim)`, the same memory), rotated by RoPE on the way when `rotate`. One copy, instead
+/// of reshape, transpose, copy and the rotation's half-dozen ops.
+pub fn split_heads(
+    x: &Tensor,
+    heads: usize,
+    cos: &Tensor,
+    sin: &Tensor,
+    rotate: bool,
+    out: &[usize],
+) -> Result<Tensor> {
+    let (batch, t, width) = x.dims3()?;
+    if heads == 0 || width % heads != 0 || out.iter().product::<usize>() != x.elem_count() {
+        candle_core::bail!("split_heads: {:?} into {heads} heads as {out:?}", x.shape())
+    }
+    Heads::new(
+        batch,
+        heads,
+        t,
+        width / heads,
+        rotate,
+        true,
+        false,
+        Shape::from(out),
+    )
+    .apply(x, cos, sin)
+}
+
+/// The inverse of [`split_heads`] without rotation: `x` holds `(batch, heads, t, head_dim)` in
+/// memory (any shape over it); returns `(batch, t, heads · head_dim)`.
+pub fn merge_heads(
+    x: &Tensor,
+    batch: usize,
+    heads: usize,
+    t: usize,
+    cos: &Tensor,
+    sin: &Tensor,
+) -> Result<Tensor> {
+    let d = x.elem_count() / (batch * heads * t).max(1);
+    if batch * heads * t * d != x.elem_count() {
         candle_core::bail!(
-            "rope: x {:?} with tables {:?} / {:?}",
-            x.shape(),
-            cos.shape(),
-            sin.shape()
+            "merge_heads: {:?} is not {batch} × {heads} heads × {t} tokens",
+            x.shape()
         )
     }
-    let cos = cos.to_dtype(DType::F32)?.contiguous()?;
-    let sin = sin.to_dtype(DType::F32)?.contiguous()?;
-    x.contiguous()?.apply_op3(&cos, &sin, Rope { sign: 1.0 })
+    let out = Shape::from((batch, t, heads * d));
+    Heads::new(batch, heads, t, d, false, false, true, out).apply(x, cos, sin)
+}
+
+/// The low-rank branch of a LoRA-style adapter, `scale · (x·Aᵀ)·Bᵀ`, in `x`'s dtype: `x`
+/// `(…, d_in)`; `A` `(r, d_in)` and `B` `(d_out, r)` trainable, in any float dtype (f32 master
+/// weights are cast on the fly). One node instead of nine (casts, reshapes, transposes, two
+/// matmuls, the scale), each of which costs candle a zero-filled gradient and an add in
+/// backward; the rank-r intermediate is recomputed in backward rather than kept.
+pub fn lora_branch(x: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor> {
+    let (r, d_in) = a.dims2()?;
+    let (_, r2) = b.dims2()?;
+    if r != r2 || x.dims().last() != Some(&d_in) {
+        candle_core::bail!(
+            "lora_branch: x {:?}, A {:?}, B {:?}",
+            x.shape(),
+            a.shape(),
+            b.shape()
+        )
+    }
+    x.contiguous()?
+        .apply_op3(&a.contiguous()?, &b.contiguous()?, LoraBranch { scale })
 }
 
 /// `silu(gate) · up`.
@@ -195,6 +255,124 @@ pub fn adamw(
     )?;
     let part = |i: usize| out.narrow(0, i * n, n)?.reshape(p.shape());
     Ok((part(0)?, part(1)?, part(2)?))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward functions, for the ops' own `bwd` and for the model's hand-written backward
+// (`model::transformer::backward`), which calls them without building a graph.
+
+/// `(∂q, ∂k)` of [`causal_attention_probs`] given its probabilities `p` and their gradient.
+pub(crate) fn causal_attention_probs_backward(
+    q: &Tensor,
+    k: &Tensor,
+    p: &Tensor,
+    grad_p: &Tensor,
+    scale: f64,
+    t_q: usize,
+    offset: usize,
+) -> Result<(Tensor, Tensor)> {
+    let mask = RowMask {
+        scale: scale as f32,
+        t_q,
+        offset,
+    };
+    causal_attention_probs_backward_with(mask, q, k, p, grad_p)
+}
+
+fn causal_attention_probs_backward_with(
+    mask: RowMask,
+    q: &Tensor,
+    k: &Tensor,
+    p: &Tensor,
+    grad_p: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    let grad_s = p.apply_op2_no_bwd(&grad_p.contiguous()?, &CausalSoftmaxBackward(mask))?;
+    let grad_q = grad_s.matmul(k)?;
+    let grad_k = grad_s.transpose(2, 3)?.matmul(q)?;
+    Ok((grad_q, grad_k))
+}
+
+/// `∂x` of [`rms_norm`].
+pub(crate) fn rms_norm_backward(
+    x: &Tensor,
+    gain: &Tensor,
+    grad_y: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
+    x.contiguous()?.apply_op3_no_bwd(
+        gain,
+        &grad_y.contiguous()?,
+        &RmsNormBackward { eps: eps as f32 },
+    )
+}
+
+/// `(∂gate, ∂up)` of [`swiglu`].
+pub(crate) fn swiglu_backward(
+    gate: &Tensor,
+    up: &Tensor,
+    grad_h: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    let both = gate.contiguous()?.apply_op3_no_bwd(
+        &up.contiguous()?,
+        &grad_h.contiguous()?,
+        &SwiGluBackward,
+    )?;
+    Ok((both.get(0)?, both.get(1)?))
+}
+
+/// `∂logits` of [`cross_entropy`] given the per-row loss gradient.
+pub(crate) fn cross_entropy_backward(
+    logits: &Tensor,
+    targets: &Tensor,
+    grad_loss: &Tensor,
+) -> Result<Tensor> {
+    let grad_loss = grad_loss.to_dtype(DType::F32)?.contiguous()?;
+    logits
+        .contiguous()?
+        .apply_op3_no_bwd(&targets.contiguous()?, &grad_loss, &CrossEntropyBackward)
+}
+
+/// `(∂x, ∂A, ∂B)` of [`lora_branch`] given the gradient of its output; `∂A`, `∂B` in the
+/// dtype of `A`, `B`.
+pub(crate) fn lora_branch_backward(
+    x: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+    grad: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let dtype = x.dtype();
+    let d_in = x.dim(D::Minus1)?;
+    let d_out = b.dim(0)?;
+    let x2 = x.contiguous()?.reshape(((), d_in))?;
+    let g2 = grad.contiguous()?.reshape(((), d_out))?;
+    let a_c = a.to_dtype(dtype)?;
+    let b_c = b.to_dtype(dtype)?;
+    // ∂(low·scale) = g·B; ∂x = that·A; ∂A = thatᵀ·x; ∂B = gᵀ·(x·Aᵀ·scale).
+    let grad_low = (g2.matmul(&b_c)? * scale)?;
+    let grad_x = grad_low.matmul(&a_c)?.reshape(x.shape())?;
+    let grad_a = grad_low.t()?.matmul(&x2)?.to_dtype(a.dtype())?;
+    let low = (x2.matmul(&a_c.t()?)? * scale)?;
+    let grad_b = g2.t()?.matmul(&low)?.to_dtype(b.dtype())?;
+    Ok((grad_x, grad_a, grad_b))
+}
+
+/// The transpose of [`split_heads`]: `(batch, heads, t, d)` in memory (any shape over it) back
+/// to `(batch, t, heads · d)`, rotated backwards when the split rotated.
+pub(crate) fn split_heads_backward(
+    grad: &Tensor,
+    (batch, heads, t): (usize, usize, usize),
+    cos: &Tensor,
+    sin: &Tensor,
+    rotated: bool,
+) -> Result<Tensor> {
+    let d = grad.elem_count() / (batch * heads * t).max(1);
+    let out = Shape::from((batch, t, heads * d));
+    let op = Heads {
+        sign: -1.0,
+        ..Heads::new(batch, heads, t, d, rotated, false, true, out)
+    };
+    op.apply(grad, cos, sin)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -476,9 +654,7 @@ impl CustomOp2 for CausalProbs {
         p: &Tensor,
         grad_p: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let grad_s = p.apply_op2_no_bwd(&grad_p.contiguous()?, &CausalSoftmaxBackward(self.0))?;
-        let grad_q = grad_s.matmul(k)?;
-        let grad_k = grad_s.transpose(2, 3)?.matmul(q)?;
+        let (grad_q, grad_k) = causal_attention_probs_backward_with(self.0, q, k, p, grad_p)?;
         Ok((Some(grad_q), Some(grad_k)))
     }
 }
@@ -636,9 +812,10 @@ impl CustomOp2 for RmsNorm {
         _y: &Tensor,
         grad_y: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let grad_x =
-            x.apply_op3_no_bwd(g, &grad_y.contiguous()?, &RmsNormBackward { eps: self.eps })?;
-        Ok((Some(grad_x), None))
+        Ok((
+            Some(rms_norm_backward(x, g, grad_y, self.eps as f64)?),
+            None,
+        ))
     }
 }
 
@@ -780,17 +957,79 @@ impl Map3 for RowKernel {
 }
 
 // ---------------------------------------------------------------------------------------------
-// RoPE.
+// Heads: split, merge and RoPE.
 
-/// Rotation of each `(x[i], x[i + d/2])` pair by `sign · θ(position, i)`. Its transpose (the
-/// backward) is the rotation by `−sign · θ`.
-struct Rope {
+/// A `(batch, heads, t, d)` tensor moved between the token-major (`(batch, t, heads, d)`)
+/// and heads-major (`(batch, heads, t, d)`) layouts, rotated by `sign · θ(position, i)` on
+/// each `(x[i], x[i + d/2])` pair when `rotate`. Its transpose (the backward) swaps the two
+/// layouts and rotates by `−sign · θ`.
+#[derive(Debug, Clone)]
+struct Heads {
+    batch: usize,
+    heads: usize,
+    t: usize,
+    d: usize,
     sign: f32,
+    rotate: bool,
+    src_tokens_major: bool,
+    dst_tokens_major: bool,
+    out: Shape,
 }
 
-impl CustomOp3 for Rope {
+impl Heads {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        batch: usize,
+        heads: usize,
+        t: usize,
+        d: usize,
+        rotate: bool,
+        src_tokens_major: bool,
+        dst_tokens_major: bool,
+        out: Shape,
+    ) -> Self {
+        Self {
+            batch,
+            heads,
+            t,
+            d,
+            sign: 1.0,
+            rotate,
+            src_tokens_major,
+            dst_tokens_major,
+            out,
+        }
+    }
+
+    fn apply(self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let half = self.d / 2;
+        if self.d % 2 != 0 || cos.dims() != [self.t, half] || sin.dims() != [self.t, half] {
+            candle_core::bail!(
+                "rope: head dim {} over {} positions with tables {:?} / {:?}",
+                self.d,
+                self.t,
+                cos.shape(),
+                sin.shape()
+            )
+        }
+        let cos = cos.to_dtype(DType::F32)?.contiguous()?;
+        let sin = sin.to_dtype(DType::F32)?.contiguous()?;
+        x.contiguous()?.apply_op3(&cos, &sin, self)
+    }
+
+    /// Offset of element `(b, h, pos, 0)` in the token-major or heads-major layout.
+    fn base(&self, tokens_major: bool, b: usize, h: usize, pos: usize) -> usize {
+        if tokens_major {
+            ((b * self.t + pos) * self.heads + h) * self.d
+        } else {
+            ((b * self.heads + h) * self.t + pos) * self.d
+        }
+    }
+}
+
+impl CustomOp3 for Heads {
     fn name(&self) -> &'static str {
-        "rope"
+        "heads"
     }
 
     fn cpu_fwd(
@@ -802,26 +1041,35 @@ impl CustomOp3 for Rope {
         sin: &CpuStorage,
         sin_l: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (_, _, t, d) = x_l.shape().dims4()?;
-        let half = d / 2;
+        let half = self.d / 2;
         let cos = cpu_values(cos, cos_l, self.name())?;
         let sin = cpu_values(sin, sin_l, self.name())?;
-        let mut values = cpu_values(x, x_l, self.name())?;
-        for (i, row) in values.chunks_mut(d).enumerate() {
-            let pos = i % t;
-            let (first, second) = row.split_at_mut(half);
-            for (col, (x1, x2)) in first.iter_mut().zip(second.iter_mut()).enumerate() {
-                let c = cos[pos * half + col];
-                let s = self.sign * sin[pos * half + col];
-                let (a, b) = (*x1, *x2);
-                *x1 = a * c - b * s;
-                *x2 = b * c + a * s;
+        let src = cpu_values(x, x_l, self.name())?;
+        if src.len() != self.batch * self.heads * self.t * self.d {
+            candle_core::bail!("heads: {} elements for {:?}", src.len(), self.out)
+        }
+        let mut dst = vec![0f32; src.len()];
+        for b in 0..self.batch {
+            for h in 0..self.heads {
+                for pos in 0..self.t {
+                    let from = self.base(self.src_tokens_major, b, h, pos);
+                    let to = self.base(self.dst_tokens_major, b, h, pos);
+                    for col in 0..half {
+                        let (x1, x2) = (src[from + col], src[from + col + half]);
+                        let (y1, y2) = if self.rotate {
+                            let c = cos[pos * half + col];
+                            let s = self.sign * sin[pos * half + col];
+                            (x1 * c - x2 * s, x2 * c + x1 * s)
+                        } else {
+                            (x1, x2)
+                        };
+                        dst[to + col] = y1;
+                        dst[to + col + half] = y2;
+                    }
+                }
             }
         }
-        Ok((
-            cpu_storage(values, x.dtype(), self.name())?,
-            x_l.shape().clone(),
-        ))
+        Ok((cpu_storage(dst, x.dtype(), self.name())?, self.out.clone()))
     }
 
     #[cfg(feature = "cuda")]
@@ -837,51 +1085,56 @@ impl CustomOp3 for Rope {
         let cos = gpu::view(cos.as_cuda_slice::<f32>()?, cos_l, self.name())?;
         let sin = gpu::view(sin.as_cuda_slice::<f32>()?, sin_l, self.name())?;
         let out = Map1::map(
-            &RopeKernel {
-                cos,
-                sin,
-                sign: self.sign,
-            },
+            &HeadsKernel { op: self, cos, sin },
             &x.slice,
             x.device(),
             x_l,
         )?;
-        Ok((cuda_storage(out, x.device()), x_l.shape().clone()))
+        Ok((cuda_storage(out, x.device()), self.out.clone()))
     }
 
     fn bwd(
         &self,
-        _x: &Tensor,
+        x: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
         _y: &Tensor,
         grad_y: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let inverse = Rope { sign: -self.sign };
+        let inverse = Heads {
+            sign: -self.sign,
+            src_tokens_major: self.dst_tokens_major,
+            dst_tokens_major: self.src_tokens_major,
+            out: x.shape().clone(),
+            ..self.clone()
+        };
         let grad_x = grad_y.contiguous()?.apply_op3_no_bwd(cos, sin, &inverse)?;
         Ok((Some(grad_x), None, None))
     }
 }
 
 #[cfg(feature = "cuda")]
-struct RopeKernel<'a> {
+struct HeadsKernel<'a> {
+    op: &'a Heads,
     cos: CudaView<'a, f32>,
     sin: CudaView<'a, f32>,
-    sign: f32,
 }
 
 #[cfg(feature = "cuda")]
-impl Map1 for RopeKernel<'_> {
+impl Map1 for HeadsKernel<'_> {
     fn f<T: DeviceRepr + WithDType + ValidAsZeroBits>(
         &self,
         src: &CudaSlice<T>,
         dev: &CudaDevice,
         layout: &Layout,
     ) -> Result<CudaSlice<T>> {
-        let (b, h, t, d) = layout.shape().dims4()?;
-        let elements = b * h * t * d;
-        let src = gpu::view(src, layout, "rope")?;
-        let func = engine_func!(dev, T, "rope")?;
+        let op = self.op;
+        let elements = op.batch * op.heads * op.t * op.d;
+        if layout.shape().elem_count() != elements {
+            candle_core::bail!("heads: {:?} for {:?}", layout.shape(), op.out)
+        }
+        let src = gpu::view(src, layout, "heads")?;
+        let func = engine_func!(dev, T, "heads")?;
         // SAFETY: the kernel writes both halves of every row.
         let dst = unsafe { dev.alloc::<T>(elements)? };
         let mut builder = func.builder();
@@ -889,10 +1142,112 @@ impl Map1 for RopeKernel<'_> {
         builder.arg(&self.cos);
         builder.arg(&self.sin);
         builder.arg(&dst);
-        candle_core::builder_arg!(builder, (b * h) as i32, t as i32, d as i32, self.sign);
+        candle_core::builder_arg!(
+            builder,
+            op.batch as i32,
+            op.heads as i32,
+            op.t as i32,
+            op.d as i32,
+            op.sign,
+            op.rotate as i32,
+            op.src_tokens_major as i32,
+            op.dst_tokens_major as i32
+        );
         // SAFETY: the arguments match the kernel's signature.
         unsafe { builder.launch(gpu::elementwise(elements / 2)) }.w()?;
         Ok(dst)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// LoRA branch.
+
+/// `(x, A, B)` → `scale · (x·Aᵀ)·Bᵀ`.
+struct LoraBranch {
+    scale: f64,
+}
+
+impl LoraBranch {
+    /// `x` as `(m, d_in)`, the shapes of the two products and the output shape.
+    fn problem(x: &Layout, a: &Layout, b: &Layout) -> Result<(usize, usize, usize, usize, Shape)> {
+        let Some((&d_in, leading)) = x.dims().split_last() else {
+            candle_core::bail!("lora_branch: x has no dimensions")
+        };
+        let m: usize = leading.iter().product();
+        let (r, _) = a.shape().dims2()?;
+        let (d_out, _) = b.shape().dims2()?;
+        let mut out = leading.to_vec();
+        out.push(d_out);
+        Ok((m, d_in, r, d_out, Shape::from(out)))
+    }
+
+    /// The forward on any backend's storages.
+    fn forward<S: BackendStorage>(
+        &self,
+        x: &S,
+        x_l: &Layout,
+        a: &S,
+        a_l: &Layout,
+        b: &S,
+        b_l: &Layout,
+    ) -> Result<(S, Shape)> {
+        let (m, d_in, r, d_out, shape) = Self::problem(x_l, a_l, b_l)?;
+        if !x_l.is_contiguous() {
+            candle_core::bail!("lora_branch: x must be contiguous")
+        }
+        let dtype = x.dtype();
+        let a = a.to_dtype(a_l, dtype)?;
+        let b = b.to_dtype(b_l, dtype)?;
+        let x_2d = Layout::contiguous_with_offset((m, d_in), x_l.start_offset());
+        let at = Layout::contiguous((r, d_in)).transpose(0, 1)?;
+        let low = x.matmul(&a, (1, m, r, d_in), &x_2d, &at)?;
+        let low_l = Layout::contiguous((m, r));
+        let low = low.affine(&low_l, self.scale, 0.0)?;
+        let bt = Layout::contiguous((d_out, r)).transpose(0, 1)?;
+        Ok((low.matmul(&b, (1, m, d_out, r), &low_l, &bt)?, shape))
+    }
+}
+
+impl CustomOp3 for LoraBranch {
+    fn name(&self) -> &'static str {
+        "lora-branch"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_l: &Layout,
+        a: &CpuStorage,
+        a_l: &Layout,
+        b: &CpuStorage,
+        b_l: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.forward(x, x_l, a, a_l, b, b_l)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        x_l: &Layout,
+        a: &CudaStorage,
+        a_l: &Layout,
+        b: &CudaStorage,
+        b_l: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        self.forward(x, x_l, a, a_l, b, b_l)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _out: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (grad_x, grad_a, grad_b) = lora_branch_backward(x, a, b, self.scale, grad)?;
+        Ok((Some(grad_x), Some(grad_a), Some(grad_b)))
     }
 }
 
@@ -958,8 +1313,8 @@ impl CustomOp2 for SwiGlu {
         _h: &Tensor,
         grad_h: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let both = gate.apply_op3_no_bwd(up, &grad_h.contiguous()?, &SwiGluBackward)?;
-        Ok((Some(both.get(0)?), Some(both.get(1)?)))
+        let (grad_gate, grad_up) = swiglu_backward(gate, up, grad_h)?;
+        Ok((Some(grad_gate), Some(grad_up)))
     }
 }
 
@@ -1208,9 +1563,10 @@ impl CustomOp2 for CrossEntropy {
         _loss: &Tensor,
         grad_loss: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let grad_loss = grad_loss.to_dtype(DType::F32)?.contiguous()?;
-        let grad = logits.apply_op3_no_bwd(targets, &grad_loss, &CrossEntropyBackward)?;
-        Ok((Some(grad), None))
+        Ok((
+            Some(cross_entropy_backward(logits, targets, grad_loss)?),
+            None,
+        ))
     }
 }
 
@@ -1558,6 +1914,94 @@ pub fn check(device: &Device, dtype: DType) -> Result<Vec<Agreement>> {
         &mut found,
     )?;
 
+    // Heads: a projection's output split into grouped heads (rotated for q and k, not for v),
+    // and attention's output merged back.
+    let (b, t, heads, d) = (2, 10, 4, 16);
+    let angles = randn(&[t, d / 2], 0.0, 3.0)?;
+    let (cos, sin) = (angles.cos()?, angles.sin()?);
+    let x = randn(&[b, t, heads * d], 0.0, 1.0)?;
+    let w = randn(&[b, 2, 2 * t, d], 0.0, 1.0)?;
+    for rotate in [true, false] {
+        let name = if rotate {
+            "split_heads + rope"
+        } else {
+            "split_heads"
+        };
+        let (c, s) = (cos.clone(), sin.clone());
+        let (c2, s2) = (cos.clone(), sin.clone());
+        compare(
+            name,
+            &["x"],
+            &[x.clone()],
+            &w,
+            (
+                move |x: &[Tensor]| {
+                    let (c, s) = (c.to_device(x[0].device())?, s.to_device(x[0].device())?);
+                    split_heads(&x[0], heads, &c, &s, rotate, &[b, 2, 2 * t, d])
+                },
+                move |x: &[Tensor]| {
+                    let split = x[0]
+                        .reshape((b, t, heads, d))?
+                        .transpose(1, 2)?
+                        .contiguous()?;
+                    let split = if rotate {
+                        crate::ops::rope(&split, &c2, &s2)?
+                    } else {
+                        split
+                    };
+                    split.reshape((b, 2, 2 * t, d))
+                },
+            ),
+            device,
+            dtype,
+            tolerance,
+            &mut found,
+        )?;
+    }
+    let x = randn(&[b, heads, t, d], 0.0, 1.0)?;
+    let w = randn(&[b, t, heads * d], 0.0, 1.0)?;
+    compare(
+        "merge_heads",
+        &["x"],
+        &[x],
+        &w,
+        (
+            |x: &[Tensor]| {
+                let (c, s) = (cos.to_device(x[0].device())?, sin.to_device(x[0].device())?);
+                merge_heads(&x[0], b, heads, t, &c, &s)
+            },
+            |x: &[Tensor]| x[0].transpose(1, 2)?.reshape((b, t, heads * d)),
+        ),
+        device,
+        dtype,
+        tolerance,
+        &mut found,
+    )?;
+
+    // LoRA branch: f32 master weights, x in the dtype under test (kept in f32 here: the
+    // weights' own rounding is not the op's).
+    let x = randn(&[2, 5, 24], 0.0, 1.0)?;
+    let a = randn(&[4, 24], 0.0, 0.3)?;
+    let bw = randn(&[40, 4], 0.0, 0.3)?;
+    let w = randn(&[2, 5, 40], 0.0, 1.0)?;
+    compare(
+        "lora_branch",
+        &["x", "A", "B"],
+        &[x, a, bw],
+        &w,
+        (
+            |x: &[Tensor]| lora_branch(&x[0], &x[1], &x[2], 2.0),
+            |x: &[Tensor]| {
+                let low = x[0].broadcast_matmul(&x[1].t()?)?;
+                low.broadcast_matmul(&x[2].t()?)? * 2.0
+            },
+        ),
+        device,
+        dtype,
+        tolerance,
+        &mut found,
+    )?;
+
     let gate = randn(&[4, 70], 0.0, 3.0)?;
     let up = randn(&[4, 70], 0.0, 1.0)?;
     let w = randn(&[4, 70], 0.0, 1.0)?;
@@ -1736,7 +2180,7 @@ mod tests {
     fn every_fused_op_matches_the_composed_ops_on_the_cpu_forward_and_backward() -> Result<()> {
         for dtype in [DType::F32, DType::BF16] {
             let found = check(&Device::Cpu, dtype)?;
-            assert_eq!(found.len(), 18, "{found:?}");
+            assert_eq!(found.len(), 28, "{found:?}");
             for a in &found {
                 assert!(a.ok(), "{dtype:?}: {a:?}");
                 assert!(a.max_abs_diff.is_finite(), "{dtype:?}: {a:?}");
@@ -1762,12 +2206,48 @@ mod tests {
     }
 
     #[test]
+    fn lora_branch_takes_f32_master_weights_with_bf16_activations() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (3, 16), &dev)?.to_dtype(DType::BF16)?;
+        let a = candle_core::Var::randn(0f32, 0.3, (4, 16), &dev)?;
+        let b = candle_core::Var::randn(0f32, 0.3, (8, 4), &dev)?;
+        let y = lora_branch(&x, a.as_tensor(), b.as_tensor(), 0.5)?;
+        assert_eq!(y.dtype(), DType::BF16);
+        let want = (x
+            .to_dtype(DType::F32)?
+            .matmul(&a.as_tensor().t()?)?
+            .matmul(&b.as_tensor().t()?)?
+            * 0.5)?;
+        let diff = (y.to_dtype(DType::F32)? - &want)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        let scale = want.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff / scale < 2e-2, "{diff} of {scale}");
+        let grads = y.to_dtype(DType::F32)?.sum_all()?.backward()?;
+        for var in [&a, &b] {
+            let g = grads.get(var.as_tensor()).expect("a gradient");
+            assert_eq!(
+                g.dtype(),
+                DType::F32,
+                "gradients come back in the master dtype"
+            );
+            assert!(g.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0);
+        }
+        Ok(())
+    }
+
+    #[test]
     fn rope_backward_is_the_inverse_rotation() -> Result<()> {
         let x = Tensor::randn(0f32, 1.0, (1, 2, 3, 8), &Device::Cpu)?;
         let angles = Tensor::randn(0f32, 2.0, (3, 4), &Device::Cpu)?;
         let (cos, sin) = (angles.cos()?, angles.sin()?);
         let y = rope(&x, &cos, &sin)?;
-        let back = y.apply_op3_no_bwd(&cos, &sin, &Rope { sign: -1.0 })?;
+        let inverse = Heads {
+            sign: -1.0,
+            ..Heads::new(1, 2, 3, 8, true, false, false, x.shape().clone())
+        };
+        let back = y.apply_op3_no_bwd(&cos, &sin, &inverse)?;
         let diff = (back - &x)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(diff < 1e-5, "rotating back differs by {diff}");
         Ok(())

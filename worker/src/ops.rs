@@ -23,37 +23,49 @@ pub fn frozen_linear(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
     if GENERIC_MATMUL.load(std::sync::atomic::Ordering::Relaxed) {
         return x.broadcast_matmul(&weight.t()?);
     }
-    let (d_out, d_in) = weight.dims2()?;
-    let dims = x.dims();
-    let Some((&last, leading)) = dims.split_last() else {
+    let (_, d_in) = weight.dims2()?;
+    let Some(&last) = x.dims().last() else {
         candle_core::bail!("frozen_linear: input must have at least one dimension")
     };
     if last != d_in {
         candle_core::bail!("frozen_linear: input has last dim {last}, weight expects {d_in}")
     }
-    let rows: usize = leading.iter().product();
-    let flat = x.reshape((rows, d_in))?;
-    let y = flat.apply_op2(weight, FrozenLinear)?;
-    let mut out_dims = leading.to_vec();
-    out_dims.push(d_out);
-    y.reshape(out_dims)
+    // Any number of leading dimensions in one op (no reshape nodes: in backward each graph node
+    // costs candle a zero-filled gradient and an add).
+    x.contiguous()?.apply_op2(weight, FrozenLinear)
 }
 
-/// Forward: `x (m × k) · Wᵀ (k × n)`. Backward: `∂x = ∂y · W`, nothing for `W`.
+/// Forward: `x (… × k) · Wᵀ (k × n)`, the leading dimensions flattened into rows. Backward:
+/// `∂x = ∂y · W`, nothing for `W`.
 struct FrozenLinear;
 
 impl FrozenLinear {
-    /// The matmul problem `(batch, m, n, k)` and the transposed-weight layout.
+    /// The matmul problem `(batch, m, n, k)`, `x` as an `m × k` layout, the transposed-weight
+    /// layout and the output shape.
     fn problem(
         x_layout: &Layout,
         w_layout: &Layout,
-    ) -> Result<((usize, usize, usize, usize), Layout)> {
-        let (m, k) = x_layout.shape().dims2()?;
+    ) -> Result<((usize, usize, usize, usize), Layout, Layout, Shape)> {
+        let Some((&k, leading)) = x_layout.dims().split_last() else {
+            candle_core::bail!("frozen_linear: input must have at least one dimension")
+        };
+        if !x_layout.is_contiguous() {
+            candle_core::bail!("frozen_linear: input must be contiguous")
+        }
+        let m: usize = leading.iter().product();
         let (n, k2) = w_layout.shape().dims2()?;
         if k != k2 {
             candle_core::bail!("frozen_linear: inner dimensions differ ({k} vs {k2})")
         }
-        Ok(((1, m, n, k), w_layout.transpose(0, 1)?))
+        let x_2d = Layout::contiguous_with_offset((m, k), x_layout.start_offset());
+        let mut out = leading.to_vec();
+        out.push(n);
+        Ok((
+            (1, m, n, k),
+            x_2d,
+            w_layout.transpose(0, 1)?,
+            Shape::from(out),
+        ))
     }
 }
 
@@ -69,9 +81,8 @@ impl CustomOp2 for FrozenLinear {
         w: &CpuStorage,
         w_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (bmnk, wt_layout) = Self::problem(x_layout, w_layout)?;
-        let out = x.matmul(w, bmnk, x_layout, &wt_layout)?;
-        Ok((out, Shape::from((bmnk.1, bmnk.2))))
+        let (bmnk, x_2d, wt_layout, shape) = Self::problem(x_layout, w_layout)?;
+        Ok((x.matmul(w, bmnk, &x_2d, &wt_layout)?, shape))
     }
 
     #[cfg(feature = "cuda")]
@@ -82,9 +93,8 @@ impl CustomOp2 for FrozenLinear {
         w: &candle_core::CudaStorage,
         w_layout: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (bmnk, wt_layout) = Self::problem(x_layout, w_layout)?;
-        let out = x.matmul(w, bmnk, x_layout, &wt_layout)?;
-        Ok((out, Shape::from((bmnk.1, bmnk.2))))
+        let (bmnk, x_2d, wt_layout, shape) = Self::problem(x_layout, w_layout)?;
+        Ok((x.matmul(w, bmnk, &x_2d, &wt_layout)?, shape))
     }
 
     fn bwd(
@@ -94,7 +104,18 @@ impl CustomOp2 for FrozenLinear {
         _y: &Tensor,
         grad_y: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(grad_y.matmul(weight)?), None))
+        let (d_out, d_in) = weight.dims2()?;
+        let rows = grad_y.elem_count() / d_out.max(1);
+        let mut dims = grad_y.dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = d_in;
+        }
+        let grad_x = grad_y
+            .contiguous()?
+            .reshape((rows, d_out))?
+            .matmul(weight)?
+            .reshape(dims)?;
+        Ok((Some(grad_x), None))
     }
 }
 

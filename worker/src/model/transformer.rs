@@ -21,10 +21,11 @@ pub struct Projection {
 }
 
 impl Projection {
-    /// `y = x·Wᵀ + b (+ adapter)`.
-    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    /// `y = x·Wᵀ + b (+ adapter)`; with `fused`, the adapter's branch as one fused op.
+    pub fn forward(&self, x: &Tensor, fused: bool) -> candle_core::Result<Tensor> {
         let base = ops::frozen_linear(x, &self.weight)?;
         let out = match &self.adapter {
+            Some(adapter) if fused => adapter.forward_fused(x, &base, &self.weight)?,
             Some(adapter) => adapter.forward(x, &base, &self.weight)?,
             None => base,
         };
@@ -418,14 +419,20 @@ impl Transformer {
             )?;
             let x1 = (residual + attended)?;
             let h = self.rms_norm(&x1, &layer.post_attention_norm)?;
-            let gate = layer.projection(ModuleKind::GateProj).forward(&h)?;
-            let up = layer.projection(ModuleKind::UpProj).forward(&h)?;
+            let gate = layer
+                .projection(ModuleKind::GateProj)
+                .forward(&h, self.fused)?;
+            let up = layer
+                .projection(ModuleKind::UpProj)
+                .forward(&h, self.fused)?;
             let act = if self.fused {
                 crate::fused::swiglu(&gate, &up)?
             } else {
                 ops::swiglu(&gate, &up)?
             };
-            let mlp = layer.projection(ModuleKind::DownProj).forward(&act)?;
+            let mlp = layer
+                .projection(ModuleKind::DownProj)
+                .forward(&act, self.fused)?;
             x = (x1 + mlp)?;
         }
         self.rms_norm(&x, &self.norm)
@@ -504,9 +511,34 @@ impl Transformer {
         let (batch, seq_len, _) = h.dims3()?;
         let cfg = &self.config;
         let head_dim = cfg.head_dim;
-        let q = layer.projection(ModuleKind::QProj).forward(h)?;
-        let k = layer.projection(ModuleKind::KProj).forward(h)?;
-        let v = layer.projection(ModuleKind::VProj).forward(h)?;
+        let q = layer.projection(ModuleKind::QProj).forward(h, self.fused)?;
+        let k = layer.projection(ModuleKind::KProj).forward(h, self.fused)?;
+        let v = layer.projection(ModuleKind::VProj).forward(h, self.fused)?;
+        let groups = cfg.num_heads / cfg.num_kv_heads;
+        let scale = 1.0 / (head_dim as f64).sqrt();
+        let Some(mask) = mask else {
+            // Fused: one copy per tensor into heads (RoPE applied on the way); the query heads
+            // sharing a key head stacked along the rows, so keys and values are never
+            // repeated; the causal mask applied by position.
+            let (kv_heads, heads) = (cfg.num_kv_heads, cfg.num_heads);
+            let q_shape = [batch, kv_heads, groups * seq_len, head_dim];
+            let kv_shape = [batch, kv_heads, seq_len, head_dim];
+            let q = crate::fused::split_heads(&q, heads, cos, sin, true, &q_shape)?;
+            let k = crate::fused::split_heads(&k, kv_heads, cos, sin, true, &kv_shape)?;
+            let v = crate::fused::split_heads(&v, kv_heads, cos, sin, false, &kv_shape)?;
+            let (k, v) = match cache {
+                Some(cache) => cache.append(index, k, v)?,
+                None => (k, v),
+            };
+            let t_k = k.dim(2)?;
+            let probs =
+                crate::fused::causal_attention_probs(&q, &k, scale, seq_len, t_k - seq_len)?;
+            let out =
+                crate::fused::merge_heads(&probs.matmul(&v)?, batch, heads, seq_len, cos, sin)?;
+            return layer
+                .projection(ModuleKind::OProj)
+                .forward(&out, self.fused);
+        };
         let q = q
             .reshape((batch, seq_len, cfg.num_heads, head_dim))?
             .transpose(1, 2)?
@@ -519,28 +551,6 @@ impl Transformer {
             .reshape((batch, seq_len, cfg.num_kv_heads, head_dim))?
             .transpose(1, 2)?
             .contiguous()?;
-        let groups = cfg.num_heads / cfg.num_kv_heads;
-        let scale = 1.0 / (head_dim as f64).sqrt();
-        let Some(mask) = mask else {
-            // Fused: the query heads sharing a key head are stacked along the rows, so keys
-            // and values are never repeated; the causal mask is applied by position.
-            let q = crate::fused::rope(&q, cos, sin)?;
-            let k = crate::fused::rope(&k, cos, sin)?;
-            let (k, v) = match cache {
-                Some(cache) => cache.append(index, k, v)?,
-                None => (k, v),
-            };
-            let t_k = k.dim(2)?;
-            let q = q.reshape((batch, cfg.num_kv_heads, groups * seq_len, head_dim))?;
-            let probs =
-                crate::fused::causal_attention_probs(&q, &k, scale, seq_len, t_k - seq_len)?;
-            let out = probs
-                .matmul(&v)?
-                .reshape((batch, cfg.num_heads, seq_len, head_dim))?
-                .transpose(1, 2)?
-                .reshape((batch, seq_len, cfg.num_heads * head_dim))?;
-            return layer.projection(ModuleKind::OProj).forward(&out);
-        };
         let q = ops::rope(&q, cos, sin)?;
         let k = ops::rope(&k, cos, sin)?;
         let (k, v) = match cache {
@@ -563,7 +573,9 @@ impl Transformer {
         let out = out
             .transpose(1, 2)?
             .reshape((batch, seq_len, cfg.num_heads * head_dim))?;
-        layer.projection(ModuleKind::OProj).forward(&out)
+        layer
+            .projection(ModuleKind::OProj)
+            .forward(&out, self.fused)
     }
 }
 
