@@ -339,6 +339,12 @@ impl Adapter {
             .and_then(|c| c.lock().ok().and_then(|guard| guard.clone()))
     }
 
+    /// Whether the forward is the plain low-rank branch added to the base (every variant but
+    /// DoRA), and the probe is not capturing it.
+    pub fn plain_branch(&self) -> bool {
+        self.capture.is_none() && self.magnitude.is_none()
+    }
+
     /// [`forward`](Self::forward) with the low-rank branch as one fused op
     /// ([`crate::fused::lora_branch`]) where the variant allows: not for DoRA (its column norm
     /// needs the branch's weights composed) and not while the probe captures the branch.
@@ -348,7 +354,7 @@ impl Adapter {
         base: &Tensor,
         weight: &Tensor,
     ) -> candle_core::Result<Tensor> {
-        if self.capture.is_some() || self.magnitude.is_some() {
+        if !self.plain_branch() {
             return self.forward(x, base, weight);
         }
         let branch =

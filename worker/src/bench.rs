@@ -286,14 +286,27 @@ pub fn run(options: &BenchOptions, device: &Device) -> Result<BenchResult, Strin
         device.synchronize().map_err(err)?;
         let started = Instant::now();
         let mut phase = PhaseClock::new(options.profile, device);
-        let hidden = model.hidden_states(input, 0, None).map_err(err)?;
-        phase.lap("forward").map_err(err)?;
-        let loss = model
-            .loss_from_hidden(&hidden, target, &weights)
-            .map_err(err)?;
-        phase.lap("head_loss").map_err(err)?;
-        let grads = loss.backward().map_err(err)?;
-        phase.lap("backward").map_err(err)?;
+        let (loss, grads) = if model.hand_backward() {
+            let tape = model.forward_tape(input).map_err(err)?;
+            phase.lap("forward").map_err(err)?;
+            let (loss, grad_last) = model
+                .head_loss_and_grad(tape.last(), target, &weights, 1.0)
+                .map_err(err)?;
+            phase.lap("head_loss").map_err(err)?;
+            let grads = model.backward_tape(tape, grad_last).map_err(err)?;
+            phase.lap("backward").map_err(err)?;
+            (loss, grads)
+        } else {
+            let hidden = model.hidden_states(input, 0, None).map_err(err)?;
+            phase.lap("forward").map_err(err)?;
+            let loss = model
+                .loss_from_hidden(&hidden, target, &weights)
+                .map_err(err)?;
+            phase.lap("head_loss").map_err(err)?;
+            let grads = loss.backward().map_err(err)?;
+            phase.lap("backward").map_err(err)?;
+            (loss, grads)
+        };
         if options.mode == "probe" {
             // Read every ‖∇B‖², as the probe does.
             let grads_b: Vec<Option<&Tensor>> = model

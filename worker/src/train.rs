@@ -425,18 +425,21 @@ fn run_training(
             let ids = Tensor::from_slice(&collated.ids, shape, &device)?;
             let targets = Tensor::from_slice(&collated.targets, shape, &device)?;
             let weights = Tensor::from_slice(&collated.weights, shape, &device)?;
-            let mut loss = model.loss(&ids, &targets, &weights)?;
-            if let Some(scale) = scale {
-                loss = (loss * scale)?;
-            }
-            loss = (loss * share)?;
+            let factor = scale.unwrap_or(1.0) * share;
+            // On CUDA with plain adapters, the hand-written backward (no autograd graph).
+            let (loss, store) = if model.hand_backward() {
+                model.loss_and_grads(&ids, &targets, &weights, factor)?
+            } else {
+                let loss = (model.loss(&ids, &targets, &weights)? * factor)?;
+                let store = loss.backward()?;
+                (loss, store)
+            };
             let value = loss.to_scalar::<f32>()? as f64;
             // With ranks, a bad value is caught after the step's reduction, on every rank.
             if !value.is_finite() && reducer.is_none() {
                 return Err(non_finite(step + 1, value, &checkpoint_dir));
             }
             loss_sum += value;
-            let store = loss.backward()?;
             for (slot, param) in grads.iter_mut().zip(&params) {
                 if let Some(g) = store.get(param.var.as_tensor()) {
                     let g = g.to_dtype(DType::F32)?;

@@ -9,6 +9,8 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor, D};
 
 use super::{ModelConfig, ModelError, ModuleId, ModuleKind};
+
+mod backward;
 use crate::adapter::Adapter;
 use crate::ops;
 
