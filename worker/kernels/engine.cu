@@ -84,6 +84,79 @@ __device__ void causal_softmax_bwd(const T *p, const T *dp, T *ds, int cols, int
         dx[j] = from_f<T>(j < limit ? scale * to_f(y[j]) * (to_f(dy[j]) - dot) : 0.f);
 }
 
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// The same two functions with one warp per row and the row held in registers (at most
+// 32 * PER_LANE columns): one read of the row instead of three, no block synchronisation.
+// Blocks hold several rows (blockDim.x / 32).
+template <typename T, int PER_LANE>
+__device__ void causal_softmax_fwd_warp(const T *s, T *p, int rows, int cols, int t_q, int offset,
+                                        float scale) {
+    const int lane = threadIdx.x & 31;
+    const size_t row = (size_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row >= (size_t)rows) return;
+    const T *x = s + row * cols;
+    T *y = p + row * cols;
+    const int limit = causal_limit((int)row, cols, t_q, offset);
+    float v[PER_LANE];
+    float m = -INFINITY;
+#pragma unroll
+    for (int i = 0; i < PER_LANE; ++i) {
+        const int j = lane + 32 * i;
+        v[i] = j < limit ? to_f(x[j]) * scale : -INFINITY;
+        m = fmaxf(m, v[i]);
+    }
+    m = warp_max(m);
+    float sum = 0.f;
+#pragma unroll
+    for (int i = 0; i < PER_LANE; ++i) {
+        const int j = lane + 32 * i;
+        v[i] = j < limit ? expf(v[i] - m) : 0.f;
+        sum += v[i];
+    }
+    const float inv = 1.f / warp_sum(sum);
+#pragma unroll
+    for (int i = 0; i < PER_LANE; ++i) {
+        const int j = lane + 32 * i;
+        if (j < cols) y[j] = from_f<T>(v[i] * inv);
+    }
+}
+
+template <typename T, int PER_LANE>
+__device__ void causal_softmax_bwd_warp(const T *p, const T *dp, T *ds, int rows, int cols, int t_q,
+                                        int offset, float scale) {
+    const int lane = threadIdx.x & 31;
+    const size_t row = (size_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row >= (size_t)rows) return;
+    const T *y = p + row * cols;
+    const T *dy = dp + row * cols;
+    T *dx = ds + row * cols;
+    const int limit = causal_limit((int)row, cols, t_q, offset);
+    float a[PER_LANE], b[PER_LANE];
+    float dot = 0.f;
+#pragma unroll
+    for (int i = 0; i < PER_LANE; ++i) {
+        const int j = lane + 32 * i;
+        a[i] = j < limit ? to_f(y[j]) : 0.f;
+        b[i] = j < limit ? to_f(dy[j]) : 0.f;
+        dot += a[i] * b[i];
+    }
+    dot = warp_sum(dot);
+#pragma unroll
+    for (int i = 0; i < PER_LANE; ++i) {
+        const int j = lane + 32 * i;
+        if (j < cols) dx[j] = from_f<T>(j < limit ? scale * a[i] * (b[i] - dot) : 0.f);
+    }
+}
+
 // y = g * round(x * r), r = 1 / sqrt(mean(x^2) + eps): the normalised row is rounded to the
 // storage type before the gain multiplies it, as the composed version and Hugging Face do.
 template <typename T>
@@ -161,68 +234,137 @@ __device__ void heads_apply(const T *x, const float *cos, const float *sin, T *y
 
 __device__ __forceinline__ float sigmoid(float v) { return 1.f / (1.f + expf(-v)); }
 
-// h = silu(gate) * up.
+// h = silu(gate) * up. Elements go in packs of 16 bytes (8 bf16 / f16, 4 f32) when the
+// count and the pointers allow, one at a time otherwise.
+template <typename T> struct Pack {
+    static constexpr int N = 16 / sizeof(T);
+    uint4 raw;
+    __device__ __forceinline__ T &operator[](int i) { return reinterpret_cast<T *>(&raw)[i]; }
+};
+
+__device__ __forceinline__ bool packable(size_t n, int per_pack, const void *a, const void *b,
+                                         const void *c, const void *d) {
+    const uintptr_t any = (uintptr_t)a | (uintptr_t)b | (uintptr_t)c | (uintptr_t)d;
+    return n % per_pack == 0 && (any & 15) == 0;
+}
+
+__device__ __forceinline__ float swiglu_value(float g, float u) { return g * sigmoid(g) * u; }
+
 template <typename T>
 __device__ void swiglu_fwd(const T *gate, const T *up, T *h, size_t n) {
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
-         i += (size_t)gridDim.x * blockDim.x) {
-        const float g = to_f(gate[i]);
-        h[i] = from_f<T>(g * sigmoid(g) * to_f(up[i]));
+    constexpr int N = Pack<T>::N;
+    const size_t stride = (size_t)gridDim.x * blockDim.x;
+    const size_t first = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    if (packable(n, N, gate, up, h, h)) {
+        for (size_t i = first; i < n / N; i += stride) {
+            Pack<T> g, u, o;
+            g.raw = reinterpret_cast<const uint4 *>(gate)[i];
+            u.raw = reinterpret_cast<const uint4 *>(up)[i];
+#pragma unroll
+            for (int k = 0; k < N; ++k) o[k] = from_f<T>(swiglu_value(to_f(g[k]), to_f(u[k])));
+            reinterpret_cast<uint4 *>(h)[i] = o.raw;
+        }
+        return;
     }
+    for (size_t i = first; i < n; i += stride) h[i] = from_f<T>(swiglu_value(to_f(gate[i]), to_f(up[i])));
 }
 
 // grads = [d gate; d up] (2n elements): d gate = dh * up * s * (1 + g * (1 - s)),
 // d up = dh * g * s, with s = sigmoid(g).
 template <typename T>
 __device__ void swiglu_bwd(const T *gate, const T *up, const T *dh, T *grads, size_t n) {
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
-         i += (size_t)gridDim.x * blockDim.x) {
+    constexpr int N = Pack<T>::N;
+    const size_t stride = (size_t)gridDim.x * blockDim.x;
+    const size_t first = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    if (packable(n, N, gate, up, dh, grads)) {
+        for (size_t i = first; i < n / N; i += stride) {
+            Pack<T> g, u, d, dg, du;
+            g.raw = reinterpret_cast<const uint4 *>(gate)[i];
+            u.raw = reinterpret_cast<const uint4 *>(up)[i];
+            d.raw = reinterpret_cast<const uint4 *>(dh)[i];
+#pragma unroll
+            for (int k = 0; k < N; ++k) {
+                const float gv = to_f(g[k]), uv = to_f(u[k]), dv = to_f(d[k]);
+                const float sg = sigmoid(gv);
+                dg[k] = from_f<T>(dv * uv * sg * (1.f + gv * (1.f - sg)));
+                du[k] = from_f<T>(dv * gv * sg);
+            }
+            reinterpret_cast<uint4 *>(grads)[i] = dg.raw;
+            reinterpret_cast<uint4 *>(grads + n)[i] = du.raw;
+        }
+        return;
+    }
+    for (size_t i = first; i < n; i += stride) {
         const float g = to_f(gate[i]), u = to_f(up[i]), d = to_f(dh[i]);
-        const float s = sigmoid(g);
-        grads[i] = from_f<T>(d * u * s * (1.f + g * (1.f - s)));
-        grads[n + i] = from_f<T>(d * g * s);
+        const float sg = sigmoid(g);
+        grads[i] = from_f<T>(d * u * sg * (1.f + g * (1.f - sg)));
+        grads[n + i] = from_f<T>(d * g * sg);
     }
 }
 
-// Cross-entropy of each row of logits at its target: loss = logsumexp(x) - x[target], in f32.
-// The logits are read twice (max, then the sum), never copied.
+// y = x + bias[column] over rows of `cols`.
 template <typename T>
-__device__ void cross_entropy_fwd(const T *logits, const uint32_t *targets, float *loss,
+__device__ void add_bias(const T *x, const T *bias, T *y, size_t n, int cols) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x)
+        y[i] = from_f<T>(to_f(x[i]) + to_f(bias[i % cols]));
+}
+
+// Cross-entropy of each row of logits at its target: loss = logsumexp(x) - x[target], in f32,
+// and the log-sum-exp itself (for the backward): out = [loss; lse], 2 * rows. One read of the
+// row: each thread keeps a running maximum and the sum of exponentials relative to it, merged
+// across the block.
+template <typename T>
+__device__ void cross_entropy_fwd(const T *logits, const uint32_t *targets, float *out, int rows,
                                   int cols) {
     __shared__ float scratch[32];
     const size_t row = blockIdx.x;
     const T *x = logits + row * cols;
-    float m = -INFINITY;
-    for (int j = threadIdx.x; j < cols; j += blockDim.x) m = fmaxf(m, to_f(x[j]));
-    m = block_max(m, scratch);
-    float sum = 0.f;
-    for (int j = threadIdx.x; j < cols; j += blockDim.x) sum += expf(to_f(x[j]) - m);
-    sum = block_sum(sum, scratch);
+    float m = -INFINITY, sum = 0.f;
+    for (int j = threadIdx.x; j < cols; j += blockDim.x) {
+        const float v = to_f(x[j]);
+        if (v > m) {
+            sum = sum * expf(m - v) + 1.f;
+            m = v;
+        } else {
+            sum += expf(v - m);
+        }
+    }
+    const float block_m = block_max(m, scratch);
+    sum = block_sum(m == -INFINITY ? 0.f : sum * expf(m - block_m), scratch);
     // A target outside the vocabulary gives NaN, which the training loop reports, rather than
     // a read out of bounds.
     const uint32_t t = targets[row];
-    if (threadIdx.x == 0) loss[row] = t < (uint32_t)cols ? logf(sum) + m - to_f(x[t]) : NAN;
+    if (threadIdx.x == 0) {
+        const float l = logf(sum) + block_m;
+        out[rows + row] = l;
+        out[row] = t < (uint32_t)cols ? l - to_f(x[t]) : NAN;
+    }
 }
 
-// d logits = dloss[row] * (softmax(x) - onehot(target)).
+// d logits = dloss[row] * (exp(x - lse[row]) - onehot(target)) with packed = [dloss; lse]:
+// one read, one write.
 template <typename T>
-__device__ void cross_entropy_bwd(const T *logits, const uint32_t *targets, const float *dloss,
-                                  T *dlogits, int cols) {
-    __shared__ float scratch[32];
+__device__ void cross_entropy_bwd(const T *logits, const uint32_t *targets, const float *packed,
+                                  T *dlogits, int rows, int cols) {
     const size_t row = blockIdx.x;
     const T *x = logits + row * cols;
     T *dx = dlogits + row * cols;
-    float m = -INFINITY;
-    for (int j = threadIdx.x; j < cols; j += blockDim.x) m = fmaxf(m, to_f(x[j]));
-    m = block_max(m, scratch);
-    float sum = 0.f;
-    for (int j = threadIdx.x; j < cols; j += blockDim.x) sum += expf(to_f(x[j]) - m);
-    sum = block_sum(sum, scratch);
-    const float g = dloss[row], inv = 1.f / sum;
+    const float g = packed[row], l = packed[rows + row];
     const int target = (int)targets[row];
     for (int j = threadIdx.x; j < cols; j += blockDim.x)
-        dx[j] = from_f<T>(g * (expf(to_f(x[j]) - m) * inv - (j == target ? 1.f : 0.f)));
+        dx[j] = from_f<T>(g * (expf(to_f(x[j]) - l) - (j == target ? 1.f : 0.f)));
 }
+
+#define WARP_SOFTMAX(T, SUFFIX, PER_LANE)                                                       \
+    extern "C" __global__ void causal_softmax_fwd_w##PER_LANE##_##SUFFIX(                       \
+        const T *s, T *p, int rows, int cols, int t_q, int offset, float scale) {               \
+        causal_softmax_fwd_warp<T, PER_LANE>(s, p, rows, cols, t_q, offset, scale);             \
+    }                                                                                           \
+    extern "C" __global__ void causal_softmax_bwd_w##PER_LANE##_##SUFFIX(                       \
+        const T *p, const T *dp, T *ds, int rows, int cols, int t_q, int offset, float scale) { \
+        causal_softmax_bwd_warp<T, PER_LANE>(p, dp, ds, rows, cols, t_q, offset, scale);        \
+    }
 
 #define ROW_KERNELS(T, SUFFIX)                                                                  \
     extern "C" __global__ void causal_softmax_fwd_##SUFFIX(const T *s, T *p, int cols, int t_q, \
@@ -255,16 +397,22 @@ __device__ void cross_entropy_bwd(const T *logits, const uint32_t *targets, cons
         swiglu_bwd<T>(gate, up, dh, grads, n);                                                  \
     }                                                                                           \
     extern "C" __global__ void cross_entropy_fwd_##SUFFIX(const T *logits,                      \
-                                                          const uint32_t *targets, float *loss, \
-                                                          int cols) {                           \
-        cross_entropy_fwd<T>(logits, targets, loss, cols);                                      \
+                                                          const uint32_t *targets, float *out,  \
+                                                          int rows, int cols) {                 \
+        cross_entropy_fwd<T>(logits, targets, out, rows, cols);                                 \
     }                                                                                           \
     extern "C" __global__ void cross_entropy_bwd_##SUFFIX(const T *logits,                      \
                                                           const uint32_t *targets,              \
-                                                          const float *dloss, T *dlogits,       \
-                                                          int cols) {                           \
-        cross_entropy_bwd<T>(logits, targets, dloss, dlogits, cols);                            \
-    }
+                                                          const float *packed, T *dlogits,      \
+                                                          int rows, int cols) {                 \
+        cross_entropy_bwd<T>(logits, targets, packed, dlogits, rows, cols);                     \
+    }                                                                                           \
+    extern "C" __global__ void add_bias_##SUFFIX(const T *x, const T *bias, T *y, size_t n,     \
+                                                 int cols) {                                    \
+        add_bias<T>(x, bias, y, n, cols);                                                       \
+    }                                                                                           \
+    WARP_SOFTMAX(T, SUFFIX, 16)                                                                 \
+    WARP_SOFTMAX(T, SUFFIX, 32)
 
 ROW_KERNELS(float, f32)
 ROW_KERNELS(__nv_bfloat16, bf16)

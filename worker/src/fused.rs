@@ -172,6 +172,16 @@ pub fn lora_branch(x: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> Result<Ten
         .apply_op3(&a.contiguous()?, &b.contiguous()?, LoraBranch { scale })
 }
 
+/// `x + bias` with `bias` (frozen, no gradient) along the last dimension: one kernel, where
+/// candle's broadcast add takes a strided path and, in backward, makes a zero-filled gradient
+/// for the bias it then keeps until the step ends.
+pub fn add_bias(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    if bias.dims() != [x.dim(D::Minus1)?] || bias.dtype() != x.dtype() {
+        candle_core::bail!("add_bias: bias {:?} for x {:?}", bias, x.shape())
+    }
+    x.contiguous()?.apply_op2(&bias.contiguous()?, AddBias)
+}
+
 /// `silu(gate) · up`.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     if gate.shape() != up.shape() {
@@ -194,6 +204,12 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
             targets.dtype()
         )
     }
+    cross_entropy_parts(logits, targets)?.get(0)
+}
+
+/// [`cross_entropy`] with the per-row log-sum-exp: `(2, rows)`, `[loss; lse]` (the backward
+/// needs only the logits and the log-sum-exp).
+pub(crate) fn cross_entropy_parts(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     logits
         .contiguous()?
         .apply_op2(&targets.contiguous()?, CrossEntropy)
@@ -320,16 +336,21 @@ pub(crate) fn swiglu_backward(
     Ok((both.get(0)?, both.get(1)?))
 }
 
-/// `∂logits` of [`cross_entropy`] given the per-row loss gradient.
+/// `∂logits` of [`cross_entropy`] given the rows' log-sum-exp (from [`cross_entropy_parts`])
+/// and the per-row loss gradient.
 pub(crate) fn cross_entropy_backward(
     logits: &Tensor,
     targets: &Tensor,
+    lse: &Tensor,
     grad_loss: &Tensor,
 ) -> Result<Tensor> {
-    let grad_loss = grad_loss.to_dtype(DType::F32)?.contiguous()?;
+    let packed = Tensor::stack(
+        &[&grad_loss.to_dtype(DType::F32)?, &lse.to_dtype(DType::F32)?],
+        0,
+    )?;
     logits
         .contiguous()?
-        .apply_op3_no_bwd(&targets.contiguous()?, &grad_loss, &CrossEntropyBackward)
+        .apply_op3_no_bwd(&targets.contiguous()?, &packed, &CrossEntropyBackward)
 }
 
 /// `(∂x, ∂A, ∂B)` of [`lora_branch`] given the gradient of its output; `∂A`, `∂B` in the
@@ -567,7 +588,18 @@ impl RowMask {
         rows: usize,
         cols: usize,
     ) -> Result<CudaSlice<T>> {
-        let func = engine_func!(dev, T, root)?;
+        // Rows of up to 1,024 keys: one warp per row, held in registers (16 or 32 per lane);
+        // longer rows: one block per row.
+        let per_lane = match cols {
+            0..=512 => Some(16),
+            513..=1024 => Some(32),
+            _ => None,
+        };
+        let name = match per_lane {
+            Some(n) => format!("{root}_w{n}"),
+            None => root.to_string(),
+        };
+        let func = engine_func!(dev, T, &name)?;
         // SAFETY: the kernel writes every element of every row.
         let dst = unsafe { dev.alloc::<T>(rows * cols)? };
         let mut builder = func.builder();
@@ -575,6 +607,10 @@ impl RowMask {
             builder.arg(*input);
         }
         builder.arg(&dst);
+        let rows_arg = rows as i32;
+        if per_lane.is_some() {
+            builder.arg(&rows_arg);
+        }
         candle_core::builder_arg!(
             builder,
             cols as i32,
@@ -582,8 +618,17 @@ impl RowMask {
             self.offset as i32,
             self.scale
         );
+        let config = match per_lane {
+            // Four rows (warps) per block.
+            Some(_) => candle_core::cuda_backend::cudarc::driver::LaunchConfig {
+                grid_dim: (rows.div_ceil(4) as u32, 1, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            },
+            None => gpu::rows(rows, cols),
+        };
         // SAFETY: the arguments match the kernel's signature.
-        unsafe { builder.launch(gpu::rows(rows, cols)) }.w()?;
+        unsafe { builder.launch(config) }.w()?;
         Ok(dst)
     }
 }
@@ -1160,6 +1205,86 @@ impl Map1 for HeadsKernel<'_> {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Bias.
+
+/// `(x, bias)` → `x + bias`; the gradient passes to `x` unchanged.
+struct AddBias;
+
+impl CustomOp2 for AddBias {
+    fn name(&self) -> &'static str {
+        "add-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_l: &Layout,
+        bias: &CpuStorage,
+        bias_l: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let bias = cpu_values(bias, bias_l, self.name())?;
+        let mut values = cpu_values(x, x_l, self.name())?;
+        for row in values.chunks_mut(bias.len()) {
+            row.iter_mut().zip(&bias).for_each(|(v, b)| *v += b);
+        }
+        Ok((
+            cpu_storage(values, x.dtype(), self.name())?,
+            x_l.shape().clone(),
+        ))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        x_l: &Layout,
+        bias: &CudaStorage,
+        bias_l: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let out = Map2::map(self, &x.slice, x_l, &bias.slice, bias_l, x.device())?;
+        Ok((cuda_storage(out, x.device()), x_l.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _bias: &Tensor,
+        _y: &Tensor,
+        grad_y: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(grad_y.clone()), None))
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl Map2 for AddBias {
+    fn f<T: DeviceRepr + WithDType + ValidAsZeroBits>(
+        &self,
+        x: &CudaSlice<T>,
+        x_l: &Layout,
+        bias: &CudaSlice<T>,
+        bias_l: &Layout,
+        dev: &CudaDevice,
+    ) -> Result<CudaSlice<T>> {
+        let n = x_l.shape().elem_count();
+        let cols = last_dim(x_l);
+        let x = gpu::view(x, x_l, "add_bias")?;
+        let bias = gpu::view(bias, bias_l, "add_bias")?;
+        let func = engine_func!(dev, T, "add_bias")?;
+        // SAFETY: the kernel writes every element.
+        let dst = unsafe { dev.alloc::<T>(n)? };
+        let mut builder = func.builder();
+        builder.arg(&x);
+        builder.arg(&bias);
+        builder.arg(&dst);
+        candle_core::builder_arg!(builder, n, cols as i32);
+        // SAFETY: the arguments match the kernel's signature.
+        unsafe { builder.launch(gpu::elementwise(n)) }.w()?;
+        Ok(dst)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // LoRA branch.
 
 /// `(x, A, B)` → `scale · (x·Aᵀ)·Bᵀ`.
@@ -1456,7 +1581,7 @@ impl Map3 for Elementwise {
 // ---------------------------------------------------------------------------------------------
 // Cross-entropy.
 
-/// `(logits, targets)` → per-row loss (f32).
+/// `(logits, targets)` → `[loss; lse]` (`2 × rows`, f32): the per-row loss and log-sum-exp.
 struct CrossEntropy;
 
 /// The targets of a cross-entropy as row indices, checked against the vocabulary.
@@ -1478,10 +1603,10 @@ fn cpu_targets(targets: &CpuStorage, layout: &Layout, cols: usize) -> Result<Vec
         .collect()
 }
 
-/// Row maximum and `Σ exp(x − max)`.
-fn row_lse_parts(row: &[f32]) -> (f32, f32) {
+/// `log Σ exp(x)` of a row, computed from its maximum.
+fn row_lse(row: &[f32]) -> f32 {
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    (max, row.iter().map(|&v| (v - max).exp()).sum())
+    row.iter().map(|&v| (v - max).exp()).sum::<f32>().ln() + max
 }
 
 impl CustomOp2 for CrossEntropy {
@@ -1499,16 +1624,14 @@ impl CustomOp2 for CrossEntropy {
         let cols = last_dim(logits_l);
         let targets = cpu_targets(targets, targets_l, cols)?;
         let values = cpu_values(logits, logits_l, self.name())?;
-        let loss: Vec<f32> = values
-            .chunks(cols)
-            .zip(&targets)
-            .map(|(row, &t)| {
-                let (max, sum) = row_lse_parts(row);
-                sum.ln() + max - row[t]
-            })
-            .collect();
-        let rows = loss.len();
-        Ok((CpuStorage::F32(loss), Shape::from(rows)))
+        let rows = targets.len();
+        let mut out = vec![0f32; 2 * rows];
+        for (i, (row, &t)) in values.chunks(cols).zip(&targets).enumerate() {
+            let lse = row_lse(row);
+            out[i] = lse - row[t];
+            out[rows + i] = lse;
+        }
+        Ok((CpuStorage::F32(out), Shape::from((2, rows))))
     }
 
     #[cfg(feature = "cuda")]
@@ -1533,26 +1656,26 @@ impl CustomOp2 for CrossEntropy {
         ) -> Result<CudaSlice<f32>> {
             let logits = gpu::view(logits, layout, "cross_entropy")?;
             let func = engine_func!(dev, T, "cross_entropy_fwd")?;
-            // SAFETY: one loss per row, each written by its block.
-            let loss = unsafe { dev.alloc::<f32>(rows)? };
+            // SAFETY: each block writes its row's loss and log-sum-exp.
+            let out = unsafe { dev.alloc::<f32>(2 * rows)? };
             let mut builder = func.builder();
             builder.arg(&logits);
             builder.arg(targets);
-            builder.arg(&loss);
-            candle_core::builder_arg!(builder, cols as i32);
+            builder.arg(&out);
+            candle_core::builder_arg!(builder, rows as i32, cols as i32);
             // SAFETY: the arguments match the kernel's signature.
             unsafe { builder.launch(gpu::wide_rows(rows)) }.w()?;
-            Ok(loss)
+            Ok(out)
         }
-        let loss = match &logits.slice {
+        let out = match &logits.slice {
             CudaStorageSlice::F32(s) => launch(dev, s, logits_l, &targets, rows, cols)?,
             CudaStorageSlice::BF16(s) => launch(dev, s, logits_l, &targets, rows, cols)?,
             CudaStorageSlice::F16(s) => launch(dev, s, logits_l, &targets, rows, cols)?,
             _ => candle_core::bail!("cross_entropy: unsupported dtype {:?}", logits.dtype()),
         };
         Ok((
-            cuda_storage(CudaStorageSlice::F32(loss), dev),
-            Shape::from(rows),
+            cuda_storage(CudaStorageSlice::F32(out), dev),
+            Shape::from((2, rows)),
         ))
     }
 
@@ -1560,17 +1683,16 @@ impl CustomOp2 for CrossEntropy {
         &self,
         logits: &Tensor,
         targets: &Tensor,
-        _loss: &Tensor,
-        grad_loss: &Tensor,
+        parts: &Tensor,
+        grad_parts: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((
-            Some(cross_entropy_backward(logits, targets, grad_loss)?),
-            None,
-        ))
+        // Only the loss row is used downstream; the log-sum-exp row is for this backward.
+        let grad = cross_entropy_backward(logits, targets, &parts.get(1)?, &grad_parts.get(0)?)?;
+        Ok((Some(grad), None))
     }
 }
 
-/// `(logits, targets, ∂loss)` → `∂logits`.
+/// `(logits, targets, [∂loss; lse])` → `∂logits`.
 struct CrossEntropyBackward;
 
 impl CustomOp3 for CrossEntropyBackward {
@@ -1584,18 +1706,19 @@ impl CustomOp3 for CrossEntropyBackward {
         logits_l: &Layout,
         targets: &CpuStorage,
         targets_l: &Layout,
-        grad_loss: &CpuStorage,
-        grad_loss_l: &Layout,
+        packed: &CpuStorage,
+        packed_l: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let cols = last_dim(logits_l);
         let targets = cpu_targets(targets, targets_l, cols)?;
-        let grad_loss = cpu_values(grad_loss, grad_loss_l, self.name())?;
+        let packed = cpu_values(packed, packed_l, self.name())?;
+        let rows = targets.len();
         let mut values = cpu_values(logits, logits_l, self.name())?;
-        for ((row, &t), &g) in values.chunks_mut(cols).zip(&targets).zip(&grad_loss) {
-            let (max, sum) = row_lse_parts(row);
+        for (i, (row, &t)) in values.chunks_mut(cols).zip(&targets).enumerate() {
+            let (g, lse) = (packed[i], packed[rows + i]);
             for (j, v) in row.iter_mut().enumerate() {
                 let onehot = if j == t { 1.0 } else { 0.0 };
-                *v = g * ((*v - max).exp() / sum - onehot);
+                *v = g * ((*v - lse).exp() - onehot);
             }
         }
         Ok((
@@ -1611,20 +1734,20 @@ impl CustomOp3 for CrossEntropyBackward {
         logits_l: &Layout,
         targets: &CudaStorage,
         targets_l: &Layout,
-        grad_loss: &CudaStorage,
-        grad_loss_l: &Layout,
+        packed: &CudaStorage,
+        packed_l: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
         let dev = logits.device();
         let cols = last_dim(logits_l);
         let rows = logits_l.shape().elem_count() / cols;
         let targets = gpu::view(targets.as_cuda_slice::<u32>()?, targets_l, self.name())?;
-        let grad_loss = gpu::view(grad_loss.as_cuda_slice::<f32>()?, grad_loss_l, self.name())?;
+        let packed = gpu::view(packed.as_cuda_slice::<f32>()?, packed_l, self.name())?;
         fn launch<T: DeviceRepr + WithDType>(
             dev: &CudaDevice,
             logits: &CudaSlice<T>,
             layout: &Layout,
             targets: &CudaView<'_, u32>,
-            grad_loss: &CudaView<'_, f32>,
+            packed: &CudaView<'_, f32>,
             rows: usize,
             cols: usize,
         ) -> Result<CudaSlice<T>> {
@@ -1635,22 +1758,22 @@ impl CustomOp3 for CrossEntropyBackward {
             let mut builder = func.builder();
             builder.arg(&logits);
             builder.arg(targets);
-            builder.arg(grad_loss);
+            builder.arg(packed);
             builder.arg(&grad);
-            candle_core::builder_arg!(builder, cols as i32);
+            candle_core::builder_arg!(builder, rows as i32, cols as i32);
             // SAFETY: the arguments match the kernel's signature.
             unsafe { builder.launch(gpu::wide_rows(rows)) }.w()?;
             Ok(grad)
         }
         let out = match &logits.slice {
             CudaStorageSlice::F32(s) => {
-                CudaStorageSlice::F32(launch(dev, s, logits_l, &targets, &grad_loss, rows, cols)?)
+                CudaStorageSlice::F32(launch(dev, s, logits_l, &targets, &packed, rows, cols)?)
             }
             CudaStorageSlice::BF16(s) => {
-                CudaStorageSlice::BF16(launch(dev, s, logits_l, &targets, &grad_loss, rows, cols)?)
+                CudaStorageSlice::BF16(launch(dev, s, logits_l, &targets, &packed, rows, cols)?)
             }
             CudaStorageSlice::F16(s) => {
-                CudaStorageSlice::F16(launch(dev, s, logits_l, &targets, &grad_loss, rows, cols)?)
+                CudaStorageSlice::F16(launch(dev, s, logits_l, &targets, &packed, rows, cols)?)
             }
             _ => candle_core::bail!("cross_entropy: unsupported dtype {:?}", logits.dtype()),
         };
@@ -1840,6 +1963,8 @@ pub fn check(device: &Device, dtype: DType) -> Result<Vec<Agreement>> {
     for (name, (b, kv, groups, t, offset, d)) in [
         ("causal_attention_probs", (2, 2, 2, 12, 3, 16)),
         ("causal_attention_probs long rows", (1, 1, 2, 300, 0, 8)),
+        ("causal_attention_probs 700 keys", (1, 1, 1, 700, 0, 8)),
+        ("causal_attention_probs 1100 keys", (1, 1, 1, 1100, 0, 8)),
     ] {
         let q = randn(&[b, kv, groups * t, d], 0.0, 1.0)?;
         let k = randn(&[b, kv, t + offset, d], 0.0, 1.0)?;
@@ -2002,23 +2127,44 @@ pub fn check(device: &Device, dtype: DType) -> Result<Vec<Agreement>> {
         &mut found,
     )?;
 
-    let gate = randn(&[4, 70], 0.0, 3.0)?;
-    let up = randn(&[4, 70], 0.0, 1.0)?;
-    let w = randn(&[4, 70], 0.0, 1.0)?;
+    let x = randn(&[3, 7, 40], 0.0, 1.0)?;
+    let bias = randn(&[40], 0.0, 1.0)?;
+    let w = randn(&[3, 7, 40], 0.0, 1.0)?;
     compare(
-        "swiglu",
-        &["gate", "up"],
-        &[gate, up],
+        "add_bias",
+        &["x"],
+        &[x, bias],
         &w,
         (
-            |x: &[Tensor]| swiglu(&x[0], &x[1]),
-            |x: &[Tensor]| crate::ops::swiglu(&x[0], &x[1]),
+            |x: &[Tensor]| add_bias(&x[0], &x[1]),
+            |x: &[Tensor]| x[0].broadcast_add(&x[1]),
         ),
         device,
         dtype,
         tolerance,
         &mut found,
     )?;
+
+    // 280 elements go in 16-byte packs; 21 cannot.
+    for (name, dims) in [("swiglu", [4, 70]), ("swiglu odd size", [3, 7])] {
+        let gate = randn(&dims, 0.0, 3.0)?;
+        let up = randn(&dims, 0.0, 1.0)?;
+        let w = randn(&dims, 0.0, 1.0)?;
+        compare(
+            name,
+            &["gate", "up"],
+            &[gate, up],
+            &w,
+            (
+                |x: &[Tensor]| swiglu(&x[0], &x[1]),
+                |x: &[Tensor]| crate::ops::swiglu(&x[0], &x[1]),
+            ),
+            device,
+            dtype,
+            tolerance,
+            &mut found,
+        )?;
+    }
 
     // Cross-entropy over a row longer than a block, targets spread over the vocabulary.
     let (rows, vocab) = (6, 3000);
@@ -2180,7 +2326,7 @@ mod tests {
     fn every_fused_op_matches_the_composed_ops_on_the_cpu_forward_and_backward() -> Result<()> {
         for dtype in [DType::F32, DType::BF16] {
             let found = check(&Device::Cpu, dtype)?;
-            assert_eq!(found.len(), 28, "{found:?}");
+            assert_eq!(found.len(), 39, "{found:?}");
             for a in &found {
                 assert!(a.ok(), "{dtype:?}: {a:?}");
                 assert!(a.max_abs_diff.is_finite(), "{dtype:?}: {a:?}");

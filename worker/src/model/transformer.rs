@@ -32,6 +32,7 @@ impl Projection {
             None => base,
         };
         match &self.bias {
+            Some(bias) if fused => crate::fused::add_bias(&out, bias),
             Some(bias) => out.broadcast_add(bias),
             None => Ok(out),
         }

@@ -145,12 +145,13 @@ impl Transformer {
         let vocab = logits.dim(candle_core::D::Minus1)?;
         let logits = logits.reshape(((), vocab))?;
         let targets = targets.flatten_all()?;
-        let rows = fused::cross_entropy(&logits, &targets)?;
+        let parts = fused::cross_entropy_parts(&logits, &targets)?;
+        let (rows, lse) = (parts.get(0)?, parts.get(1)?);
         let weights = weights.flatten_all()?.to_dtype(DType::F32)?;
         let total = weights.sum_all()?;
         let loss = ((rows.mul(&weights)?.sum_all()? / &total)? * loss_scale)?;
         let grad_rows = (weights.broadcast_div(&total)? * loss_scale)?;
-        let grad_logits = fused::cross_entropy_backward(&logits, &targets, &grad_rows)?;
+        let grad_logits = fused::cross_entropy_backward(&logits, &targets, &lse, &grad_rows)?;
         drop(logits);
         let grad_hidden = frozen_backward(head, &grad_logits, last.shape())?;
         drop(grad_logits);
@@ -328,7 +329,7 @@ fn project(proj: &Projection, x: &Tensor) -> Result<Tensor> {
         out = (out + fused::lora_branch(x, &a, &b, adapter.scale())?)?;
     }
     match &proj.bias {
-        Some(bias) => out.broadcast_add(bias),
+        Some(bias) => fused::add_bias(&out, bias),
         None => Ok(out),
     }
 }
