@@ -68,7 +68,7 @@ pub fn causal_attention_probs(
 ) -> Result<Tensor> {
     let (b, h, m, d) = q.dims4()?;
     let (b2, h2, _, d2) = k.dims4()?;
-    if (b, h, d) != (b2, h2, d2) || t_q == 0 || m % t_q != 0 {
+    if (b, h, d) != (b2, h2, d2) || t_q == 0 || !m.is_multiple_of(t_q) {
         candle_core::bail!(
             "causal_attention_probs: q {:?} and k {:?} do not match (t_q {t_q})",
             q.shape(),
@@ -115,7 +115,8 @@ pub fn split_heads(
     out: &[usize],
 ) -> Result<Tensor> {
     let (batch, t, width) = x.dims3()?;
-    if heads == 0 || width % heads != 0 || out.iter().product::<usize>() != x.elem_count() {
+    if heads == 0 || !width.is_multiple_of(heads) || out.iter().product::<usize>() != x.elem_count()
+    {
         candle_core::bail!("split_heads: {:?} into {heads} heads as {out:?}", x.shape())
     }
     Heads::new(
@@ -1048,7 +1049,8 @@ impl Heads {
 
     fn apply(self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         let half = self.d / 2;
-        if self.d % 2 != 0 || cos.dims() != [self.t, half] || sin.dims() != [self.t, half] {
+        if !self.d.is_multiple_of(2) || cos.dims() != [self.t, half] || sin.dims() != [self.t, half]
+        {
             candle_core::bail!(
                 "rope: head dim {} over {} positions with tables {:?} / {:?}",
                 self.d,
@@ -2057,7 +2059,7 @@ pub fn check(device: &Device, dtype: DType) -> Result<Vec<Agreement>> {
         compare(
             name,
             &["x"],
-            &[x.clone()],
+            std::slice::from_ref(&x),
             &w,
             (
                 move |x: &[Tensor]| {

@@ -39,13 +39,20 @@ pub fn frozen_linear(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
 /// `∂x = ∂y · W`, nothing for `W`.
 struct FrozenLinear;
 
+/// One frozen projection as a matmul problem.
+struct Problem {
+    /// `(batch, m, n, k)`.
+    bmnk: (usize, usize, usize, usize),
+    /// `x` as an `m × k` layout.
+    x_2d: Layout,
+    /// The transposed weight's layout.
+    wt: Layout,
+    /// The output shape (`x`'s leading dimensions, then `n`).
+    out: Shape,
+}
+
 impl FrozenLinear {
-    /// The matmul problem `(batch, m, n, k)`, `x` as an `m × k` layout, the transposed-weight
-    /// layout and the output shape.
-    fn problem(
-        x_layout: &Layout,
-        w_layout: &Layout,
-    ) -> Result<((usize, usize, usize, usize), Layout, Layout, Shape)> {
+    fn problem(x_layout: &Layout, w_layout: &Layout) -> Result<Problem> {
         let Some((&k, leading)) = x_layout.dims().split_last() else {
             candle_core::bail!("frozen_linear: input must have at least one dimension")
         };
@@ -60,12 +67,12 @@ impl FrozenLinear {
         let x_2d = Layout::contiguous_with_offset((m, k), x_layout.start_offset());
         let mut out = leading.to_vec();
         out.push(n);
-        Ok((
-            (1, m, n, k),
+        Ok(Problem {
+            bmnk: (1, m, n, k),
             x_2d,
-            w_layout.transpose(0, 1)?,
-            Shape::from(out),
-        ))
+            wt: w_layout.transpose(0, 1)?,
+            out: Shape::from(out),
+        })
     }
 }
 
@@ -81,8 +88,8 @@ impl CustomOp2 for FrozenLinear {
         w: &CpuStorage,
         w_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (bmnk, x_2d, wt_layout, shape) = Self::problem(x_layout, w_layout)?;
-        Ok((x.matmul(w, bmnk, &x_2d, &wt_layout)?, shape))
+        let p = Self::problem(x_layout, w_layout)?;
+        Ok((x.matmul(w, p.bmnk, &p.x_2d, &p.wt)?, p.out))
     }
 
     #[cfg(feature = "cuda")]
@@ -93,8 +100,8 @@ impl CustomOp2 for FrozenLinear {
         w: &candle_core::CudaStorage,
         w_layout: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (bmnk, x_2d, wt_layout, shape) = Self::problem(x_layout, w_layout)?;
-        Ok((x.matmul(w, bmnk, &x_2d, &wt_layout)?, shape))
+        let p = Self::problem(x_layout, w_layout)?;
+        Ok((x.matmul(w, p.bmnk, &p.x_2d, &p.wt)?, p.out))
     }
 
     fn bwd(
