@@ -193,10 +193,16 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 
 /// Cross-entropy of each row of `logits` (`rows × vocab`, any float dtype) at `targets`
 /// (`rows`, u32): `logsumexp(row) − row[target]`, in f32. The backward writes
-/// `∂loss · (softmax(row) − onehot(target))` in the logits' dtype, recomputed from the logits:
-/// nothing else is kept (candle's composed `log_softmax` keeps several f32 copies of
-/// `rows × vocab`, 5 GB each for Qwen2.5 at 16 × 512 tokens).
+/// `∂loss · (softmax(row) − onehot(target))` in the logits' dtype from the logits and each
+/// row's log-sum-exp: nothing else is kept (candle's composed `log_softmax` keeps several f32
+/// copies of `rows × vocab`, 5 GB each for Qwen2.5 at 16 × 512 tokens).
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    cross_entropy_parts(logits, targets)?.get(0)
+}
+
+/// [`cross_entropy`] with the per-row log-sum-exp: `(2, rows)`, `[loss; lse]` (the backward
+/// needs only the logits and the log-sum-exp).
+pub(crate) fn cross_entropy_parts(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let (rows, _) = logits.dims2()?;
     if targets.dims() != [rows] || targets.dtype() != DType::U32 {
         candle_core::bail!(
@@ -205,12 +211,6 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
             targets.dtype()
         )
     }
-    cross_entropy_parts(logits, targets)?.get(0)
-}
-
-/// [`cross_entropy`] with the per-row log-sum-exp: `(2, rows)`, `[loss; lse]` (the backward
-/// needs only the logits and the log-sum-exp).
-pub(crate) fn cross_entropy_parts(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     logits
         .contiguous()?
         .apply_op2(&targets.contiguous()?, CrossEntropy)
@@ -456,7 +456,9 @@ macro_rules! engine_func {
 
 #[cfg(feature = "cuda")]
 mod gpu {
-    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr};
+    use candle_core::cuda_backend::cudarc::driver::{
+        CudaSlice, CudaView, DeviceRepr, LaunchConfig,
+    };
     use candle_core::{Layout, Result};
 
     /// The PTX of `kernels/engine.cu`, compiled by the build script.
@@ -482,37 +484,28 @@ mod gpu {
         (cols.div_ceil(32) * 32).clamp(32, 256) as u32
     }
 
-    /// A grid-stride launch over `n` elements.
-    pub(super) fn elementwise(n: usize) -> candle_core::cuda_backend::cudarc::driver::LaunchConfig {
-        let blocks = n.div_ceil(256).clamp(1, 65_535 * 8) as u32;
-        candle_core::cuda_backend::cudarc::driver::LaunchConfig {
-            grid_dim: (blocks, 1, 1),
-            block_dim: (256, 1, 1),
+    /// `blocks` one-dimensional blocks of `threads` threads, no dynamic shared memory.
+    pub(super) fn launch(blocks: usize, threads: u32) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (blocks as u32, 1, 1),
+            block_dim: (threads, 1, 1),
             shared_mem_bytes: 0,
         }
+    }
+
+    /// A grid-stride launch over `n` elements.
+    pub(super) fn elementwise(n: usize) -> LaunchConfig {
+        launch(n.div_ceil(256).clamp(1, 65_535 * 8), 256)
     }
 
     /// One block of 1,024 threads per row (rows as long as a vocabulary).
-    pub(super) fn wide_rows(
-        rows: usize,
-    ) -> candle_core::cuda_backend::cudarc::driver::LaunchConfig {
-        candle_core::cuda_backend::cudarc::driver::LaunchConfig {
-            grid_dim: (rows as u32, 1, 1),
-            block_dim: (1024, 1, 1),
-            shared_mem_bytes: 0,
-        }
+    pub(super) fn wide_rows(rows: usize) -> LaunchConfig {
+        launch(rows, 1024)
     }
 
     /// One block per row.
-    pub(super) fn rows(
-        rows: usize,
-        cols: usize,
-    ) -> candle_core::cuda_backend::cudarc::driver::LaunchConfig {
-        candle_core::cuda_backend::cudarc::driver::LaunchConfig {
-            grid_dim: (rows as u32, 1, 1),
-            block_dim: (row_block(cols), 1, 1),
-            shared_mem_bytes: 0,
-        }
+    pub(super) fn rows(rows: usize, cols: usize) -> LaunchConfig {
+        launch(rows, row_block(cols))
     }
 }
 
@@ -621,11 +614,7 @@ impl RowMask {
         );
         let config = match per_lane {
             // Four rows (warps) per block.
-            Some(_) => candle_core::cuda_backend::cudarc::driver::LaunchConfig {
-                grid_dim: (rows.div_ceil(4) as u32, 1, 1),
-                block_dim: (128, 1, 1),
-                shared_mem_bytes: 0,
-            },
+            Some(_) => gpu::launch(rows.div_ceil(4), 128),
             None => gpu::rows(rows, cols),
         };
         // SAFETY: the arguments match the kernel's signature.
@@ -638,18 +627,19 @@ impl RowMask {
 /// `∂k = ∂sᵀ·q`.
 struct CausalProbs(RowMask);
 
+/// The batched product `q·kᵀ` of [`CausalProbs`]: `(batch, m, n, k)`, the layout of `kᵀ` and
+/// the output shape.
+type ScoresProblem = ((usize, usize, usize, usize), Layout, Shape);
+
 impl CausalProbs {
-    /// The batched product `q·kᵀ`: `(batch, m, n, k)` and the layout of `kᵀ`.
-    fn problem(q: &Layout, k: &Layout) -> Result<((usize, usize, usize, usize), Layout)> {
+    fn problem(q: &Layout, k: &Layout) -> Result<ScoresProblem> {
         let (b, h, m, d) = q.shape().dims4()?;
         let (_, _, n, _) = k.shape().dims4()?;
-        Ok(((b * h, m, n, d), k.transpose(2, 3)?))
-    }
-
-    fn out_shape(q: &Layout, k: &Layout) -> Result<Shape> {
-        let (b, h, m, _) = q.shape().dims4()?;
-        let (_, _, n, _) = k.shape().dims4()?;
-        Ok(Shape::from((b, h, m, n)))
+        Ok((
+            (b * h, m, n, d),
+            k.transpose(2, 3)?,
+            Shape::from((b, h, m, n)),
+        ))
     }
 }
 
@@ -665,9 +655,8 @@ impl CustomOp2 for CausalProbs {
         k: &CpuStorage,
         k_l: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (bmnk, kt_l) = Self::problem(q_l, k_l)?;
+        let (bmnk, kt_l, shape) = Self::problem(q_l, k_l)?;
         let scores = q.matmul(k, bmnk, q_l, &kt_l)?;
-        let shape = Self::out_shape(q_l, k_l)?;
         let values = cpu_values(&scores, &Layout::contiguous(&shape), self.name())?;
         let probs = self.0.softmax_rows(&values, bmnk.2);
         Ok((cpu_storage(probs, q.dtype(), self.name())?, shape))
@@ -681,8 +670,7 @@ impl CustomOp2 for CausalProbs {
         k: &CudaStorage,
         k_l: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        let (bmnk, kt_l) = Self::problem(q_l, k_l)?;
-        let shape = Self::out_shape(q_l, k_l)?;
+        let (bmnk, kt_l, shape) = Self::problem(q_l, k_l)?;
         let scores = q.matmul(k, bmnk, q_l, &kt_l)?;
         let probs = Map1::map(
             &SoftmaxRows(self.0),
@@ -794,12 +782,10 @@ struct RmsNorm {
     eps: f32,
 }
 
-impl RmsNorm {
-    /// `1 / sqrt(mean(x²) + eps)` of one row.
-    fn inv_rms(&self, row: &[f32]) -> f32 {
-        let ss: f32 = row.iter().map(|v| v * v).sum();
-        1.0 / (ss / row.len() as f32 + self.eps).sqrt()
-    }
+/// `1 / sqrt(mean(x²) + eps)` of one row.
+fn inv_rms(row: &[f32], eps: f32) -> f32 {
+    let ss: f32 = row.iter().map(|v| v * v).sum();
+    1.0 / (ss / row.len() as f32 + eps).sqrt()
 }
 
 impl CustomOp2 for RmsNorm {
@@ -818,7 +804,7 @@ impl CustomOp2 for RmsNorm {
         let gain = cpu_values(g, g_l, self.name())?;
         let mut values = cpu_values(x, x_l, self.name())?;
         for row in values.chunks_mut(gain.len()) {
-            let r = self.inv_rms(row);
+            let r = inv_rms(row, self.eps);
             for (v, g) in row.iter_mut().zip(&gain) {
                 *v = round(*v * r) * g;
             }
@@ -889,7 +875,7 @@ impl CustomOp3 for RmsNormBackward {
         let mut grad = cpu_values(dy, dy_l, self.name())?;
         let cols = gain.len();
         for (xr, dr) in x_values.chunks(cols).zip(grad.chunks_mut(cols)) {
-            let r = RmsNorm { eps: self.eps }.inv_rms(xr);
+            let r = inv_rms(xr, self.eps);
             let dot: f32 = xr
                 .iter()
                 .zip(dr.iter())

@@ -106,24 +106,31 @@ impl CustomOp2 for FrozenLinear {
 
     fn bwd(
         &self,
-        _x: &Tensor,
+        x: &Tensor,
         weight: &Tensor,
         _y: &Tensor,
         grad_y: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (d_out, d_in) = weight.dims2()?;
-        let rows = grad_y.elem_count() / d_out.max(1);
-        let mut dims = grad_y.dims().to_vec();
-        if let Some(last) = dims.last_mut() {
-            *last = d_in;
-        }
-        let grad_x = grad_y
-            .contiguous()?
-            .reshape((rows, d_out))?
-            .matmul(weight)?
-            .reshape(dims)?;
-        Ok((Some(grad_x), None))
+        Ok((
+            Some(frozen_linear_backward(weight, grad_y, x.shape())?),
+            None,
+        ))
     }
+}
+
+/// `∂x = ∂y · W` of [`frozen_linear`], shaped as the input (`input_shape`); for the op's own
+/// backward and the model's hand-written one.
+pub(crate) fn frozen_linear_backward(
+    weight: &Tensor,
+    grad_y: &Tensor,
+    input_shape: &Shape,
+) -> Result<Tensor> {
+    let d_out = weight.dim(0)?;
+    grad_y
+        .contiguous()?
+        .reshape(((), d_out))?
+        .matmul(weight)?
+        .reshape(input_shape)
 }
 
 /// Softmax over the last dimension in one pass, in the input's dtype (accumulating in f32),

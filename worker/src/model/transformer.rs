@@ -518,29 +518,13 @@ impl Transformer {
         let k = layer.projection(ModuleKind::KProj).forward(h, self.fused)?;
         let v = layer.projection(ModuleKind::VProj).forward(h, self.fused)?;
         let groups = cfg.num_heads / cfg.num_kv_heads;
-        let scale = 1.0 / (head_dim as f64).sqrt();
+        let scale = attention_scale(head_dim);
         let Some(mask) = mask else {
-            // Fused: one copy per tensor into heads (RoPE applied on the way); the query heads
-            // sharing a key head stacked along the rows, so keys and values are never
-            // repeated; the causal mask applied by position.
-            let (kv_heads, heads) = (cfg.num_kv_heads, cfg.num_heads);
-            let q_shape = [batch, kv_heads, groups * seq_len, head_dim];
-            let kv_shape = [batch, kv_heads, seq_len, head_dim];
-            let q = crate::fused::split_heads(&q, heads, cos, sin, true, &q_shape)?;
-            let k = crate::fused::split_heads(&k, kv_heads, cos, sin, true, &kv_shape)?;
-            let v = crate::fused::split_heads(&v, kv_heads, cos, sin, false, &kv_shape)?;
-            let (k, v) = match cache {
-                Some(cache) => cache.append(index, k, v)?,
-                None => (k, v),
-            };
-            let t_k = k.dim(2)?;
-            let probs =
-                crate::fused::causal_attention_probs(&q, &k, scale, seq_len, t_k - seq_len)?;
-            let out =
-                crate::fused::merge_heads(&probs.matmul(&v)?, batch, heads, seq_len, cos, sin)?;
+            let cache = cache.map(|cache| (cache, index));
+            let fused = self.fused_attention(&q, &k, &v, cos, sin, cache)?;
             return layer
                 .projection(ModuleKind::OProj)
-                .forward(&out, self.fused);
+                .forward(&fused.out, self.fused);
         };
         let q = q
             .reshape((batch, seq_len, cfg.num_heads, head_dim))?
@@ -580,6 +564,66 @@ impl Transformer {
             .projection(ModuleKind::OProj)
             .forward(&out, self.fused)
     }
+}
+
+/// What [`Transformer::fused_attention`] computes; the hand-written backward keeps all of it
+/// but `out`.
+struct FusedAttention {
+    /// Queries `(batch, kv_heads, groups · t, head_dim)` after RoPE.
+    q: Tensor,
+    /// Keys and values `(batch, kv_heads, t_k, head_dim)` (keys after RoPE), cache included.
+    k: Tensor,
+    v: Tensor,
+    /// Attention probabilities `(batch, kv_heads, groups · t, t_k)`.
+    probs: Tensor,
+    /// The merged output `(batch, t, heads · head_dim)`, the input of `o_proj`.
+    out: Tensor,
+}
+
+impl Transformer {
+    /// Attention on the fused path, from the query, key and value projections'
+    /// `(batch, t, heads · head_dim)` outputs: one copy per tensor into heads (RoPE applied on
+    /// the way); the query heads sharing a key head stacked along the rows, so keys and values
+    /// are never repeated; the causal mask applied by position. With a cache (and the layer's
+    /// index), keys and values are appended to it first.
+    fn fused_attention(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        cache: Option<(&mut KvCache, usize)>,
+    ) -> candle_core::Result<FusedAttention> {
+        let cfg = &self.config;
+        let (batch, t, _) = q.dims3()?;
+        let (heads, kv_heads, d) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let groups = heads / kv_heads;
+        let q_shape = [batch, kv_heads, groups * t, d];
+        let kv_shape = [batch, kv_heads, t, d];
+        let q = crate::fused::split_heads(q, heads, cos, sin, true, &q_shape)?;
+        let k = crate::fused::split_heads(k, kv_heads, cos, sin, true, &kv_shape)?;
+        let v = crate::fused::split_heads(v, kv_heads, cos, sin, false, &kv_shape)?;
+        let (k, v) = match cache {
+            Some((cache, index)) => cache.append(index, k, v)?,
+            None => (k, v),
+        };
+        let t_k = k.dim(2)?;
+        let probs = crate::fused::causal_attention_probs(&q, &k, attention_scale(d), t, t_k - t)?;
+        let out = crate::fused::merge_heads(&probs.matmul(&v)?, batch, heads, t, cos, sin)?;
+        Ok(FusedAttention {
+            q,
+            k,
+            v,
+            probs,
+            out,
+        })
+    }
+}
+
+/// `1/√head_dim`, the attention scores' scale.
+fn attention_scale(head_dim: usize) -> f64 {
+    1.0 / (head_dim as f64).sqrt()
 }
 
 /// `(batch, kv_heads, seq, dim)` → `(batch, kv_heads·groups, seq, dim)`.

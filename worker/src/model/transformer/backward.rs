@@ -16,7 +16,7 @@
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Result, Tensor};
 
-use super::{DecoderLayer, Projection, Transformer};
+use super::{attention_scale, DecoderLayer, FusedAttention, Projection, Transformer};
 use crate::fused;
 use crate::model::ModuleKind;
 use crate::ops;
@@ -153,7 +153,7 @@ impl Transformer {
         let grad_rows = (weights.broadcast_div(&total)? * loss_scale)?;
         let grad_logits = fused::cross_entropy_backward(&logits, &targets, &lse, &grad_rows)?;
         drop(logits);
-        let grad_hidden = frozen_backward(head, &grad_logits, last.shape())?;
+        let grad_hidden = ops::frozen_linear_backward(head, &grad_logits, last.shape())?;
         drop(grad_logits);
         let grad_last = fused::rms_norm_backward(last, &self.norm, &grad_hidden, eps)?;
         Ok((loss, grad_last))
@@ -167,29 +167,28 @@ impl Transformer {
         cos: &Tensor,
         sin: &Tensor,
     ) -> Result<(Tensor, LayerTape)> {
-        let cfg = &self.config;
-        let eps = cfg.rms_norm_eps;
-        let (batch, t, _) = x.dims3()?;
-        let (heads, kv_heads, d) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
-        let groups = heads / kv_heads;
+        let eps = self.config.rms_norm_eps;
         let h = fused::rms_norm(x, &layer.input_norm, eps)?;
         let q = project(layer.projection(ModuleKind::QProj), &h)?;
         let k = project(layer.projection(ModuleKind::KProj), &h)?;
         let v = project(layer.projection(ModuleKind::VProj), &h)?;
         drop(h);
-        let q = fused::split_heads(&q, heads, cos, sin, true, &[batch, kv_heads, groups * t, d])?;
-        let kv_shape = [batch, kv_heads, t, d];
-        let k = fused::split_heads(&k, kv_heads, cos, sin, true, &kv_shape)?;
-        let v = fused::split_heads(&v, kv_heads, cos, sin, false, &kv_shape)?;
-        let probs = fused::causal_attention_probs(&q, &k, attention_scale(d), t, 0)?;
-        let attn = fused::merge_heads(&probs.matmul(&v)?, batch, heads, t, cos, sin)?;
+        let attention = self.fused_attention(&q, &k, &v, cos, sin, None)?;
+        drop((q, k, v));
         let o_proj = layer.projection(ModuleKind::OProj);
-        let x1 = (x + project(o_proj, &attn)?)?;
+        let x1 = (x + project(o_proj, &attention.out)?)?;
         let h = fused::rms_norm(&x1, &layer.post_attention_norm, eps)?;
         let gate = project(layer.projection(ModuleKind::GateProj), &h)?;
         let up = project(layer.projection(ModuleKind::UpProj), &h)?;
         let act = fused::swiglu(&gate, &up)?;
         let out = (&x1 + project(layer.projection(ModuleKind::DownProj), &act)?)?;
+        let FusedAttention {
+            q,
+            k,
+            v,
+            probs,
+            out: attn,
+        } = attention;
         let tape = LayerTape {
             x: x.clone(),
             q,
@@ -316,10 +315,6 @@ impl Transformer {
     }
 }
 
-fn attention_scale(head_dim: usize) -> f64 {
-    1.0 / (head_dim as f64).sqrt()
-}
-
 /// `x·Wᵀ (+ scale·(x·Aᵀ)·Bᵀ) (+ b)` without a graph.
 fn project(proj: &Projection, x: &Tensor) -> Result<Tensor> {
     let mut out = ops::frozen_linear(x, &proj.weight)?;
@@ -343,7 +338,7 @@ fn project_backward(
     input_shape: &candle_core::Shape,
     grads: &mut GradStore,
 ) -> Result<Tensor> {
-    let mut grad_in = frozen_backward(&proj.weight, grad_out, input_shape)?;
+    let mut grad_in = ops::frozen_linear_backward(&proj.weight, grad_out, input_shape)?;
     if let Some(adapter) = &proj.adapter {
         let Some(input) = input else {
             candle_core::bail!("hand-written backward: an adapted projection's input was not kept")
@@ -356,20 +351,6 @@ fn project_backward(
         grads.insert(b, grad_b);
     }
     Ok(grad_in)
-}
-
-/// `∂x = ∂y · W` for `y = x · Wᵀ`, shaped as `x`.
-fn frozen_backward(
-    weight: &Tensor,
-    grad_y: &Tensor,
-    input_shape: &candle_core::Shape,
-) -> Result<Tensor> {
-    let d_out = weight.dim(0)?;
-    grad_y
-        .contiguous()?
-        .reshape(((), d_out))?
-        .matmul(weight)?
-        .reshape(input_shape)
 }
 
 /// An empty gradient store. candle has no public constructor; the backward of a tensor with
