@@ -21,8 +21,6 @@ use lorasweep_coordinator::graph::JobKind;
 use lorasweep_worker::adapter::{AInit, AdapterSettings, Variant};
 use lorasweep_worker::evaluate::{self, EvalJob, EvalOptions};
 use lorasweep_worker::jobs::{self, DataSource, LocalRank, TrainJob};
-#[cfg(feature = "nccl")]
-use lorasweep_worker::parallel::GradReducer;
 use lorasweep_worker::probe::{Estimator, ProbeResult, ProbeSettings};
 use lorasweep_worker::train::{Schedule, TrainSettings};
 use serde_json::{json, Value};
@@ -390,20 +388,7 @@ impl EngineExecutor {
         } else {
             context.wait_rendezvous(RENDEZVOUS_TIMEOUT)?
         };
-        Ok(devices
-            .into_iter()
-            .map(|(rank, device)| {
-                let id = id.clone();
-                LocalRank {
-                    rank,
-                    device,
-                    reducer: Box::new(move |device: &Device| {
-                        Ok(Box::new(NcclReducer::new(rank, world, &id, device)?)
-                            as Box<dyn GradReducer>)
-                    }),
-                }
-            })
-            .collect())
+        Ok(jobs::nccl_ranks(devices, world, &id))
     }
 
     /// Without NCCL, a gang spread over workers cannot share gradients: a clear, permanent

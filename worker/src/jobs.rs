@@ -313,23 +313,11 @@ pub fn local_world(devices: Vec<Device>) -> Result<Vec<LocalRank>, ReduceError> 
     #[cfg(feature = "nccl")]
     if world > 0 && devices.iter().all(Device::is_cuda) {
         let id = crate::parallel::NcclReducer::new_unique_id()?;
-        return Ok(devices
-            .into_iter()
-            .enumerate()
-            .map(|(rank, device)| {
-                let id = id.clone();
-                LocalRank {
-                    rank,
-                    device,
-                    reducer: Box::new(move |device: &Device| {
-                        Ok(
-                            Box::new(crate::parallel::NcclReducer::new(rank, world, &id, device)?)
-                                as Box<dyn GradReducer>,
-                        )
-                    }),
-                }
-            })
-            .collect());
+        return Ok(nccl_ranks(
+            devices.into_iter().enumerate().collect(),
+            world,
+            &id,
+        ));
     }
     Ok(ThreadReducer::group(world)
         .into_iter()
@@ -341,6 +329,28 @@ pub fn local_world(devices: Vec<Device>) -> Result<Vec<LocalRank>, ReduceError> 
             reducer: Box::new(move |_: &Device| Ok(Box::new(handle) as Box<dyn GradReducer>)),
         })
         .collect())
+}
+
+/// NCCL members of the group `id` of `world` ranks, one per `(rank, CUDA device)` of `ranks`;
+/// each makes its communicator when its thread asks for its reducer.
+#[cfg(feature = "nccl")]
+pub fn nccl_ranks(ranks: Vec<(usize, Device)>, world: usize, id: &[u8]) -> Vec<LocalRank> {
+    ranks
+        .into_iter()
+        .map(|(rank, device)| {
+            let id = id.to_vec();
+            LocalRank {
+                rank,
+                device,
+                reducer: Box::new(move |device: &Device| {
+                    Ok(
+                        Box::new(crate::parallel::NcclReducer::new(rank, world, &id, device)?)
+                            as Box<dyn GradReducer>,
+                    )
+                }),
+            }
+        })
+        .collect()
 }
 
 /// Runs `job` data-parallel over `world` ranks, of which this process runs `ranks` (the
