@@ -28,18 +28,7 @@ fn train_one(variant: Variant, fused: bool) -> (TrainMetrics, Vec<f32>) {
         fused && variant != Variant::Dora,
         "{variant:?}"
     );
-    let out = tempfile::tempdir().unwrap();
-    let metrics = train::train(
-        &model,
-        &examples(),
-        PAD,
-        &settings(),
-        out.path(),
-        false,
-        &mut |_| {},
-    )
-    .unwrap();
-    (metrics, adapter_values(&model))
+    parallel_common::train_alone(&model)
 }
 
 fn assert_follows(

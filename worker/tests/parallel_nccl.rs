@@ -90,20 +90,8 @@ fn nccl_sums_and_broadcasts_across_every_visible_gpu() {
 #[test]
 fn nccl_training_follows_the_single_process_curve() {
     let device = Device::new_cuda(0).unwrap();
-    let model = parallel_common::model(Variant::Lora, &device);
-    let out = tempfile::tempdir().unwrap();
-    let expected = train::train(
-        &model,
-        &examples(),
-        PAD,
-        &settings(),
-        out.path(),
-        false,
-        &mut |_| {},
-    )
-    .unwrap();
-    let expected_adapters = adapter_values(&model);
-    drop(model);
+    let (expected, expected_adapters) =
+        parallel_common::train_alone(&parallel_common::model(Variant::Lora, &device));
     let runs: Vec<(TrainMetrics, Vec<f32>)> = on_every_gpu(|rank, reducer, device| {
         let model = parallel_common::model(Variant::Lora, device);
         let scratch = tempfile::tempdir().unwrap();

@@ -122,19 +122,7 @@ fn run_group(group: Vec<ThreadReducer>, plan: &Plan) -> Vec<Option<RankRun>> {
 }
 
 fn single_process(variant: Variant) -> (TrainMetrics, Vec<f32>) {
-    let out = tempfile::tempdir().unwrap();
-    let model = model(variant);
-    let metrics = train::train(
-        &model,
-        &examples(),
-        PAD,
-        &settings(),
-        out.path(),
-        false,
-        &mut |_| {},
-    )
-    .unwrap();
-    (metrics, adapter_values(&model))
+    parallel_common::train_alone(&model(variant))
 }
 
 fn assert_matches_single_process(

@@ -7,7 +7,7 @@ use lorasweep_worker::adapter::{AInit, Adapter, AdapterSettings, Variant};
 use lorasweep_worker::bench;
 use lorasweep_worker::data::Example;
 use lorasweep_worker::model::Transformer;
-use lorasweep_worker::train::TrainSettings;
+use lorasweep_worker::train::{self, TrainMetrics, TrainSettings};
 use rand::{Rng, SeedableRng};
 
 /// The pad id of the synthetic data.
@@ -63,6 +63,23 @@ pub fn settings() -> TrainSettings {
         checkpoint_every: 4,
         ..Default::default()
     }
+}
+
+/// `model` trained alone (no reducer) on [`examples`] with [`settings`], in a scratch folder:
+/// its metrics and its adapters afterwards ([`adapter_values`]).
+pub fn train_alone(model: &Transformer) -> (TrainMetrics, Vec<f32>) {
+    let out = tempfile::tempdir().unwrap();
+    let metrics = train::train(
+        model,
+        &examples(),
+        PAD,
+        &settings(),
+        out.path(),
+        false,
+        &mut |_| {},
+    )
+    .unwrap();
+    (metrics, adapter_values(model))
 }
 
 /// Every adapter parameter, flattened, in layer order.
