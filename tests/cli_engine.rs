@@ -4,17 +4,12 @@
 
 #[path = "../worker/tests/common/files.rs"]
 mod files;
+#[path = "common/process.rs"]
+mod process;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
-fn lorasweep(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_lorasweep"))
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("the binary runs")
-}
+use process::{fails, succeeds};
 
 fn fixture(name: &str) -> String {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -23,26 +18,6 @@ fn fixture(name: &str) -> String {
         .to_str()
         .unwrap()
         .to_string()
-}
-
-/// Runs a command that must fail; returns its stderr.
-fn fails(args: &[&str]) -> String {
-    let out = lorasweep(args);
-    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(
-        !out.status.success(),
-        "{args:?} succeeded; stderr: {stderr}"
-    );
-    assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
-    stderr
-}
-
-/// Runs a command that must succeed; returns its stdout.
-fn succeeds(args: &[&str]) -> String {
-    let out = lorasweep(args);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{args:?} failed: {stderr}");
-    String::from_utf8_lossy(&out.stdout).to_string()
 }
 
 fn tiny_model(dir: &Path, arch: &'static str) -> String {

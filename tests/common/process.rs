@@ -4,7 +4,7 @@
 
 use std::fs::File;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
@@ -16,6 +16,35 @@ pub fn bin() -> Command {
         .env_remove("LORASWEEP_COORDINATOR")
         .env("RUST_LOG", "info");
     command
+}
+
+/// The binary run to completion with `args`, logging warnings only.
+pub fn run(args: &[&str]) -> Output {
+    bin()
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("the binary runs")
+}
+
+/// Runs a command that must fail without panicking; returns its stderr.
+pub fn fails(args: &[&str]) -> String {
+    let out = run(args);
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        !out.status.success(),
+        "{args:?} succeeded; stderr: {stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
+    stderr
+}
+
+/// Runs a command that must succeed; returns its stdout.
+pub fn succeeds(args: &[&str]) -> String {
+    let out = run(args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{args:?} failed: {stderr}");
+    String::from_utf8_lossy(&out.stdout).to_string()
 }
 
 /// A child process killed (SIGKILL) when dropped, its output in a log file.
