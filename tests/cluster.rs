@@ -10,6 +10,8 @@
 mod files;
 #[path = "common/process.rs"]
 mod process;
+#[path = "common/sweep.rs"]
+mod sweep;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -33,14 +35,7 @@ struct Cluster {
 
 impl Cluster {
     fn new() -> Cluster {
-        let dir = tempfile::tempdir().unwrap();
-        files::write_hf_dir(&dir.path().join("model"), &files::hf_spec("llama", 11));
-        std::fs::copy(
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("worker/tests/fixtures/engine/chat.jsonl"),
-            dir.path().join("chat.jsonl"),
-        )
-        .unwrap();
-        std::fs::write(dir.path().join("token"), TOKEN).unwrap();
+        let dir = sweep::folder(TOKEN);
         Cluster {
             dir,
             address: None,

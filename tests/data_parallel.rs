@@ -8,8 +8,10 @@
 mod files;
 #[path = "common/process.rs"]
 mod process;
+#[path = "common/sweep.rs"]
+mod sweep;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
@@ -27,14 +29,7 @@ struct Setup {
 
 impl Setup {
     fn start() -> Setup {
-        let dir = tempfile::tempdir().unwrap();
-        files::write_hf_dir(&dir.path().join("model"), &files::hf_spec("llama", 11));
-        std::fs::copy(
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("worker/tests/fixtures/engine/chat.jsonl"),
-            dir.path().join("chat.jsonl"),
-        )
-        .unwrap();
-        std::fs::write(dir.path().join("token"), TOKEN).unwrap();
+        let dir = sweep::folder(TOKEN);
         let address_file = dir.path().join("address");
         let mut command = bin();
         command
