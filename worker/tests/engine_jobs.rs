@@ -7,7 +7,7 @@ mod common;
 use std::path::Path;
 
 use candle_core::Device;
-use common::files::{hf_spec, write_hf_dir};
+use common::files::hf_spec;
 use lorasweep_worker::adapter::{AInit, AdapterSettings, Variant};
 use lorasweep_worker::jobs::{self, DataSource, TrainJob};
 use lorasweep_worker::probe::{Estimator, ProbeSettings};
@@ -53,19 +53,13 @@ fn job(model: &Path, out: &Path, placement: &str, variant: Variant, steps: usize
     }
 }
 
-fn tiny_hf() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    write_hf_dir(dir.path(), &hf_spec("llama", 3));
-    dir
-}
-
 fn tensors(dir: &Path) -> std::collections::HashMap<String, candle_core::Tensor> {
     candle_core::safetensors::load(dir.join("adapter_model.safetensors"), &Device::Cpu).unwrap()
 }
 
 #[test]
 fn a_page_placement_runs_the_probe_and_writes_peft_files_and_metrics() {
-    let model = tiny_hf();
+    let model = common::tiny_hf();
     let out = tempfile::tempdir().unwrap();
     let run = out.path().join("run");
     let dora = job(model.path(), &run, "dominant", Variant::Dora, 3);
@@ -132,7 +126,7 @@ fn a_page_placement_runs_the_probe_and_writes_peft_files_and_metrics() {
 fn loraplus_moves_b_ratio_times_further_than_lora() {
     // At init B = 0, so A has no gradient and B's first AdamW step is −lr·sign(g): with the
     // same seed, LoRA+'s B after one step is exactly ratio × LoRA's.
-    let model = tiny_hf();
+    let model = common::tiny_hf();
     let out = tempfile::tempdir().unwrap();
     let placement = "explicit:layers.0.mlp.down_proj,layers.1.self_attn.q_proj";
     let lora = out.path().join("lora");
@@ -180,7 +174,7 @@ fn loraplus_moves_b_ratio_times_further_than_lora() {
 
 #[test]
 fn a_finished_run_resumes_to_the_same_result() {
-    let model = tiny_hf();
+    let model = common::tiny_hf();
     let out = tempfile::tempdir().unwrap();
     let run = out.path().join("run");
     let first = jobs::train(

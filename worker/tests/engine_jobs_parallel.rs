@@ -12,7 +12,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use candle_core::Device;
-use common::files::{hf_spec, write_hf_dir};
 use lorasweep_worker::adapter::{AInit, AdapterSettings, Variant};
 use lorasweep_worker::jobs::{self, DataSource, JobError, TrainJob};
 use lorasweep_worker::probe::ProbeSettings;
@@ -69,21 +68,20 @@ fn assert_same_curve(ours: &[f64], theirs: &[f64]) {
     }
 }
 
+/// The job trained in one process, into `out/single`: the reference curve.
+fn single_process(model: &Path, out: &Path) -> jobs::TrainOutcome {
+    jobs::train(&job(model, &out.join("single")), &Device::Cpu, &mut |_| {}).unwrap()
+}
+
 fn two_cpu_ranks() -> Vec<jobs::LocalRank> {
     jobs::local_world(vec![Device::Cpu, Device::Cpu]).unwrap()
 }
 
 #[test]
 fn two_ranks_follow_the_single_process_curve_and_only_rank_zero_writes() {
-    let model = tempfile::tempdir().unwrap();
-    write_hf_dir(model.path(), &hf_spec("llama", 3));
+    let model = common::tiny_hf();
     let out = tempfile::tempdir().unwrap();
-    let single = jobs::train(
-        &job(model.path(), &out.path().join("single")),
-        &Device::Cpu,
-        &mut |_| {},
-    )
-    .unwrap();
+    let single = single_process(model.path(), out.path());
     let seen = AtomicUsize::new(0);
     let parallel_out = out.path().join("parallel");
     let parallel = jobs::train_ranks(
@@ -142,15 +140,9 @@ fn two_ranks_follow_the_single_process_curve_and_only_rank_zero_writes() {
 
 #[test]
 fn a_stopped_parallel_run_resumes_from_rank_zero_s_checkpoint() {
-    let model = tempfile::tempdir().unwrap();
-    write_hf_dir(model.path(), &hf_spec("llama", 3));
+    let model = common::tiny_hf();
     let out = tempfile::tempdir().unwrap();
-    let single = jobs::train(
-        &job(model.path(), &out.path().join("single")),
-        &Device::Cpu,
-        &mut |_| {},
-    )
-    .unwrap();
+    let single = single_process(model.path(), out.path());
     let run = out.path().join("run");
     let stopped = jobs::train_ranks(&job(model.path(), &run), 2, two_cpu_ranks(), &|_, r| {
         if r.step == 2 {
@@ -182,8 +174,7 @@ fn a_stopped_parallel_run_resumes_from_rank_zero_s_checkpoint() {
 
 #[test]
 fn a_failing_rank_fails_the_job_promptly_with_its_own_error() {
-    let model = tempfile::tempdir().unwrap();
-    write_hf_dir(model.path(), &hf_spec("llama", 3));
+    let model = common::tiny_hf();
     let out = tempfile::tempdir().unwrap();
     let mut long = job(model.path(), out.path());
     long.train.steps = 10_000;
@@ -210,8 +201,7 @@ fn a_failing_rank_fails_the_job_promptly_with_its_own_error() {
 
 #[test]
 fn ranks_outside_the_world_are_refused() {
-    let model = tempfile::tempdir().unwrap();
-    write_hf_dir(model.path(), &hf_spec("llama", 3));
+    let model = common::tiny_hf();
     let out = tempfile::tempdir().unwrap();
     let error = jobs::train_ranks(
         &job(model.path(), out.path()),

@@ -33,6 +33,13 @@ pub fn real_model(var: &str) -> Option<PathBuf> {
     }
 }
 
+/// A tiny Llama directory in the Hugging Face layout (`files::hf_spec("llama", 3)`).
+pub fn tiny_hf() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    files::write_hf_dir(dir.path(), &files::hf_spec("llama", 3));
+    dir
+}
+
 /// Path of a fixture under `worker/tests/fixtures`.
 pub fn fixture(relative: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
