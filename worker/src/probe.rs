@@ -210,14 +210,7 @@ pub fn score_batch(
     let targets = Tensor::from_slice(&batch.targets, shape, device)?;
     let weights = Tensor::from_slice(&batch.weights, shape, device)?;
     let tokens = batch.weights.iter().filter(|&&w| w > 0.0).count();
-    // On CUDA with the sample estimator, the hand-written backward (no autograd graph).
-    let (loss, grads) = if model.hand_backward() {
-        model.loss_and_grads(&ids, &targets, &weights, 1.0)?
-    } else {
-        let loss = model.loss(&ids, &targets, &weights)?;
-        let grads = loss.backward()?;
-        (loss, grads)
-    };
+    let (loss, grads) = model.loss_and_grads(&ids, &targets, &weights, 1.0)?;
     let loss_value = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
     if !loss_value.is_finite() {
         return Err(ProbeError::NotFinite {

@@ -426,14 +426,7 @@ fn run_training(
             let targets = Tensor::from_slice(&collated.targets, shape, &device)?;
             let weights = Tensor::from_slice(&collated.weights, shape, &device)?;
             let factor = scale.unwrap_or(1.0) * share;
-            // On CUDA with plain adapters, the hand-written backward (no autograd graph).
-            let (loss, store) = if model.hand_backward() {
-                model.loss_and_grads(&ids, &targets, &weights, factor)?
-            } else {
-                let loss = (model.loss(&ids, &targets, &weights)? * factor)?;
-                let store = loss.backward()?;
-                (loss, store)
-            };
+            let (loss, store) = model.loss_and_grads(&ids, &targets, &weights, factor)?;
             let value = loss.to_scalar::<f32>()? as f64;
             // With ranks, a bad value is caught after the step's reduction, on every rank.
             if !value.is_finite() && reducer.is_none() {

@@ -9,10 +9,10 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor, D};
 
 use super::{ModelConfig, ModelError, ModuleId, ModuleKind};
-
-mod backward;
 use crate::adapter::Adapter;
 use crate::ops;
+
+mod backward;
 
 /// A frozen linear projection with an optional bias and an optional adapter.
 #[derive(Debug)]
@@ -256,14 +256,9 @@ impl Transformer {
         })
     }
 
-    /// Whether attention, RMSNorm, RoPE, SwiGLU and the loss use the fused kernels of
-    /// [`crate::fused`] (by default on CUDA) or candle's composed ops.
-    pub fn fused_kernels(&self) -> bool {
-        self.fused
-    }
-
-    /// Chooses the fused kernels or the composed ops (see [`fused_kernels`](Self::fused_kernels));
-    /// both compute the same function, to the dtype's rounding.
+    /// Chooses whether attention, RMSNorm, RoPE, SwiGLU, the adapters' branch and the loss run
+    /// as the fused kernels of [`crate::fused`] (the default on CUDA) or as candle's composed
+    /// ops; both compute the same function, to the dtype's rounding.
     pub fn set_fused_kernels(&mut self, on: bool) {
         self.fused = on;
     }
