@@ -305,7 +305,12 @@ for task in 0 1; do
 done
 "$bin" status "$external_sweep" --token-file "$EXT/token" --format json >"$EXT/status.json"
 assert_all_succeeded "$EXT/status.json"
-grep -q "has ended" "$ROOT/jobs/workers-${job_d}_0.out" || fail "D: array task 0 did not see the sweep end"
+# Each task stops its own workers once it sees the sweep end; stopping one task's workers must
+# not stop another's (the last task's job id is the array's id, and scancel of it is every task).
+for task in 0 1; do
+	out_d=$ROOT/jobs/workers-${job_d}_$task.out
+	grep -q "sweep $external_sweep has ended$" "$out_d" || fail "D: array task $task did not see the sweep end itself"
+done
 
 "$bin" cancel "$external_sweep" --token-file "$EXT/token" 2>/dev/null || true
 kill -TERM "$(<"$ROOT/run/external-coordinator.pid")"
