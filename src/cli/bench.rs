@@ -119,9 +119,12 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
     if let Some(path) = &args.json {
         std::fs::write(path, format!("{text}\n"))?;
     }
-    let peak = result
-        .peak_mem_gib
-        .map_or("n/a".to_string(), |g| format!("{g:.1} GiB"));
+    let peak = match (result.peak_alloc_gib, result.peak_mem_gib) {
+        (Some(live), Some(used)) => format!("peak {live:.1} GiB live ({used:.1} GiB used)"),
+        (Some(live), None) => format!("peak {live:.1} GiB live"),
+        (None, Some(used)) => format!("peak {used:.1} GiB used"),
+        (None, None) => "peak n/a".to_string(),
+    };
     println!(
         "lorasweep {} {} {}: {:.1} ms/step (p10 {:.1}, p90 {:.1}), {:.1} k tok/s, {peak}, {:.2} TFLOP/s, {}",
         result.mode, result.geometry, result.placement, result.step_ms_median, result.step_ms_p10, result.step_ms_p90,

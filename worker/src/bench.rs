@@ -10,6 +10,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::adapter::{AInit, Adapter, AdapterSettings, Variant};
+use crate::loader;
 use crate::model::{Architecture, ModelConfig, ModuleKind, Transformer};
 use crate::placement::Placement;
 use crate::probe::{self, ProbeSettings};
@@ -169,8 +170,13 @@ pub struct BenchResult {
     pub step_ms_p90: f64,
     /// Tokens per second at the median.
     pub tokens_per_s: f64,
-    /// Peak device memory (filled in by the caller where it can be measured).
+    /// Peak device memory as the device reports it, cached pool blocks and library
+    /// workspaces included (filled in by the caller where it can be measured).
     pub peak_mem_gib: Option<f64>,
+    /// Peak of live device allocations over warm-up and timed steps, weights included: the
+    /// measure of PyTorch's `max_memory_allocated` (CUDA only).
+    #[serde(default)]
+    pub peak_alloc_gib: Option<f64>,
     /// Model TFLOP/s at the median (formula of `bench/peft_baseline.py`).
     pub tflops: f64,
     /// Model FLOPs of one step.
@@ -281,6 +287,15 @@ pub fn run(options: &BenchOptions, device: &Device) -> Result<BenchResult, Strin
     let mut losses = Vec::new();
     let mut probe_scores = Vec::new();
     let mut phase_times: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    // The live-allocation peak is an extra measure: a driver that refuses it costs the
+    // figure, not the benchmark.
+    let peak_alloc_ok = match loader::reset_peak_allocated(device) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot reset the device's allocation peak; not reporting it");
+            false
+        }
+    };
     for step in 0..total {
         let (input, target) = &batches[step % batches.len()];
         device.synchronize().map_err(err)?;
@@ -360,6 +375,14 @@ pub fn run(options: &BenchOptions, device: &Device) -> Result<BenchResult, Strin
             times.push(started.elapsed().as_secs_f64() * 1e3);
         }
     }
+    let peak_alloc_gib = match loader::peak_allocated_bytes(device) {
+        Ok(bytes) if peak_alloc_ok => bytes.map(|b| b as f64 / (1u64 << 30) as f64),
+        Ok(_) => None,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the device's allocation peak; not reporting it");
+            None
+        }
+    };
     times.sort_by(f64::total_cmp);
     let pick = |q: f64| times[((times.len() - 1) as f64 * q).round() as usize];
     let median = pick(0.5);
@@ -391,6 +414,7 @@ pub fn run(options: &BenchOptions, device: &Device) -> Result<BenchResult, Strin
         step_ms_p90: pick(0.9),
         tokens_per_s: (options.batch * options.seq_len) as f64 / (median / 1e3),
         peak_mem_gib: None,
+        peak_alloc_gib,
         tflops: flops / (median / 1e3) / 1e12,
         flops_per_step: flops,
         steps: options.steps,

@@ -136,6 +136,75 @@ pub fn cuda_device(index: usize) -> candle_core::Result<Device> {
     Ok(device)
 }
 
+/// Starts a new peak of live device allocations from what is allocated now (see
+/// [`peak_allocated_bytes`]). Does nothing on the CPU.
+pub fn reset_peak_allocated(device: &Device) -> candle_core::Result<()> {
+    #[cfg(feature = "cuda")]
+    if let Some(pool) = cuda_pool(device)? {
+        use candle_core::cuda_backend::cudarc::driver::{result, sys};
+        let mut zero: u64 = 0;
+        // SAFETY: `pool` is the device's live pool; the attribute is a u64 and writing 0
+        // resets the high-water mark to the current usage, as the driver documents.
+        unsafe {
+            result::mem_pool::set_attribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                (&mut zero as *mut u64).cast(),
+            )
+        }
+        .map_err(candle_core::Error::wrap)?;
+    }
+    let _ = device;
+    Ok(())
+}
+
+/// The most bytes of device memory in live tensors at once since the last
+/// [`reset_peak_allocated`] (the high-water mark of the stream-ordered pool candle allocates
+/// from) — the measure PyTorch's `max_memory_allocated` gives, without the blocks the pool
+/// keeps cached. `None` on the CPU, or where the driver has no stream-ordered allocator.
+pub fn peak_allocated_bytes(device: &Device) -> candle_core::Result<Option<u64>> {
+    #[cfg(feature = "cuda")]
+    if let Some(pool) = cuda_pool(device)? {
+        use candle_core::cuda_backend::cudarc::driver::{result, sys};
+        device.synchronize()?;
+        let mut high: u64 = 0;
+        // SAFETY: as above; the driver writes one u64.
+        unsafe {
+            result::mem_pool::get_attribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                (&mut high as *mut u64).cast(),
+            )
+        }
+        .map_err(candle_core::Error::wrap)?;
+        return Ok(Some(high));
+    }
+    let _ = device;
+    Ok(None)
+}
+
+/// The memory pool candle's allocations on `device` come from: the CUDA device's current
+/// pool, when the context allocates stream-ordered (`cuMemAllocAsync`).
+#[cfg(feature = "cuda")]
+fn cuda_pool(
+    device: &Device,
+) -> candle_core::Result<Option<candle_core::cuda_backend::cudarc::driver::sys::CUmemoryPool>> {
+    use candle_core::cuda_backend::cudarc::driver::result;
+    let Device::Cuda(cuda) = device else {
+        return Ok(None);
+    };
+    let stream = cuda.cuda_stream();
+    let context = stream.context();
+    if !context.has_async_alloc() {
+        return Ok(None);
+    }
+    context.bind_to_thread().map_err(candle_core::Error::wrap)?;
+    // SAFETY: the device handle comes from a live context.
+    let pool = unsafe { result::device::get_mem_pool(context.cu_device()) }
+        .map_err(candle_core::Error::wrap)?;
+    Ok(Some(pool))
+}
+
 /// The compute dtype for a device: bf16 on CUDA, f32 on the CPU.
 pub fn default_dtype(device: &Device) -> DType {
     if device.is_cuda() {
