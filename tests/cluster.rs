@@ -682,6 +682,68 @@ fn run_resumes_after_ctrl_c_and_redoes_nothing_once_finished() {
     );
 }
 
+#[test]
+fn run_stops_with_a_clear_error_when_every_worker_dies() {
+    let cluster = Cluster::new();
+    std::fs::write(
+        cluster.path("sweep.yaml"),
+        sweep(
+            "orphaned",
+            true,
+            "all",
+            "{steps: 1500, batch_size: 2, max_len: 64, rank: 4, checkpoint_every: 25}",
+        ),
+    )
+    .unwrap();
+    let out = cluster.path("run");
+    let mut run = Proc::spawn("run", run_command(&cluster, &out), cluster.path("run.log"));
+    let started = Instant::now();
+    while !(0..2).any(|index| {
+        std::fs::read_to_string(out.join(format!("logs/worker-{index}.log")))
+            .is_ok_and(|log| log.contains("job started"))
+    }) {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "no worker started a job:\n{}",
+            run.log()
+        );
+        sleep(Duration::from_millis(100));
+    }
+    // Both workers die at once, as under the kernel's out-of-memory killer.
+    let workers = format!("{}/work/worker-", out.display());
+    let killed = Command::new("pkill")
+        .args(["-KILL", "-f", &workers])
+        .status()
+        .unwrap();
+    assert!(killed.success(), "no worker process matched {workers}");
+    let exit = run.wait_exit(Duration::from_secs(60));
+    let log = run.log();
+    assert_eq!(exit.code(), Some(1), "{log}");
+    assert!(
+        log.contains("every worker exited before the sweep ended"),
+        "{log}"
+    );
+    assert!(
+        log.contains("run the same command again to resume"),
+        "{log}"
+    );
+    for index in 0..2 {
+        let name = format!("worker-{index}.log");
+        assert!(
+            log.contains(&name),
+            "the error does not name {name}:\n{log}"
+        );
+    }
+    // Nothing of the run is left running: its coordinator stopped too.
+    let state = out.join("state.db").display().to_string();
+    let left = Command::new("pgrep").args(["-f", &state]).output().unwrap();
+    assert!(
+        left.stdout.is_empty(),
+        "the coordinator still runs: {}",
+        String::from_utf8_lossy(&left.stdout)
+    );
+}
+
 /// Every JSON object that has a `kind` and a `state`: the per-job rows of a report.
 fn collect_rows<'a>(value: &'a Value, rows: &mut Vec<&'a Value>) {
     match value {

@@ -661,6 +661,7 @@ pub fn cancel(args: SweepArgs) -> Result<()> {
 struct Managed {
     name: String,
     child: Child,
+    log: PathBuf,
 }
 
 impl Managed {
@@ -684,11 +685,29 @@ impl Managed {
         Ok(Managed {
             name: name.to_string(),
             child,
+            log: log.to_path_buf(),
         })
     }
 
     fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// How the process ended and the last line of its log, for a message; `None` while it
+    /// runs.
+    fn exit_summary(&mut self) -> Option<String> {
+        let status = self.child.try_wait().ok()??;
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let last = text
+            .lines()
+            .rev()
+            .find(|line| !line.trim().is_empty())
+            .unwrap_or("(empty log)");
+        Some(format!(
+            "{} {status} (log {}: {last})",
+            self.name,
+            self.log.display()
+        ))
     }
 
     fn stop(&mut self, patience: Duration) {
@@ -713,6 +732,28 @@ impl Drop for Managed {
     fn drop(&mut self) {
         if self.is_running() {
             self.stop(Duration::from_secs(30));
+        }
+    }
+}
+
+/// Resolves once no worker is left running, with how each ended. A worker that exits while
+/// others run is reported at once; the coordinator requeues its jobs when their leases expire.
+async fn every_worker_gone(workers: &mut [Managed]) -> Vec<String> {
+    let mut reported = vec![false; workers.len()];
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let ended: Vec<(usize, String)> = workers
+            .iter_mut()
+            .enumerate()
+            .filter_map(|(index, worker)| Some((index, worker.exit_summary()?)))
+            .collect();
+        if ended.len() == workers.len() {
+            return ended.into_iter().map(|(_, summary)| summary).collect();
+        }
+        for (index, summary) in ended {
+            if !std::mem::replace(&mut reported[index], true) {
+                tracing::warn!("{summary}; the other workers carry on");
+            }
         }
     }
 }
@@ -856,7 +897,13 @@ pub fn run(args: RunArgs) -> Result<()> {
             submitted.jobs,
             args.workers
         );
-        let status = watch_until_ended(&client, submitted.sweep, Some(stop)).await?;
+        let status = tokio::select! {
+            status = watch_until_ended(&client, submitted.sweep, Some(stop)) => status?,
+            gone = every_worker_gone(&mut workers) => bail!(
+                "every worker exited before the sweep ended; its state is kept, so run the same command again to resume once the cause is fixed:\n  {}",
+                gone.join("\n  ")
+            ),
+        };
         let results = match &status {
             Some(_) => Some(
                 crate::cli::report::fetch(&client, submitted.sweep, &out.join("report/data"))
