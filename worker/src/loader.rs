@@ -139,23 +139,7 @@ pub fn cuda_device(index: usize) -> candle_core::Result<Device> {
 /// Starts a new peak of live device allocations from what is allocated now (see
 /// [`peak_allocated_bytes`]). Does nothing on the CPU.
 pub fn reset_peak_allocated(device: &Device) -> candle_core::Result<()> {
-    #[cfg(feature = "cuda")]
-    if let Some(pool) = cuda_pool(device)? {
-        use candle_core::cuda_backend::cudarc::driver::{result, sys};
-        let mut zero: u64 = 0;
-        // SAFETY: `pool` is the device's live pool; the attribute is a u64 and writing 0
-        // resets the high-water mark to the current usage, as the driver documents.
-        unsafe {
-            result::mem_pool::set_attribute(
-                pool,
-                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
-                (&mut zero as *mut u64).cast(),
-            )
-        }
-        .map_err(candle_core::Error::wrap)?;
-    }
-    let _ = device;
-    Ok(())
+    used_memory_high(device, true).map(|_| ())
 }
 
 /// The most bytes of device memory in live tensors at once since the last
@@ -163,33 +147,15 @@ pub fn reset_peak_allocated(device: &Device) -> candle_core::Result<()> {
 /// from) — the measure PyTorch's `max_memory_allocated` gives, without the blocks the pool
 /// keeps cached. `None` on the CPU, or where the driver has no stream-ordered allocator.
 pub fn peak_allocated_bytes(device: &Device) -> candle_core::Result<Option<u64>> {
-    #[cfg(feature = "cuda")]
-    if let Some(pool) = cuda_pool(device)? {
-        use candle_core::cuda_backend::cudarc::driver::{result, sys};
-        device.synchronize()?;
-        let mut high: u64 = 0;
-        // SAFETY: as above; the driver writes one u64.
-        unsafe {
-            result::mem_pool::get_attribute(
-                pool,
-                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
-                (&mut high as *mut u64).cast(),
-            )
-        }
-        .map_err(candle_core::Error::wrap)?;
-        return Ok(Some(high));
-    }
-    let _ = device;
-    Ok(None)
+    used_memory_high(device, false)
 }
 
-/// The memory pool candle's allocations on `device` come from: the CUDA device's current
-/// pool, when the context allocates stream-ordered (`cuMemAllocAsync`).
+/// Reads (or, with `reset`, restarts from the current usage) the used-memory high-water mark
+/// of the pool candle's allocations on `device` come from: the CUDA device's current pool,
+/// when the context allocates stream-ordered (`cuMemAllocAsync`).
 #[cfg(feature = "cuda")]
-fn cuda_pool(
-    device: &Device,
-) -> candle_core::Result<Option<candle_core::cuda_backend::cudarc::driver::sys::CUmemoryPool>> {
-    use candle_core::cuda_backend::cudarc::driver::result;
+fn used_memory_high(device: &Device, reset: bool) -> candle_core::Result<Option<u64>> {
+    use candle_core::cuda_backend::cudarc::driver::{result, sys};
     let Device::Cuda(cuda) = device else {
         return Ok(None);
     };
@@ -199,10 +165,29 @@ fn cuda_pool(
         return Ok(None);
     }
     context.bind_to_thread().map_err(candle_core::Error::wrap)?;
-    // SAFETY: the device handle comes from a live context.
-    let pool = unsafe { result::device::get_mem_pool(context.cu_device()) }
-        .map_err(candle_core::Error::wrap)?;
-    Ok(Some(pool))
+    device.synchronize()?;
+    let attribute = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH;
+    // Writing 0 resets the mark to the current usage, as the driver documents.
+    let mut value: u64 = 0;
+    // SAFETY: the device handle comes from a live context, so its pool is valid; the
+    // attribute is one u64, read or written through `value`.
+    unsafe {
+        let pool =
+            result::device::get_mem_pool(context.cu_device()).map_err(candle_core::Error::wrap)?;
+        let value = (&mut value as *mut u64).cast();
+        if reset {
+            result::mem_pool::set_attribute(pool, attribute, value)
+        } else {
+            result::mem_pool::get_attribute(pool, attribute, value)
+        }
+    }
+    .map_err(candle_core::Error::wrap)?;
+    Ok(Some(value))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn used_memory_high(_device: &Device, _reset: bool) -> candle_core::Result<Option<u64>> {
+    Ok(None)
 }
 
 /// The compute dtype for a device: bf16 on CUDA, f32 on the CPU.
