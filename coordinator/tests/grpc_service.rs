@@ -302,6 +302,44 @@ async fn a_job_runs_through_poll_upload_complete_and_a_duplicate_completion_is_i
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resuming_by_text_takes_only_a_sweep_of_the_same_files() {
+    let harness = harness().await;
+    let client = harness.client(Some(TOKEN));
+    // Relative paths: the same text names other files from another folder.
+    let text = "version: 1\nname: local\nmodels: [model]\ntasks: [data.jsonl]\n";
+    let (first, second) = (harness.dir.path().join("a"), harness.dir.path().join("b"));
+    let submit = |folder: std::path::PathBuf| {
+        let client = &client;
+        async move {
+            client
+                .submit_sweep_from(text, "sweep.yaml", Some(&folder), true)
+                .await
+                .unwrap()
+        }
+    };
+    let a = submit(first.clone()).await;
+    assert!(!a.existing);
+    let b = submit(second.clone()).await;
+    assert!(
+        !b.existing,
+        "a sweep from another folder resumed sweep {}",
+        a.sweep.0
+    );
+    assert_ne!(a.sweep, b.sweep);
+    // Each folder resumes its own sweep, not merely the newest one with this text.
+    let again = submit(first).await;
+    assert_eq!((again.sweep, again.existing), (a.sweep, true));
+    let again = submit(second).await;
+    assert_eq!((again.sweep, again.existing), (b.sweep, true));
+    let models: Vec<String> = [a.sweep, b.sweep]
+        .into_iter()
+        .map(|sweep| harness.store.sweep_status(sweep).unwrap())
+        .map(|status| status.jobs[0].model.clone())
+        .collect();
+    assert_ne!(models[0], models[1]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dependent_gets_its_dependency_outputs_and_a_cancel_stops_running_jobs() {
     let harness = harness().await;
     let client = harness.client(Some(TOKEN));

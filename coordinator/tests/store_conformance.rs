@@ -150,8 +150,8 @@ fn sweep_is_created_with_every_job_queued_and_dependencies_mapped(store: &dyn St
     assert_eq!(train.kind, JobKind::Train);
     assert_eq!(train.params, json!({"rank": 8, "name": "train-a"}));
     assert_eq!(train.max_attempts, 3);
-    assert_eq!(store.find_sweep_by_spec("spec: 1").unwrap(), Some(sweep));
-    assert_eq!(store.find_sweep_by_spec("spec: 2").unwrap(), None);
+    assert_eq!(store.find_sweeps_by_spec("spec: 1").unwrap(), vec![sweep]);
+    assert!(store.find_sweeps_by_spec("spec: 2").unwrap().is_empty());
     assert_eq!(store.list_sweeps().unwrap()[0].id, sweep);
     assert!(matches!(
         store.sweep_status(SweepId(999)),
@@ -347,7 +347,7 @@ fn heartbeats_extend_leases_and_report_what_to_stop(store: &dyn Store) {
         "cancelling twice changes nothing"
     );
     assert!(store.sweep_status(sweep).unwrap().cancelled.is_some());
-    assert_eq!(store.find_sweep_by_spec("s").unwrap(), None);
+    assert!(store.find_sweeps_by_spec("s").unwrap().is_empty());
 }
 
 fn failures_requeue_until_max_attempts_then_fail_and_interruptions_are_free(store: &dyn Store) {

@@ -9,6 +9,7 @@ pub mod artifacts;
 pub mod auth;
 pub mod metrics;
 
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -806,20 +807,31 @@ impl SweepService for SweepApi {
         let outcome = self
             .state
             .with_store(move |store| {
-                if request.reuse_existing {
-                    if let Some(existing) = store.find_sweep_by_spec(&request.yaml)? {
-                        let jobs = store.sweep_status(existing)?.jobs.len();
-                        return Ok(Ok((existing, jobs, true)));
-                    }
-                }
-                let base_dir = (!request.base_dir.is_empty())
-                    .then(|| std::path::PathBuf::from(&request.base_dir));
+                let base_dir =
+                    (!request.base_dir.is_empty()).then(|| PathBuf::from(&request.base_dir));
                 let sweep =
                     match Sweep::from_submitted(&request.yaml, &file_name, base_dir.as_deref()) {
                         Ok(sweep) => sweep,
                         Err(errors) => return Ok(Err(errors.to_string())),
                     };
                 let graph = JobGraph::plan(&sweep);
+                if request.reuse_existing {
+                    // The same text resumes a sweep only with the same jobs: relative paths in
+                    // it name other files when it is submitted from another folder.
+                    let keys: BTreeSet<&str> =
+                        graph.jobs().iter().map(|job| job.key.0.as_str()).collect();
+                    for existing in store.find_sweeps_by_spec(&request.yaml)? {
+                        let status = store.sweep_status(existing)?;
+                        let same = status.jobs.len() == keys.len()
+                            && status
+                                .jobs
+                                .iter()
+                                .all(|job| keys.contains(job.key.0.as_str()));
+                        if same {
+                            return Ok(Ok((existing, status.jobs.len(), true)));
+                        }
+                    }
+                }
                 let id = store.create_sweep(
                     NewSweep {
                         name: &sweep.name,

@@ -112,8 +112,9 @@ pub trait Store: Send + Sync {
     /// Stores a sweep and its jobs (all queued).
     fn create_sweep(&self, sweep: NewSweep<'_>, now: Timestamp) -> StoreResult<SweepId>;
 
-    /// The newest uncancelled sweep submitted with exactly this text, if any.
-    fn find_sweep_by_spec(&self, spec_yaml: &str) -> StoreResult<Option<SweepId>>;
+    /// The uncancelled sweeps submitted with exactly this text, newest first. The same text
+    /// from two folders names different files, so callers compare the jobs too.
+    fn find_sweeps_by_spec(&self, spec_yaml: &str) -> StoreResult<Vec<SweepId>>;
 
     /// A sweep with every job and the counts by state.
     fn sweep_status(&self, sweep: SweepId) -> StoreResult<SweepStatus>;

@@ -747,16 +747,16 @@ impl Store for SqliteStore {
         })
     }
 
-    fn find_sweep_by_spec(&self, spec_yaml: &str) -> StoreResult<Option<SweepId>> {
+    fn find_sweeps_by_spec(&self, spec_yaml: &str) -> StoreResult<Vec<SweepId>> {
         self.read(|transaction| {
-            let id: Option<i64> = transaction
-                .query_row(
-                    "SELECT id FROM sweeps WHERE spec_yaml = ?1 AND cancelled_ms IS NULL ORDER BY id DESC LIMIT 1",
-                    params![spec_yaml],
-                    |row| row.get(0),
-                )
-                .optional()?;
-            Ok(id.map(|id| SweepId(from_sql(id))))
+            let mut statement = transaction.prepare(
+                "SELECT id FROM sweeps WHERE spec_yaml = ?1 AND cancelled_ms IS NULL ORDER BY id DESC",
+            )?;
+            let ids = statement
+                .query_map(params![spec_yaml], |row| row.get::<_, i64>(0))?
+                .map(|id| id.map(|id| SweepId(from_sql(id))))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(ids)
         })
     }
 
