@@ -122,7 +122,8 @@ pub struct SubmitArgs {
     pub file: PathBuf,
     #[command(flatten)]
     pub connect: ConnectArgs,
-    /// Return the existing sweep if this exact file was submitted before (and not cancelled).
+    /// Return the existing sweep if this exact file was submitted before from the same folder
+    /// (same text, same jobs) and not cancelled.
     #[arg(long)]
     pub resume: bool,
 }
