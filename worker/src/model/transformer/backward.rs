@@ -415,15 +415,7 @@ mod tests {
     }
 
     fn rel(a: &Tensor, b: &Tensor) -> f32 {
-        let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
-        let scale = b
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        diff.to_scalar::<f32>().unwrap() / scale.max(1e-12)
+        crate::fused::max_difference(a, b).expect("difference").1 as f32
     }
 
     /// The hand-written backward gives the loss and every adapter gradient that candle's
