@@ -13,7 +13,7 @@ use lorasweep_worker::parallel::{GradReducer, ThreadReducer};
 use lorasweep_worker::train::{self, TrainMetrics};
 
 mod parallel_common;
-use parallel_common::{adapter_values, examples, parameter_gaps, relative_gap, settings, PAD};
+use parallel_common::{adapter_values, examples, parameter_gaps, settings, PAD};
 
 fn model(variant: Variant, fused: bool) -> Transformer {
     let mut model = parallel_common::model(variant, &Device::Cpu);
@@ -36,23 +36,7 @@ fn assert_follows(
     ours: &(TrainMetrics, Vec<f32>),
     reference: &(TrainMetrics, Vec<f32>),
 ) {
-    assert_eq!(ours.0.steps.len(), reference.0.steps.len(), "{name}");
-    for (a, b) in ours.0.steps.iter().zip(&reference.0.steps) {
-        assert!(
-            relative_gap(a.loss, b.loss) < 1e-4,
-            "{name}, step {}: loss {} vs autograd {}",
-            a.step,
-            a.loss,
-            b.loss
-        );
-        assert!(
-            relative_gap(a.grad_norm, b.grad_norm) < 1e-3,
-            "{name}, step {}: gradient norm {} vs autograd {}",
-            a.step,
-            a.grad_norm,
-            b.grad_norm
-        );
-    }
+    parallel_common::assert_steps_follow(name, &ours.0, &reference.0, "autograd", 1e-4, 1e-3);
     // f32 rounding differs between the fused and the composed ops; AdamW turns a near-zero
     // gradient's rounding into a visible step for the odd component (as across ranks).
     let (largest, p99) = parameter_gaps(&ours.1, &reference.1);

@@ -134,22 +134,15 @@ fn assert_matches_single_process(
     let first = runs[0].as_ref().unwrap();
     for run in runs.iter().map(|r| r.as_ref().unwrap()) {
         let metrics = run.metrics.as_ref().unwrap();
-        assert_eq!(metrics.steps.len(), expected.steps.len());
+        parallel_common::assert_steps_follow(
+            &format!("{variant:?}"),
+            metrics,
+            expected,
+            "single-process",
+            1e-5,
+            1e-4,
+        );
         for (ours, theirs) in metrics.steps.iter().zip(&expected.steps) {
-            assert!(
-                relative_gap(ours.loss, theirs.loss) < 1e-5,
-                "step {}: loss {} vs single-process {}",
-                ours.step,
-                ours.loss,
-                theirs.loss
-            );
-            assert!(
-                relative_gap(ours.grad_norm, theirs.grad_norm) < 1e-4,
-                "step {}: grad norm {} vs single-process {}",
-                ours.step,
-                ours.grad_norm,
-                theirs.grad_norm
-            );
             // A resumed history went through JSON: equal up to the last bit.
             assert!(relative_gap(ours.lr, theirs.lr) < 1e-12);
             assert_eq!(ours.tokens, theirs.tokens);

@@ -104,6 +104,36 @@ pub fn relative_gap(a: f64, b: f64) -> f64 {
     (a - b).abs() / b.abs().max(1e-12)
 }
 
+/// Asserts that `ours` took as many steps as `reference` and followed it step by step: loss
+/// within `loss_tolerance` and gradient norm within `grad_tolerance` of the reference's,
+/// relatively. `name` and `against` (the reference's name) go into the failure message.
+pub fn assert_steps_follow(
+    name: &str,
+    ours: &TrainMetrics,
+    reference: &TrainMetrics,
+    against: &str,
+    loss_tolerance: f64,
+    grad_tolerance: f64,
+) {
+    assert_eq!(ours.steps.len(), reference.steps.len(), "{name}");
+    for (a, b) in ours.steps.iter().zip(&reference.steps) {
+        assert!(
+            relative_gap(a.loss, b.loss) < loss_tolerance,
+            "{name}, step {}: loss {} vs {against} {}",
+            a.step,
+            a.loss,
+            b.loss
+        );
+        assert!(
+            relative_gap(a.grad_norm, b.grad_norm) < grad_tolerance,
+            "{name}, step {}: gradient norm {} vs {against} {}",
+            a.step,
+            a.grad_norm,
+            b.grad_norm
+        );
+    }
+}
+
 /// Element-wise gaps between two parameter vectors, relative to the largest magnitude in
 /// `b`: (the largest gap, the 99th percentile).
 pub fn parameter_gaps(a: &[f32], b: &[f32]) -> (f32, f32) {
