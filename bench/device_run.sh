@@ -60,16 +60,23 @@ want profile && for geometry in smollm2-135m qwen2.5-0.5b; do
         run "profile_peft_$tag" python3 bench/peft_baseline.py --mode train --geometry "$geometry" --placement "$placement" --steps 5 --warmup 2 --profile
     done
 done
+# The training step the profilers run: SmolLM2 with one down_proj adapter, ours or PEFT's,
+# with the given timed and warm-up steps; sets the array `cmd`.
+profiled_step_cmd() { # who steps warmup
+    local args=(--geometry smollm2-135m --placement one:2.down_proj --steps "$2" --warmup "$3")
+    if [[ $1 == ours ]]; then
+        cmd=(lorasweep bench train "${args[@]}")
+    else
+        cmd=(python3 bench/peft_baseline.py --mode train "${args[@]}")
+    fi
+}
+
 # Kernel time of one step under Nsight Compute (duration only, clocks left alone): is the step
 # bound by the kernels or by the host? Compared with the step's wall time measured above.
 if want ncu && command -v ncu >/dev/null; then
     for who in ours peft; do
         tag=smollm2-135m_one_2_down_proj
-        if [[ $who == ours ]]; then
-            cmd=(lorasweep bench train --geometry smollm2-135m --placement one:2.down_proj --steps 1 --warmup 0)
-        else
-            cmd=(python3 bench/peft_baseline.py --mode train --geometry smollm2-135m --placement one:2.down_proj --steps 1 --warmup 0)
-        fi
+        profiled_step_cmd "$who" 1 0
         log "ncu $who $tag"
         timeout "${NCU_TIMEOUT:-240}" ncu --clock-control none --metrics gpu__time_duration.sum --csv \
             --log-file "$out/ncu_${who}_$tag.csv" "${cmd[@]}" >"$out/ncu_${who}_$tag.log" 2>&1 || log "ncu $who failed or timed out"
@@ -90,11 +97,7 @@ fi
 if want nsys && command -v nsys >/dev/null; then
     for who in ours peft; do
         tag=smollm2-135m_one_2_down_proj
-        if [[ $who == ours ]]; then
-            cmd=(lorasweep bench train --geometry smollm2-135m --placement one:2.down_proj --steps 3 --warmup 2)
-        else
-            cmd=(python3 bench/peft_baseline.py --mode train --geometry smollm2-135m --placement one:2.down_proj --steps 3 --warmup 2)
-        fi
+        profiled_step_cmd "$who" 3 2
         log "nsys $who $tag"
         timeout "${NSYS_TIMEOUT:-200}" nsys profile --trace=cuda --sample=none --cpuctxsw=none -o "$out/nsys_${who}" --force-overwrite true "${cmd[@]}" >"$out/nsys_${who}.log" 2>&1 || log "nsys $who failed"
         nsys stats --report cuda_gpu_kern_sum,cuda_api_sum --format csv --output "$out/nsys_${who}" "$out/nsys_${who}.nsys-rep" >>"$out/nsys_${who}.log" 2>&1 || log "nsys stats $who failed"
