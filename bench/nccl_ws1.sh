@@ -5,7 +5,7 @@
 # with NCCL and world size 1 (`--data-parallel 1`) — and compares the loss curves step by step.
 set -euo pipefail
 model="${1:?usage: nccl_ws1.sh MODEL_DIR}"
-data=worker/tests/fixtures/engine/chat.jsonl
+data=engine/tests/fixtures/engine/chat.jsonl
 out="${OUT:-/tmp/nccl-ws1}"
 mkdir -p "$out"
 common=(train --model "$model" --data "$data" --steps 50 --batch-size 4 --max-len 64 --rank 8 --lr 1e-3 --seed 0)

@@ -2,8 +2,6 @@
 //! workers and the client verbs.
 
 mod cli;
-mod executor;
-mod report;
 
 use clap::{Parser, Subcommand};
 

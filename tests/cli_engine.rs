@@ -2,7 +2,7 @@
 //! with a message naming the file, line or field; probe → train → generate works on a tiny
 //! Hugging Face directory and, when `LORASWEEP_SMOLLM2_GGUF` is set, on the real SmolLM2.
 
-#[path = "../worker/tests/common/files.rs"]
+#[path = "../engine/tests/common/files.rs"]
 mod files;
 #[path = "common/process.rs"]
 mod process;
@@ -13,7 +13,7 @@ use process::{fails, succeeds};
 
 fn fixture(name: &str) -> String {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("worker/tests/fixtures/engine")
+        .join("engine/tests/fixtures/engine")
         .join(name)
         .to_str()
         .unwrap()

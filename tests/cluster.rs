@@ -6,7 +6,7 @@
 //! The sweeps train a tiny Hugging Face model (written by the tests) on a fixture chat file,
 //! so each scenario takes seconds on two cores.
 
-#[path = "../worker/tests/common/files.rs"]
+#[path = "../engine/tests/common/files.rs"]
 mod files;
 #[path = "common/process.rs"]
 mod process;

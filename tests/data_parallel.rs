@@ -4,7 +4,7 @@
 //! same sweep on one rank; a gang spread over two CPU-only workers fails at once with a clear
 //! error instead of waiting for a peer it cannot reach.
 
-#[path = "../worker/tests/common/files.rs"]
+#[path = "../engine/tests/common/files.rs"]
 mod files;
 #[path = "common/process.rs"]
 mod process;

@@ -4,7 +4,6 @@
 pub mod graph;
 pub mod spec;
 
-pub mod agent;
 pub mod client;
 pub mod convert;
 pub mod domain;

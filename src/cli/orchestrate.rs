@@ -15,7 +15,6 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
 use tokio::sync::watch;
 
-use lorasweep_coordinator::agent::{run_agent, AgentOptions, JobExecutor};
 use lorasweep_coordinator::client::{
     ClientOptions, CoordinatorClient, WorkerIdentity, COORDINATOR_ENV,
 };
@@ -26,6 +25,7 @@ use lorasweep_coordinator::service::auth::{generate_token, token_from};
 use lorasweep_coordinator::service::{start, CoordinatorOptions, TlsIdentity};
 use lorasweep_coordinator::spec::Sweep;
 use lorasweep_coordinator::store::{SqliteStore, Store};
+use lorasweep_worker::agent::{run_agent, AgentOptions, JobExecutor};
 
 /// `lorasweep coordinator`.
 #[derive(Args, Debug)]
@@ -178,7 +178,7 @@ pub struct RunArgs {
 
 /// The engine executor the worker runs jobs with: each job on the device of its slot.
 pub fn make_executor(args: &WorkerArgs) -> Result<Arc<dyn JobExecutor>> {
-    use crate::executor::{EngineExecutor, SlotDevices};
+    use lorasweep_worker::executor::{EngineExecutor, SlotDevices};
     let slots = if args.cpu_slots.is_some() {
         SlotDevices::Cpu
     } else if args.gpus.is_empty() {

@@ -1,5 +1,5 @@
 //! `lorasweep report`: a sweep's results as Markdown, CSV, JSON, SVG plots and one HTML
-//! page, and a summary table on the terminal (see [`crate::report`]).
+//! page, and a summary table on the terminal (see the `lorasweep-report` crate).
 
 use std::path::{Path, PathBuf};
 
@@ -11,7 +11,7 @@ use lorasweep_coordinator::client::CoordinatorClient;
 use lorasweep_coordinator::ids::SweepId;
 
 use crate::cli::orchestrate::ConnectArgs;
-use crate::report::{self, snapshot, ReportInput};
+use lorasweep_report::{self as report, snapshot, ReportInput};
 
 /// What `report` prints on standard output.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]

@@ -7,10 +7,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
-use lorasweep_worker::assets;
-use lorasweep_worker::eval::metrics::{EvalRecord, EvalReport};
-use lorasweep_worker::eval::sandbox::{Limits, Sandbox, SandboxConfig};
-use lorasweep_worker::eval::{code, instruct, math};
+use lorasweep_engine::assets;
+use lorasweep_engine::eval::metrics::{EvalRecord, EvalReport};
+use lorasweep_engine::eval::sandbox::{Limits, Sandbox, SandboxConfig};
+use lorasweep_engine::eval::{code, instruct, math};
 
 /// Tasks whose outputs can be scored without a model.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

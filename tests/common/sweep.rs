@@ -1,6 +1,6 @@
 //! The folder an end-to-end sweep test starts from: a tiny Llama model in `model/`, the chat
 //! data in `chat.jsonl` and the coordinator's token in `token`. Included beside `files`
-//! (`worker/tests/common/files.rs`), which writes the model.
+//! (`engine/tests/common/files.rs`), which writes the model.
 
 use std::path::Path;
 
@@ -11,7 +11,7 @@ pub fn folder(token: &str) -> tempfile::TempDir {
         &crate::files::hf_spec("llama", 11),
     );
     std::fs::copy(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("worker/tests/fixtures/engine/chat.jsonl"),
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("engine/tests/fixtures/engine/chat.jsonl"),
         dir.path().join("chat.jsonl"),
     )
     .unwrap();

@@ -4,7 +4,7 @@
 What this produces
 ------------------
 For each of the two packaged models (see /work/shared/ASSETS.md, or the project's
-`lorasweep assets fetch`), two JSON fixtures under worker/tests/fixtures/golden/:
+`lorasweep assets fetch`), two JSON fixtures under engine/tests/fixtures/golden/:
 
 * `<model>_logits.json`: two short prompts (one plain text, one chat conversation rendered
   with the model's own chat template), their input token ids, and float32 logits of one full
@@ -45,7 +45,7 @@ How to re-run
     /work/venv-ref/bin/pip install torch==2.15.0 transformers==5.24.0 gguf==0.19.0 \
         accelerate==1.15.0 numpy
     /work/venv-ref/bin/python tools/golden/make_golden.py \
-        --models-dir /work/models --out worker/tests/fixtures/golden
+        --models-dir /work/models --out engine/tests/fixtures/golden
 
 It expects `smollm2-135m.gguf` and `qwen2.5-coder-0.5b.gguf` in --models-dir. It takes about
 five minutes on two CPU cores (mostly dequantizing the GGUF files) and writes files of a few tens of KB each.
@@ -494,7 +494,7 @@ def text_fixture(key: str, models_dir: Path, provenance: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models-dir", type=Path, default=Path("/work/models"))
-    parser.add_argument("--out", type=Path, default=Path("worker/tests/fixtures/golden"))
+    parser.add_argument("--out", type=Path, default=Path("engine/tests/fixtures/golden"))
     parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
     args = parser.parse_args()
 

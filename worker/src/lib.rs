@@ -1,25 +1,10 @@
-//! The lorasweep engine: models, adapters, the PAGE probe, training, generation and evaluation.
+//! The lorasweep worker process, apart from its command line: the agent loop that registers
+//! with the coordinator, leases jobs and reports them ([`agent`]), and the executor that turns
+//! a leased job into engine calls on the device of its slot ([`executor`]).
 //!
-//! This crate knows nothing of gRPC: the coordinator and the worker agent call into it.
+//! The engine (`lorasweep-engine`) knows nothing of the coordinator; the coordinator knows
+//! nothing of tensors. This crate is where the two meet.
 #![warn(missing_docs)]
 
-pub mod adapter;
-pub mod assets;
-pub mod bench;
-pub mod chat;
-pub mod data;
-pub mod eval;
-pub mod evaluate;
-pub mod fused;
-pub mod generate;
-pub mod jobs;
-pub mod loader;
-pub mod model;
-pub mod ops;
-pub mod parallel;
-pub mod peft;
-pub mod placement;
-pub mod probe;
-pub mod tasks;
-pub mod tokenizer;
-pub mod train;
+pub mod agent;
+pub mod executor;

@@ -1,0 +1,610 @@
+//! The report as text: Markdown (`report.md`), the tidy per-job table (`results.csv`,
+//! `results.json`) and the aggregated tables as JSON (`--format json`), with the number
+//! formats every output shares.
+
+use anyhow::Result;
+use serde_json::{Map, Value};
+
+use super::aggregate::{
+    plain, Comparison, ConfigRow, JobTable, ModelSummary, PageModel, Report, ScoreCell, TaskGroup,
+};
+use super::stats::BOOTSTRAP_RESAMPLES;
+
+/// A score with four decimals.
+pub fn score_text(value: f64) -> String {
+    format!("{value:.4}")
+}
+
+/// A whole number with thousands separators.
+pub fn thousands(value: u64) -> String {
+    let digits = value.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (index, digit) in digits.chars().enumerate() {
+        if index > 0 && (digits.len() - index).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(digit);
+    }
+    out
+}
+
+/// "higher is better" or "lower is better".
+pub fn direction(higher_is_better: bool) -> &'static str {
+    if higher_is_better {
+        "higher is better"
+    } else {
+        "lower is better"
+    }
+}
+
+/// The score cell: `mean ± std`, or `failed` / `pending` when no seed has a score.
+pub fn score_cell_text(cell: &ScoreCell) -> String {
+    match (cell.mean, cell.std) {
+        (Some(mean), Some(std)) => format!("{} ± {}", score_text(mean), score_text(std)),
+        (Some(mean), None) => score_text(mean),
+        (None, _) if cell.pending > 0 => "pending".to_string(),
+        (None, _) if cell.failed > 0 => "failed".to_string(),
+        (None, _) => "no result".to_string(),
+    }
+}
+
+/// How many seeds are scored, and what happened to the others: `2/3 (1 failed)`.
+pub fn seeds_text(cell: &ScoreCell) -> String {
+    let mut text = format!("{}/{}", cell.n, cell.seeds.len());
+    let mut missing = Vec::new();
+    if cell.failed > 0 {
+        missing.push(format!("{} failed", cell.failed));
+    }
+    if cell.pending > 0 {
+        missing.push(format!("{} pending", cell.pending));
+    }
+    if !missing.is_empty() {
+        text.push_str(&format!(" ({})", missing.join(", ")));
+    }
+    text
+}
+
+/// The difference to the baseline: `+0.0123 [+0.0100, +0.0150] * better`.
+pub fn comparison_text(row: &ConfigRow) -> String {
+    if row.is_baseline {
+        return "baseline".to_string();
+    }
+    let Some(comparison) = &row.versus_baseline else {
+        return "–".to_string();
+    };
+    interval_text(comparison)
+}
+
+fn interval_text(comparison: &Comparison) -> String {
+    match (comparison.low, comparison.high) {
+        (Some(low), Some(high)) => {
+            let mut text = format!("{:+.4} [{low:+.4}, {high:+.4}]", comparison.mean);
+            match comparison.better {
+                Some(true) => text.push_str(" * better"),
+                Some(false) => text.push_str(" * worse"),
+                None => {}
+            }
+            text
+        }
+        _ => format!(
+            "{:+.4} ({} pair, no interval)",
+            comparison.mean, comparison.pairs
+        ),
+    }
+}
+
+fn optional(value: Option<f64>, format: impl Fn(f64) -> String) -> String {
+    value.map_or("–".to_string(), format)
+}
+
+/// A piece of a paragraph.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Span {
+    /// Plain text.
+    Text(String),
+    /// Code (a setting, a file name).
+    Code(String),
+    /// Emphasised text.
+    Strong(String),
+}
+
+/// One block of the report document, rendered as Markdown or HTML.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Block {
+    /// A heading of level 1 to 3.
+    Heading(u8, String),
+    /// A paragraph.
+    Paragraph(Vec<Span>),
+    /// A table: header and rows of plain text.
+    Table(Vec<String>, Vec<Vec<String>>),
+    /// A list of plain-text items.
+    List(Vec<String>),
+    /// A plot: its file name and a description.
+    Image(String, String),
+}
+
+fn text(content: impl Into<String>) -> Span {
+    Span::Text(content.into())
+}
+
+fn code(content: impl Into<String>) -> Span {
+    Span::Code(content.into())
+}
+
+/// The leading cells naming a row: one per varying field (or one `configuration` cell).
+fn setting_cells(group: &TaskGroup, row: &ConfigRow) -> Vec<String> {
+    if group.fields.is_empty() {
+        return vec![row.label.clone()];
+    }
+    group
+        .fields
+        .iter()
+        .map(|field| row.settings.get(field).map_or("–".to_string(), plain))
+        .collect()
+}
+
+fn setting_header(group: &TaskGroup) -> Vec<String> {
+    if group.fields.is_empty() {
+        vec!["configuration".to_string()]
+    } else {
+        group.fields.clone()
+    }
+}
+
+/// `1 job`, `2 jobs`.
+fn jobs(count: usize) -> String {
+    if count == 1 {
+        "1 job".to_string()
+    } else {
+        format!("{count} jobs")
+    }
+}
+
+/// The status paragraphs: jobs per state, and a partial-results warning.
+pub fn status_paragraphs(report: &Report) -> Vec<Vec<Span>> {
+    let sweep = &report.sweep;
+    let states: Vec<String> = sweep
+        .counts
+        .iter()
+        .filter(|(_, count)| **count > 0)
+        .map(|(state, count)| format!("{count} {state}"))
+        .collect();
+    let mut paragraphs = vec![vec![
+        text(format!("Sweep {} ", sweep.id)),
+        code(&sweep.name),
+        text(" from "),
+        code(&sweep.file_name),
+        text(format!(": {} ({}).", jobs(sweep.jobs), states.join(", "))),
+    ]];
+    if sweep.partial {
+        paragraphs.push(vec![
+            Span::Strong("Partial results:".to_string()),
+            text(format!(
+                " {} pending (queued or running), {} failed, skipped or cancelled; the tables cover the jobs that succeeded.",
+                jobs(sweep.pending as usize),
+                jobs(sweep.unsuccessful as usize)
+            )),
+        ]);
+    }
+    paragraphs
+}
+
+fn group_blocks(group: &TaskGroup, blocks: &mut Vec<Block>) {
+    blocks.push(Block::Heading(
+        2,
+        format!("{} · {}", group.model, group.task),
+    ));
+    blocks.push(Block::Paragraph(vec![
+        text("Score: "),
+        code(&group.metric),
+        text(format!(" ({}).", direction(group.higher_is_better))),
+    ]));
+    let mut header = setting_header(group);
+    header.extend(
+        [
+            "trainable params",
+            "% of LoRA",
+            "score (mean ± std)",
+            "seeds",
+            "vs baseline [95% CI]",
+            "train s",
+            "tokens/s",
+        ]
+        .map(str::to_string),
+    );
+    let mut rows = Vec::new();
+    if let Some(base) = &group.base {
+        let mut cells = vec!["base model".to_string()];
+        cells.resize(setting_header(group).len(), String::new());
+        cells.extend([
+            "0".to_string(),
+            "–".to_string(),
+            score_cell_text(base),
+            seeds_text(base),
+            "–".to_string(),
+            "–".to_string(),
+            "–".to_string(),
+        ]);
+        rows.push(cells);
+    }
+    for row in &group.rows {
+        let mut cells = setting_cells(group, row);
+        cells.extend([
+            row.trainable_parameters.map_or("–".to_string(), thousands),
+            optional(row.percent_of_lora, |percent| format!("{percent:.2}%")),
+            score_cell_text(&row.score),
+            seeds_text(&row.score),
+            comparison_text(row),
+            optional(row.train_wall_s, |seconds| format!("{seconds:.1}")),
+            optional(row.tokens_per_s, |speed| format!("{speed:.0}")),
+        ]);
+        rows.push(cells);
+    }
+    blocks.push(Block::Table(header, rows));
+    let failures: Vec<String> = group
+        .base
+        .iter()
+        .flat_map(|base| {
+            base.seeds.iter().filter_map(|seed| {
+                seed.error
+                    .as_ref()
+                    .map(|error| format!("base model: {}", error.trim()))
+            })
+        })
+        .chain(group.rows.iter().flat_map(|row| {
+            row.score.seeds.iter().filter_map(move |seed| {
+                seed.error.as_ref().map(|error| {
+                    format!(
+                        "{} seed {}: {}",
+                        row.label,
+                        seed.seed.map_or("–".to_string(), |seed| seed.to_string()),
+                        error.trim()
+                    )
+                })
+            })
+        }))
+        .collect();
+    if !failures.is_empty() {
+        blocks.push(Block::Paragraph(vec![text("Runs without a score:")]));
+        blocks.push(Block::List(failures));
+    }
+    blocks.push(Block::Image(
+        group.plot_file.clone(),
+        format!(
+            "{} on {}: {} against trainable parameters",
+            group.model, group.task, group.metric
+        ),
+    ));
+}
+
+fn summary_blocks(summary: &ModelSummary, blocks: &mut Vec<Block>) {
+    blocks.push(Block::Heading(
+        2,
+        format!("Across tasks · {}", summary.model),
+    ));
+    let averaging = if summary.same_metric {
+        "The average score is over configurations scored on every task."
+    } else {
+        "The tasks use different metrics, so scores are not averaged; compare average ranks."
+    };
+    blocks.push(Block::Paragraph(vec![text(format!(
+        "Rank 1 is the best score of the task in its own direction; ties share ranks. {averaging}"
+    ))]));
+    let mut header = vec!["configuration".to_string()];
+    for (task, metric) in summary.tasks.iter().zip(&summary.metrics) {
+        header.push(format!("{task} ({metric})"));
+        header.push(format!("{task} rank"));
+    }
+    header.extend(["average rank".to_string(), "average score".to_string()]);
+    let rows: Vec<Vec<String>> = summary
+        .rows
+        .iter()
+        .map(|row| {
+            let mut cells = vec![row.label.clone()];
+            for (score, rank) in row.scores.iter().zip(&row.ranks) {
+                cells.push(optional(*score, score_text));
+                cells.push(optional(*rank, |rank| format!("{rank:.1}")));
+            }
+            cells.push(match row.average_rank {
+                Some(rank) if row.tasks_scored < summary.tasks.len() => format!(
+                    "{rank:.2} ({}/{} tasks)",
+                    row.tasks_scored,
+                    summary.tasks.len()
+                ),
+                Some(rank) => format!("{rank:.2}"),
+                None => "–".to_string(),
+            });
+            cells.push(optional(row.average_score, score_text));
+            cells
+        })
+        .collect();
+    blocks.push(Block::Table(header, rows));
+}
+
+fn page_blocks(model: &PageModel, blocks: &mut Vec<Block>) {
+    blocks.push(Block::Heading(2, format!("PAGE · {}", model.model)));
+    let mut kinds: Vec<String> = Vec::new();
+    for task in &model.tasks {
+        for kind in task.share_by_kind.keys() {
+            if !kinds.contains(kind) {
+                kinds.push(kind.clone());
+            }
+        }
+    }
+    kinds.sort_by_key(|kind| kind_order(kind));
+    let mut header: Vec<String> = [
+        "task",
+        "probe seeds",
+        "dominant module",
+        "top-1 share",
+        "argmax stability",
+    ]
+    .map(str::to_string)
+    .to_vec();
+    header.extend(kinds.iter().cloned());
+    let rows: Vec<Vec<String>> = model
+        .tasks
+        .iter()
+        .map(|task| {
+            let mut name = task.task.clone();
+            if !task.settings.is_empty() {
+                name.push_str(&format!(" ({})", task.settings));
+            }
+            let mut seeds = task
+                .seeds
+                .iter()
+                .map(u64::to_string)
+                .collect::<Vec<_>>()
+                .join(", ");
+            if task.failed > 0 {
+                seeds.push_str(&format!(" ({} failed)", task.failed));
+            }
+            if task.pending > 0 {
+                seeds.push_str(&format!(" ({} pending)", task.pending));
+            }
+            let missing = if task.pending > 0 {
+                "pending"
+            } else {
+                "failed"
+            };
+            let mut cells = vec![
+                name,
+                seeds.trim().to_string(),
+                task.dominant.clone().unwrap_or_else(|| missing.to_string()),
+                optional(task.top1_share, |share| format!("{share:.3}")),
+                optional(task.argmax_stability, |share| format!("{share:.2}")),
+            ];
+            cells.extend(kinds.iter().map(|kind| {
+                optional(task.share_by_kind.get(kind).copied(), |share| {
+                    format!("{share:.3}")
+                })
+            }));
+            cells
+        })
+        .collect();
+    blocks.push(Block::Table(header, rows));
+    blocks.push(Block::Paragraph(vec![text(
+        "Shares are of the total PAGE over every module, merged over probe seeds (mean score); the columns by module kind sum each kind over layers. Argmax stability: per probe seed, the fraction of its batches whose own argmax is the seed's dominant module, averaged over seeds.",
+    )]));
+    if !model.kendall.is_empty() {
+        blocks.push(Block::Paragraph(vec![text(
+            "Kendall τ-b between the tasks' PAGE score vectors (+1: the same module ranking):",
+        )]));
+        let rows: Vec<Vec<String>> = model
+            .kendall
+            .iter()
+            .map(|pair| {
+                vec![
+                    format!("{} vs {}", pair.first, pair.second),
+                    optional(pair.tau, |tau| format!("{tau:+.3}")),
+                    pair.modules.to_string(),
+                ]
+            })
+            .collect();
+        blocks.push(Block::Table(
+            vec![
+                "tasks".to_string(),
+                "τ-b".to_string(),
+                "modules".to_string(),
+            ],
+            rows,
+        ));
+    }
+    match model.argmax_agrees {
+        Some(true) => blocks.push(Block::Paragraph(vec![text(
+            "The dominant module is the same on every task.",
+        )])),
+        Some(false) => blocks.push(Block::Paragraph(vec![text(
+            "The dominant module differs between tasks.",
+        )])),
+        None => {}
+    }
+    for task in &model.tasks {
+        if let Some(file) = &task.heatmap_file {
+            blocks.push(Block::Image(
+                file.clone(),
+                format!(
+                    "PAGE share of {} on {} by layer and module kind",
+                    model.model, task.task
+                ),
+            ));
+        }
+    }
+}
+
+/// The report as a document: what `report.md` and `report.html` render.
+pub fn document(report: &Report) -> Vec<Block> {
+    let mut blocks = vec![Block::Heading(
+        1,
+        format!("Sweep report: {}", report.sweep.name),
+    )];
+    blocks.extend(status_paragraphs(report).into_iter().map(Block::Paragraph));
+    blocks.push(Block::Paragraph(match &report.baseline {
+        Some(baseline) => vec![
+            text("Baseline: "),
+            code(baseline),
+            text(format!(
+                ". Differences are a row minus the baseline row with the same other settings, paired by seed, with a 95% paired bootstrap interval ({BOOTSTRAP_RESAMPLES} resamples, fixed seed); * marks an interval that excludes 0 (with two or three seeds an interval is coarse: read it with the seeds column). % of LoRA compares trainable parameters with placement all, variant lora."
+            )),
+        ],
+        None => vec![text("The sweep has no baseline: no differences are computed.")],
+    }));
+    for group in &report.groups {
+        group_blocks(group, &mut blocks);
+    }
+    for summary in report
+        .summaries
+        .iter()
+        .filter(|summary| summary.tasks.len() > 1)
+    {
+        summary_blocks(summary, &mut blocks);
+    }
+    for model in report.page.iter().filter(|model| !model.tasks.is_empty()) {
+        page_blocks(model, &mut blocks);
+    }
+    blocks
+}
+
+fn escape_cell(text: &str) -> String {
+    text.replace('|', "\\|")
+}
+
+/// `report.md`.
+pub fn markdown(report: &Report) -> String {
+    let mut out = String::new();
+    for block in document(report) {
+        match block {
+            Block::Heading(level, title) => {
+                out.push_str(&format!("{} {title}\n\n", "#".repeat(level as usize)));
+            }
+            Block::Paragraph(spans) => {
+                for span in spans {
+                    match span {
+                        Span::Text(content) => out.push_str(&content.replace('*', "\\*")),
+                        Span::Code(content) => out.push_str(&format!("`{content}`")),
+                        Span::Strong(content) => out.push_str(&format!("**{content}**")),
+                    }
+                }
+                out.push_str("\n\n");
+            }
+            Block::Table(header, rows) => {
+                out.push_str(&format!("| {} |\n", header.join(" | ")));
+                out.push_str(&format!(
+                    "|{}|\n",
+                    header.iter().map(|_| "---").collect::<Vec<_>>().join("|")
+                ));
+                for row in rows {
+                    let cells: Vec<String> = row.iter().map(|cell| escape_cell(cell)).collect();
+                    out.push_str(&format!("| {} |\n", cells.join(" | ")));
+                }
+                out.push('\n');
+            }
+            Block::List(items) => {
+                for item in items {
+                    out.push_str(&format!("- {}\n", item.replace('\n', " ")));
+                }
+                out.push('\n');
+            }
+            Block::Image(file, description) => {
+                out.push_str(&format!("![{description}]({file})\n\n"));
+            }
+        }
+    }
+    while out.ends_with("\n\n") {
+        out.pop();
+    }
+    out
+}
+
+/// Sort key of a module kind: forward-pass order, unknown kinds last.
+pub fn kind_order(kind: &str) -> usize {
+    lorasweep_engine::model::ModuleKind::ALL
+        .iter()
+        .position(|known| known.name() == kind)
+        .unwrap_or(usize::MAX)
+}
+
+/// `results.csv`: one row per job.
+pub fn csv(table: &JobTable) -> Result<String> {
+    let mut writer = csv::Writer::from_writer(Vec::new());
+    writer.write_record(&table.columns)?;
+    for row in &table.rows {
+        writer.write_record(row.iter().map(plain))?;
+    }
+    let bytes = writer.into_inner().map_err(|error| error.into_error())?;
+    Ok(String::from_utf8(bytes)?)
+}
+
+/// `results.json`: one object per job (the same columns as the CSV, nulls kept).
+pub fn results_json(table: &JobTable) -> Result<String> {
+    let records: Vec<Value> = table
+        .rows
+        .iter()
+        .map(|row| {
+            let record: Map<String, Value> = table
+                .columns
+                .iter()
+                .cloned()
+                .zip(row.iter().cloned())
+                .collect();
+            Value::Object(record)
+        })
+        .collect();
+    Ok(serde_json::to_string_pretty(&records)? + "\n")
+}
+
+/// The aggregated tables as JSON (what `--format json` prints).
+pub fn report_json(report: &Report) -> Result<String> {
+    Ok(serde_json::to_string_pretty(report)? + "\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::aggregate::SeedScore;
+
+    fn seed(state: &str, score: Option<f64>) -> SeedScore {
+        SeedScore {
+            seed: Some(0),
+            state: state.to_string(),
+            score,
+            error: None,
+        }
+    }
+
+    fn cell(seeds: Vec<SeedScore>, mean: Option<f64>, failed: usize, pending: usize) -> ScoreCell {
+        ScoreCell {
+            mean,
+            std: None,
+            n: seeds.iter().filter(|seed| seed.score.is_some()).count(),
+            failed,
+            pending,
+            seeds,
+        }
+    }
+
+    #[test]
+    fn thousands_separators() {
+        assert_eq!(thousands(0), "0");
+        assert_eq!(thousands(999), "999");
+        assert_eq!(thousands(1000), "1,000");
+        assert_eq!(thousands(2_442_240), "2,442,240");
+    }
+
+    #[test]
+    fn a_cell_without_scores_says_why_never_zero() {
+        let failed = cell(vec![seed("failed", None)], None, 1, 0);
+        assert_eq!(score_cell_text(&failed), "failed");
+        assert_eq!(seeds_text(&failed), "0/1 (1 failed)");
+        let pending = cell(
+            vec![seed("failed", None), seed("pending", None)],
+            None,
+            1,
+            1,
+        );
+        assert_eq!(score_cell_text(&pending), "pending");
+        assert_eq!(seeds_text(&pending), "0/2 (1 failed, 1 pending)");
+        let scored = cell(vec![seed("ok", Some(0.25))], Some(0.25), 0, 0);
+        assert_eq!(score_cell_text(&scored), "0.2500");
+    }
+}
