@@ -56,6 +56,12 @@ pub fn json(field: &'static str, text: &str) -> Result<Value, ConvertError> {
     serde_json::from_str(text).map_err(|error| invalid(field, format!("not JSON: {error}")))
 }
 
+/// Job parameters from their versioned wire envelope (the schema checked; the worker reads
+/// the fields into the typed contract).
+fn params(field: &'static str, text: &str) -> Result<Value, ConvertError> {
+    lorasweep_contract::from_wire(text).map_err(|error| invalid(field, error.to_string()))
+}
+
 fn kind(field: &'static str, name: &str) -> Result<JobKind, ConvertError> {
     job_kind_from_name(name).ok_or_else(|| invalid(field, format!("unknown job kind {name:?}")))
 }
@@ -114,7 +120,7 @@ pub fn assignment_to_proto(assignment: &JobAssignment) -> pb::JobAssignment {
         kind: assignment.kind.name().to_string(),
         model: assignment.model.clone(),
         task: assignment.task.clone(),
-        params_json: assignment.params.to_string(),
+        params_json: lorasweep_contract::wire(&assignment.params),
         epoch: assignment.epoch,
         attempt: assignment.attempt,
         world_size: assignment.world_size,
@@ -181,7 +187,7 @@ pub fn assignment_from_proto(
         kind: kind("JobAssignment.kind", &assignment.kind)?,
         model: assignment.model.clone(),
         task: assignment.task.clone(),
-        params: json("JobAssignment.params_json", &assignment.params_json)?,
+        params: params("JobAssignment.params_json", &assignment.params_json)?,
         epoch: assignment.epoch,
         attempt: assignment.attempt,
         world_size: assignment.world_size,
@@ -282,7 +288,7 @@ pub fn job_to_proto(job: &JobRecord) -> pb::JobStatus {
         queued_ms: job.queued_at.0,
         started_ms: job.started_at.map(|time| time.0),
         finished_ms: job.finished_at.map(|time| time.0),
-        params_json: job.params.to_string(),
+        params_json: lorasweep_contract::wire(&job.params),
         deps: job.deps.iter().map(|dep| dep.0).collect(),
         epoch: job.epoch,
         result_json: job.result.as_ref().map(Value::to_string),
@@ -298,7 +304,7 @@ pub fn job_from_proto(sweep: SweepId, job: &pb::JobStatus) -> Result<JobRecord, 
         kind: kind("JobStatus.kind", &job.kind)?,
         model: job.model.clone(),
         task: job.task.clone(),
-        params: json("JobStatus.params_json", &job.params_json)?,
+        params: params("JobStatus.params_json", &job.params_json)?,
         deps: job
             .deps
             .iter()
@@ -509,6 +515,11 @@ mod tests {
             assignment_from_proto(&wire).unwrap_err().field,
             "JobAssignment.params_json"
         );
+        let mut wire = assignment_to_proto(&sample_assignment());
+        wire.params_json = r#"{"schema":99,"params":{}}"#.to_string();
+        let error = assignment_from_proto(&wire).unwrap_err();
+        assert_eq!(error.field, "JobAssignment.params_json");
+        assert!(error.to_string().contains("schema 99"), "{error}");
     }
 
     #[test]

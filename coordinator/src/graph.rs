@@ -13,60 +13,17 @@
 //! Jobs come out probes first, then trains, then evals, so every job's dependencies come
 //! before it.
 
-use std::collections::{HashMap, HashSet};
-use std::fmt;
-
-use serde_json::{json, Map, Value};
+use lorasweep_contract::{EvalParams, JobParams, ProbeInputs, ProbeParams, TrainParams};
+use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
+use std::collections::{HashMap, HashSet};
 
-use crate::spec::{ProbeField, ProbeSettings, Sweep, SweepPoint, TaskRef, TrainField, Variant};
+use crate::spec::{ProbeSettings, Sweep, SweepPoint, TaskRef, Variant};
 
 /// Hex digits of the sha256 kept in a key (64 bits).
 const KEY_HEX_DIGITS: usize = 16;
 
-/// A job's identity: `KIND-HEX`, the kind and a short content hash.
-#[derive(
-    Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
-)]
-#[serde(transparent)]
-pub struct JobKey(pub String);
-
-impl fmt::Display for JobKey {
-    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
-        formatter.write_str(&self.0)
-    }
-}
-
-/// What a job does.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum JobKind {
-    /// A PAGE probe of one model on one task with one seed.
-    Probe,
-    /// One adapter training run.
-    Train,
-    /// An evaluation of a trained adapter, or of the base model.
-    Eval,
-}
-
-impl JobKind {
-    /// The lowercase name (`probe`, `train`, `eval`).
-    pub fn name(self) -> &'static str {
-        match self {
-            JobKind::Probe => "probe",
-            JobKind::Train => "train",
-            JobKind::Eval => "eval",
-        }
-    }
-}
-
-impl fmt::Display for JobKind {
-    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
-        formatter.write_str(self.name())
-    }
-}
+pub use lorasweep_contract::{JobKey, JobKind};
 
 /// One job of the graph, before it is stored.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -124,18 +81,21 @@ impl JobGraph {
             let model_id = model.id();
             for task in &sweep.tasks {
                 let task_id = task.id();
-                let job = |kind: JobKind, params: Value, deps: Vec<JobKey>, gpus: u32| PlannedJob {
-                    key: job_key(kind, &model_id, &task_id, &params),
-                    kind,
-                    model: model_id.clone(),
-                    task: task_id.clone(),
-                    params,
-                    deps,
-                    gpus,
+                let job = |params: JobParams, deps: Vec<JobKey>, gpus: u32| {
+                    let kind = params.kind();
+                    let params = params.to_value();
+                    PlannedJob {
+                        key: job_key(kind, &model_id, &task_id, &params),
+                        kind,
+                        model: model_id.clone(),
+                        task: task_id.clone(),
+                        params,
+                        deps,
+                        gpus,
+                    }
                 };
                 evals.add(job(
-                    JobKind::Eval,
-                    eval_params(sweep, task, None),
+                    JobParams::Eval(eval_params(sweep, task, None)),
                     Vec::new(),
                     1,
                 ));
@@ -143,8 +103,7 @@ impl JobGraph {
                     for point in &points {
                         for &seed in &sweep.probe.seeds {
                             probes.add(job(
-                                JobKind::Probe,
-                                probe_params(&point.probe, seed),
+                                JobParams::Probe(probe_params(&point.probe, seed)),
                                 Vec::new(),
                                 1,
                             ));
@@ -156,8 +115,7 @@ impl JobGraph {
                     if point.train.placement.needs_probe() {
                         for &seed in &sweep.probe.seeds {
                             let probe = job(
-                                JobKind::Probe,
-                                probe_params(&point.probe, seed),
+                                JobParams::Probe(probe_params(&point.probe, seed)),
                                 Vec::new(),
                                 1,
                             );
@@ -166,16 +124,14 @@ impl JobGraph {
                         }
                     }
                     let train = job(
-                        JobKind::Train,
-                        train_params(point),
+                        JobParams::Train(train_params(point)),
                         probe_keys,
                         sweep.resources.gpus_per_job,
                     );
                     let train_key = train.key.clone();
                     trains.add(train);
                     evals.add(job(
-                        JobKind::Eval,
-                        eval_params(sweep, task, Some(&train_key)),
+                        JobParams::Eval(eval_params(sweep, task, Some(&train_key))),
                         vec![train_key],
                         1,
                     ));
@@ -237,57 +193,65 @@ impl Collector {
     }
 }
 
-/// The probe settings as JSON, without seeds (alpha: the one in effect).
-fn probe_settings_json(probe: &ProbeSettings) -> Map<String, Value> {
-    ProbeField::ALL
-        .iter()
-        .map(|field| (field.name().to_string(), field.get(probe).to_json()))
-        .collect()
+/// The probe settings a train job reads: every probe setting (alpha: the one in effect) and
+/// the seeds whose probes it averages.
+fn probe_inputs(probe: &ProbeSettings) -> ProbeInputs {
+    ProbeInputs {
+        batches: probe.batches,
+        batch_size: probe.batch_size,
+        max_len: probe.max_len,
+        rank: probe.rank,
+        alpha: probe.effective_alpha(),
+        estimator: probe.estimator,
+        a_init: probe.a_init,
+        seeds: probe.seeds.clone(),
+    }
 }
 
-/// Parameters of a probe job: every probe setting, and its seed.
-pub fn probe_params(probe: &ProbeSettings, seed: u64) -> Value {
-    let mut params = probe_settings_json(probe);
-    params.insert("seed".to_string(), json!(seed));
-    Value::Object(params)
+/// Parameters of a probe job: every probe setting (alpha: the one in effect), and its seed.
+pub fn probe_params(probe: &ProbeSettings, seed: u64) -> ProbeParams {
+    probe_inputs(probe).probe(seed)
 }
 
 /// Parameters of a train job: every train setting (alpha: the one in effect;
 /// `loraplus_ratio` only for `loraplus`), and for a placement that needs PAGE, the probe
 /// settings and seeds it reads under `probe`.
-pub fn train_params(point: &SweepPoint) -> Value {
+pub fn train_params(point: &SweepPoint) -> TrainParams {
     let train = &point.train;
-    let mut params: Map<String, Value> = TrainField::ALL
-        .iter()
-        .filter(|field| **field != TrainField::LoraplusRatio || train.variant == Variant::Loraplus)
-        .map(|field| (field.name().to_string(), field.get(train).to_json()))
-        .collect();
-    if train.placement.needs_probe() {
-        let mut probe = probe_settings_json(&point.probe);
-        probe.insert("seeds".to_string(), json!(point.probe.seeds));
-        params.insert("probe".to_string(), Value::Object(probe));
+    TrainParams {
+        steps: train.steps,
+        batch_size: train.batch_size,
+        grad_accum: train.grad_accum,
+        max_len: train.max_len,
+        lr: train.lr,
+        schedule: train.schedule,
+        warmup_ratio: train.warmup_ratio,
+        weight_decay: train.weight_decay,
+        max_grad_norm: train.max_grad_norm,
+        alpha: train.effective_alpha(),
+        rank: train.rank,
+        variant: train.variant,
+        placement: train.placement.clone(),
+        seed: train.seed,
+        loraplus_ratio: (train.variant == Variant::LoraPlus).then_some(train.loraplus_ratio),
+        checkpoint_every: train.checkpoint_every,
+        probe: train
+            .placement
+            .needs_probe()
+            .then(|| probe_inputs(&point.probe)),
     }
-    Value::Object(params)
 }
 
 /// Parameters of an eval job: the eval settings, the train job whose adapter it evaluates
 /// (`adapter`, null for the base model) and, for a user task, its `metric`.
-pub fn eval_params(sweep: &Sweep, task: &TaskRef, adapter: Option<&JobKey>) -> Value {
-    let mut params = Map::new();
-    params.insert("limit".to_string(), json!(sweep.eval.limit));
-    params.insert(
-        "max_new_tokens".to_string(),
-        json!(sweep.eval.max_new_tokens),
-    );
-    params.insert("batch_size".to_string(), json!(sweep.eval.batch_size));
-    params.insert(
-        "adapter".to_string(),
-        adapter.map_or(Value::Null, |key| Value::String(key.0.clone())),
-    );
-    if let Some(metric) = task.metric() {
-        params.insert("metric".to_string(), json!(metric.name()));
+pub fn eval_params(sweep: &Sweep, task: &TaskRef, adapter: Option<&JobKey>) -> EvalParams {
+    EvalParams {
+        limit: sweep.eval.limit,
+        max_new_tokens: sweep.eval.max_new_tokens,
+        batch_size: sweep.eval.batch_size,
+        adapter: adapter.cloned(),
+        metric: task.metric(),
     }
-    Value::Object(params)
 }
 
 /// JSON with object keys sorted at every level and no whitespace: the same value always

@@ -22,102 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::{ModelConfig, ModuleId, ModuleKind};
 
-/// The adapter variants lorasweep trains.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Variant {
-    /// Vanilla LoRA (Hu et al., 2021).
-    Lora,
-    /// Rank-stabilised LoRA: scale `α/√r` (Kalajdzievski, 2023).
-    #[serde(rename = "rslora")]
-    RsLora,
-    /// Weight-decomposed LoRA (Liu et al., 2024).
-    Dora,
-    /// Principal singular values and vectors adaptation (Meng et al., 2024).
-    Pissa,
-    /// LoRA with a larger learning rate for `B` (Hayou et al., 2024).
-    #[serde(rename = "loraplus")]
-    LoraPlus,
-    /// Minor singular components adaptation (Wang et al., 2024).
-    Milora,
-}
-
-impl Variant {
-    /// All variants, for listings and errors.
-    pub const ALL: [Variant; 6] = [
-        Self::Lora,
-        Self::RsLora,
-        Self::Dora,
-        Self::Pissa,
-        Self::LoraPlus,
-        Self::Milora,
-    ];
-
-    /// The name used on the command line and in sweeps.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Lora => "lora",
-            Self::RsLora => "rslora",
-            Self::Dora => "dora",
-            Self::Pissa => "pissa",
-            Self::LoraPlus => "loraplus",
-            Self::Milora => "milora",
-        }
-    }
-
-    /// Parses a variant name.
-    pub fn parse(name: &str) -> Result<Self, AdapterError> {
-        Self::ALL
-            .into_iter()
-            .find(|v| v.name() == name)
-            .ok_or_else(|| AdapterError::UnknownVariant(name.to_string()))
-    }
-}
-
-impl std::str::FromStr for Variant {
-    type Err = AdapterError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Self::parse(s)
-    }
-}
-
-/// How `A` is initialised for the lora-style variants (and sampled by the PAGE probe).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum AInit {
-    /// PEFT's default, kaiming-uniform with a=√5: U(−1/√d_in, 1/√d_in), variance 1/(3·d_in).
-    #[default]
-    Kaiming,
-    /// PEFT's `init_lora_weights="gaussian"`: N(0, 1/r²).
-    Gaussian,
-}
-
-impl AInit {
-    /// The variance σ_A² of one entry of `A`.
-    pub fn variance(self, d_in: usize, rank: usize) -> f64 {
-        match self {
-            Self::Kaiming => 1.0 / (3.0 * d_in as f64),
-            Self::Gaussian => 1.0 / (rank as f64 * rank as f64),
-        }
-    }
-
-    /// The name used on the command line.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Kaiming => "kaiming",
-            Self::Gaussian => "gaussian",
-        }
-    }
-
-    /// Parses `kaiming` / `gaussian`.
-    pub fn parse(name: &str) -> Result<Self, AdapterError> {
-        match name {
-            "kaiming" => Ok(Self::Kaiming),
-            "gaussian" => Ok(Self::Gaussian),
-            other => Err(AdapterError::UnknownInit(other.to_string())),
-        }
-    }
-}
+pub use lorasweep_contract::{AInit, Variant};
 
 /// Settings shared by every adapter of one run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -152,12 +57,6 @@ pub fn scale_for(variant: Variant, alpha: f64, rank: usize) -> f64 {
 /// Errors setting up adapters.
 #[derive(Debug, thiserror::Error)]
 pub enum AdapterError {
-    /// Unknown variant name.
-    #[error("unknown variant {0:?} (expected one of lora, rslora, dora, pissa, loraplus, milora)")]
-    UnknownVariant(String),
-    /// Unknown init name.
-    #[error("unknown A init {0:?} (expected kaiming or gaussian)")]
-    UnknownInit(String),
     /// A rank that the module cannot hold.
     #[error(
         "rank {rank} is invalid for {module} ({d_out}×{d_in}): it must be between 1 and {max}"

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::adapter::{AInit, Adapter, AdapterSettings, Variant};
 use crate::loader;
 use crate::model::{Architecture, ModelConfig, ModuleKind, Transformer};
-use crate::placement::Placement;
+use crate::placement::Resolve;
 use crate::probe::{self, ProbeSettings};
 use crate::train::{self, TrainSettings};
 
@@ -225,7 +225,7 @@ pub fn run(options: &BenchOptions, device: &Device) -> Result<BenchResult, Strin
             .map(|m| (m, options.rank))
             .collect()
     } else {
-        Placement::parse(&placement_text)
+        crate::placement::parse(&placement_text)
             .map_err(|e| e.to_string())?
             .resolve(&config, None, options.rank, Variant::Lora, options.seed)
             .map_err(|e| e.to_string())?

@@ -13,7 +13,7 @@ use crate::loader::{self, LoadedModel};
 use crate::model::{ModelSource, ModuleId};
 use crate::parallel::{GradReducer, ReduceError, ThreadReducer};
 use crate::peft::{self, AdapterRecord};
-use crate::placement::Placement;
+use crate::placement::{Placement, Resolve};
 use crate::probe::{self, ProbeResult, ProbeSettings};
 use crate::train::{self, StepRecord, TrainMetrics, TrainSettings};
 
@@ -229,7 +229,7 @@ pub struct TrainJob {
     /// The data.
     pub data: DataSource,
     /// Where adapters go.
-    pub placement: String,
+    pub placement: Placement,
     /// A probe result file for PAGE placements (otherwise the probe runs first).
     pub probe: Option<PathBuf>,
     /// Probe settings when the probe must run first.
@@ -467,8 +467,7 @@ pub fn train_ranks(
 
 /// The probe result a job's placement needs: read from `job.probe`, or run first.
 fn job_probe(job: &TrainJob, device: &Device) -> Result<Option<ProbeResult>, JobError> {
-    let placement = Placement::parse(&job.placement)?;
-    if !placement.needs_probe() {
+    if !job.placement.needs_probe() {
         return Ok(None);
     }
     Ok(Some(match &job.probe {
@@ -492,9 +491,8 @@ fn train_rank(
     on_step: &mut dyn FnMut(&StepRecord) -> std::ops::ControlFlow<()>,
     reducer: Option<&dyn GradReducer>,
 ) -> Result<TrainOutcome, JobError> {
-    let placement = Placement::parse(&job.placement)?;
     let mut model = load_model(&job.model, device)?;
-    let modules = placement.resolve(
+    let modules = job.placement.resolve(
         model.config(),
         probe_result,
         job.adapter.rank,
@@ -559,7 +557,7 @@ fn train_rank(
     let record = AdapterRecord {
         base_model: job.model.clone(),
         variant: job.adapter.variant,
-        placement: job.placement.clone(),
+        placement: job.placement.to_string(),
         modules: modules.iter().map(|(m, r)| (m.name(), *r)).collect(),
         alpha: job.adapter.alpha,
         seed: job.adapter.seed,

@@ -11,8 +11,6 @@
 //! | `explicit:NAME[,NAME…]` | the listed modules, e.g. `layers.3.mlp.down_proj` |
 //! | `budget_matched:PARAMS` | the PAGE argmax, with the rank whose trainable parameters come closest to PARAMS |
 
-use std::fmt;
-
 use rand::seq::IndexedRandom;
 use rand::SeedableRng;
 
@@ -20,26 +18,8 @@ use crate::adapter::{adapter_parameter_count, check_rank, AdapterError, Variant}
 use crate::model::{ModelConfig, ModuleId, ModuleKind};
 use crate::probe::ProbeResult;
 
-/// A parsed placement.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Placement {
-    /// Every module.
-    All,
-    /// The PAGE argmax.
-    Dominant,
-    /// The PAGE argmax within one kind.
-    DominantKind(ModuleKind),
-    /// The `k` highest PAGE scores.
-    TopK(usize),
-    /// `n` random modules.
-    Random(usize),
-    /// One kind in every layer.
-    Kind(ModuleKind),
-    /// The listed modules.
-    Explicit(Vec<ModuleId>),
-    /// The PAGE argmax at the rank that matches a parameter budget.
-    BudgetMatched(usize),
-}
+pub use lorasweep_contract::Placement;
+use lorasweep_contract::PlacementSyntaxError;
 
 /// Errors parsing or resolving a placement.
 #[derive(Debug, thiserror::Error)]
@@ -88,69 +68,54 @@ pub enum PlacementError {
     Rank(#[from] AdapterError),
 }
 
-impl Placement {
-    /// Parses the placement grammar.
-    pub fn parse(text: &str) -> Result<Self, PlacementError> {
-        let syntax = |reason: &str| PlacementError::Syntax {
+/// Parses the placement grammar (the job contract's); the error quotes the text and says what
+/// is wrong with it.
+pub fn parse(text: &str) -> Result<Placement, PlacementError> {
+    Placement::parse(text).map_err(|error| {
+        let reason = match &error {
+            PlacementSyntaxError::Unknown => "unknown placement".to_string(),
+            PlacementSyntaxError::UnknownKind { .. } => format!(
+                "unknown module kind ({})",
+                ModuleKind::ALL
+                    .iter()
+                    .map(|kind| kind.name())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            PlacementSyntaxError::BadCount { .. } => {
+                "the count must be a positive integer".to_string()
+            }
+            PlacementSyntaxError::MissingArgument { .. } => "wrong or missing argument".to_string(),
+            PlacementSyntaxError::BadModule { name, .. } => {
+                format!("{name:?} is not a module path like layers.3.mlp.down_proj")
+            }
+            PlacementSyntaxError::Repeated { .. } | PlacementSyntaxError::BadBudget => {
+                error.to_string()
+            }
+        };
+        PlacementError::Syntax {
             found: text.to_string(),
-            reason: reason.to_string(),
-        };
-        let count = |value: &str| -> Result<usize, PlacementError> {
-            match value.parse::<usize>() {
-                Ok(n) if n > 0 => Ok(n),
-                _ => Err(syntax("the count must be a positive integer")),
-            }
-        };
-        let kind = |value: &str| {
-            ModuleKind::parse(value).ok_or_else(|| syntax("unknown module kind (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)"))
-        };
-        let (head, arg) = match text.split_once(':') {
-            Some((head, arg)) => (head, Some(arg)),
-            None => (text, None),
-        };
-        match (head, arg) {
-            ("all", None) => Ok(Self::All),
-            ("dominant", None) => Ok(Self::Dominant),
-            ("dominant", Some(k)) => Ok(Self::DominantKind(kind(k)?)),
-            ("top_k", Some(n)) => Ok(Self::TopK(count(n)?)),
-            ("random", Some(n)) => Ok(Self::Random(count(n)?)),
-            ("kind", Some(k)) => Ok(Self::Kind(kind(k)?)),
-            ("budget_matched", Some(n)) => Ok(Self::BudgetMatched(count(n)?)),
-            ("explicit", Some(list)) => {
-                let modules = list
-                    .split(',')
-                    .map(|name| {
-                        ModuleId::parse(name.trim()).ok_or_else(|| {
-                            syntax(&format!(
-                                "{name:?} is not a module path like layers.3.mlp.down_proj"
-                            ))
-                        })
-                    })
-                    .collect::<Result<Vec<_>, _>>()?;
-                if modules.is_empty() {
-                    return Err(syntax("the module list is empty"));
-                }
-                Ok(Self::Explicit(modules))
-            }
-            ("all", Some(_))
-            | ("top_k" | "random" | "kind" | "budget_matched" | "explicit", None) => {
-                Err(syntax("wrong or missing argument"))
-            }
-            _ => Err(syntax("unknown placement")),
+            reason,
         }
-    }
+    })
+}
 
-    /// Whether resolving it needs a PAGE probe result.
-    pub fn needs_probe(&self) -> bool {
-        matches!(
-            self,
-            Self::Dominant | Self::DominantKind(_) | Self::TopK(_) | Self::BudgetMatched(_)
-        )
-    }
-
+/// Resolution of a placement to modules and ranks for one model.
+pub trait Resolve {
     /// The modules and their ranks for a model. `rank` is the run's rank (ignored by
     /// `budget_matched`, which chooses its own); `seed` drives `random`.
-    pub fn resolve(
+    fn resolve(
+        &self,
+        config: &ModelConfig,
+        probe: Option<&ProbeResult>,
+        rank: usize,
+        variant: Variant,
+        seed: u64,
+    ) -> Result<Vec<(ModuleId, usize)>, PlacementError>;
+}
+
+impl Resolve for Placement {
+    fn resolve(
         &self,
         config: &ModelConfig,
         probe: Option<&ProbeResult>,
@@ -165,14 +130,14 @@ impl Placement {
                 .ok_or_else(|| PlacementError::NeedsProbe(self.to_string()))
         };
         let modules: Vec<ModuleId> = match self {
-            Self::All => all.clone(),
-            Self::Dominant => ranking()?.into_iter().take(1).collect(),
-            Self::DominantKind(kind) => ranking()?
+            Placement::All => all.clone(),
+            Placement::Dominant => ranking()?.into_iter().take(1).collect(),
+            Placement::DominantKind(kind) => ranking()?
                 .into_iter()
                 .filter(|m| m.kind == *kind)
                 .take(1)
                 .collect(),
-            Self::TopK(k) => {
+            Placement::TopK(k) => {
                 if *k > all.len() {
                     return Err(PlacementError::TooMany {
                         asked: *k,
@@ -181,7 +146,7 @@ impl Placement {
                 }
                 ranking()?.into_iter().take(*k).collect()
             }
-            Self::Random(n) => {
+            Placement::Random(n) => {
                 if *n > all.len() {
                     return Err(PlacementError::TooMany {
                         asked: *n,
@@ -194,8 +159,8 @@ impl Placement {
                 chosen.sort();
                 chosen
             }
-            Self::Kind(kind) => all.iter().filter(|m| m.kind == *kind).copied().collect(),
-            Self::Explicit(list) => {
+            Placement::Kind(kind) => all.iter().filter(|m| m.kind == *kind).copied().collect(),
+            Placement::Explicit(list) => {
                 for module in list {
                     if module.layer >= config.num_layers {
                         return Err(PlacementError::NoSuchModule {
@@ -209,7 +174,7 @@ impl Placement {
                 list.dedup();
                 list
             }
-            Self::BudgetMatched(budget) => {
+            Placement::BudgetMatched(budget) => {
                 let module = ranking()?
                     .into_iter()
                     .next()
@@ -218,11 +183,11 @@ impl Placement {
                 let per_rank = d_in + d_out;
                 let max_rank = d_in.min(d_out);
                 let fixed = adapter_parameter_count(config, module, 0, variant);
-                let chosen =
-                    ((budget.saturating_sub(fixed)) as f64 / per_rank as f64).round() as usize;
+                let chosen = (((*budget as usize).saturating_sub(fixed)) as f64 / per_rank as f64)
+                    .round() as usize;
                 if chosen == 0 || chosen > max_rank {
                     return Err(PlacementError::Budget {
-                        budget: *budget,
+                        budget: *budget as usize,
                         module: module.name(),
                         per_rank,
                         max_rank,
@@ -239,31 +204,6 @@ impl Placement {
             check_rank(*module, rank, d_in, d_out)?;
         }
         Ok(modules.into_iter().map(|m| (m, rank)).collect())
-    }
-}
-
-impl fmt::Display for Placement {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::All => write!(f, "all"),
-            Self::Dominant => write!(f, "dominant"),
-            Self::DominantKind(kind) => write!(f, "dominant:{kind}"),
-            Self::TopK(k) => write!(f, "top_k:{k}"),
-            Self::Random(n) => write!(f, "random:{n}"),
-            Self::Kind(kind) => write!(f, "kind:{kind}"),
-            Self::Explicit(list) => {
-                let names: Vec<String> = list.iter().map(|m| m.name()).collect();
-                write!(f, "explicit:{}", names.join(","))
-            }
-            Self::BudgetMatched(n) => write!(f, "budget_matched:{n}"),
-        }
-    }
-}
-
-impl std::str::FromStr for Placement {
-    type Err = PlacementError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Self::parse(s)
     }
 }
 
@@ -338,7 +278,7 @@ mod tests {
             "explicit:layers.0.mlp.down_proj,layers.1.self_attn.q_proj",
             "budget_matched:5000",
         ] {
-            assert_eq!(Placement::parse(text).unwrap().to_string(), text);
+            assert_eq!(parse(text).unwrap().to_string(), text);
         }
         for bad in [
             "",
@@ -351,7 +291,7 @@ mod tests {
             "explicit:layers.1.mlp.q_proj",
             "all:3",
         ] {
-            assert!(Placement::parse(bad).is_err(), "{bad:?} should be rejected");
+            assert!(parse(bad).is_err(), "{bad:?} should be rejected");
         }
     }
 
@@ -360,7 +300,7 @@ mod tests {
         let config = config();
         let probe = probe(&config);
         let resolve = |text: &str| {
-            Placement::parse(text)
+            parse(text)
                 .unwrap()
                 .resolve(&config, Some(&probe), 2, Variant::Lora, 1)
                 .unwrap()
@@ -379,7 +319,7 @@ mod tests {
         let random = resolve("random:4");
         assert_eq!(random.len(), 4);
         assert_eq!(random, resolve("random:4"), "random placement is seeded");
-        let other_seed = Placement::parse("random:4")
+        let other_seed = parse("random:4")
             .unwrap()
             .resolve(&config, None, 2, Variant::Lora, 2)
             .unwrap();
@@ -394,7 +334,7 @@ mod tests {
     #[test]
     fn bad_placements_are_clear_errors() {
         let config = config();
-        let err = Placement::parse("explicit:layers.7.mlp.down_proj")
+        let err = parse("explicit:layers.7.mlp.down_proj")
             .unwrap()
             .resolve(&config, None, 2, Variant::Lora, 0)
             .unwrap_err();

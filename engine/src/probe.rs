@@ -19,27 +19,7 @@ use crate::adapter::{AInit, Adapter, AdapterSettings, Variant};
 use crate::data::Collated;
 use crate::model::{ModelConfig, ModuleId, ModuleKind, Transformer};
 
-/// Which estimator of PAGE to report.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum Estimator {
-    /// `‖s·G·Aᵀ‖²` with A sampled from its init.
-    #[default]
-    Sample,
-    /// `s²·r·σ_A²·‖G‖²`, the expectation over A.
-    Expected,
-}
-
-impl Estimator {
-    /// Parses `sample` / `expected`.
-    pub fn parse(name: &str) -> Option<Self> {
-        match name {
-            "sample" => Some(Self::Sample),
-            "expected" => Some(Self::Expected),
-            _ => None,
-        }
-    }
-}
+pub use lorasweep_contract::Estimator;
 
 /// Probe settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

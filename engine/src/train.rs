@@ -18,30 +18,7 @@ use crate::fused;
 use crate::model::Transformer;
 use crate::parallel::{self, GradReducer, ReduceError};
 
-/// Learning-rate decay after warmup.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum Schedule {
-    /// Half-cosine from the peak to 0.
-    #[default]
-    Cosine,
-    /// Straight line from the peak to 0.
-    Linear,
-    /// The peak throughout.
-    Constant,
-}
-
-impl Schedule {
-    /// Parses `cosine` / `linear` / `constant`.
-    pub fn parse(name: &str) -> Option<Self> {
-        match name {
-            "cosine" => Some(Self::Cosine),
-            "linear" => Some(Self::Linear),
-            "constant" => Some(Self::Constant),
-            _ => None,
-        }
-    }
-}
+pub use lorasweep_contract::Schedule;
 
 /// Training hyper-parameters.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -12,7 +12,7 @@ use lorasweep_engine::data::{Message, Role};
 use lorasweep_engine::jobs::{self, DataSource};
 use lorasweep_engine::loader;
 use lorasweep_engine::model::ModelSource;
-use lorasweep_engine::placement::Placement;
+use lorasweep_engine::placement::Resolve;
 use lorasweep_engine::probe::{self, ProbeSettings};
 
 fn hf_dir(arch: &'static str) -> tempfile::TempDir {
@@ -295,7 +295,7 @@ fn empty_data_sets_are_refused() {
 fn placements_outside_the_model_are_refused() {
     let config = tiny_config(&hf_spec("llama", 12));
     let resolve = |text: &str, rank: usize| {
-        Placement::parse(text)
+        lorasweep_engine::placement::parse(text)
             .and_then(|p| p.resolve(&config, None, rank, Variant::Lora, 0))
             .map(|_| ())
             .unwrap_err()
@@ -323,7 +323,7 @@ fn placements_outside_the_model_are_refused() {
 fn impossible_ranks_are_refused() {
     let config = tiny_config(&hf_spec("llama", 12));
     let resolve = |text: &str, rank: usize| {
-        Placement::parse(text)
+        lorasweep_engine::placement::parse(text)
             .unwrap()
             .resolve(&config, None, rank, Variant::Lora, 0)
             .map(|_| ())

@@ -17,7 +17,7 @@ fn job(model: &Path, out: &Path, placement: &str, variant: Variant, steps: usize
     TrainJob {
         model: model.to_str().unwrap().to_string(),
         data: DataSource::Jsonl(common::fixture("engine/chat.jsonl")),
-        placement: placement.to_string(),
+        placement: lorasweep_engine::placement::parse(placement).unwrap(),
         probe: None,
         probe_settings: ProbeSettings {
             batches: 2,

@@ -21,7 +21,7 @@ fn job(model: &Path, out: &Path) -> TrainJob {
     TrainJob {
         model: model.to_str().unwrap().to_string(),
         data: DataSource::Jsonl(common::fixture("engine/chat.jsonl")),
-        placement: "all".to_string(),
+        placement: lorasweep_engine::placement::Placement::All,
         probe: None,
         probe_settings: ProbeSettings::default(),
         adapter: AdapterSettings {

@@ -177,7 +177,9 @@ fn bad_user_files_are_clear_errors() {
     let message = load(&missing, None).unwrap_err().to_string();
     assert!(message.contains("absent.jsonl"), "{message}");
 
-    let error = "f1".parse::<Metric>().unwrap_err().to_string();
+    let error = lorasweep_engine::tasks::user_metric("f1")
+        .unwrap_err()
+        .to_string();
     assert!(error.contains("exact, contains or loss"), "{error}");
 }
 

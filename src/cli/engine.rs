@@ -46,10 +46,10 @@ pub struct ProbeOptions {
     #[arg(long, default_value_t = 256)]
     probe_max_len: usize,
     /// PAGE estimator: sample (real A draw) or expected (expectation over A).
-    #[arg(long, default_value = "sample", value_parser = ["sample", "expected"])]
+    #[arg(long, default_value = "sample", value_parser = clap::builder::PossibleValuesParser::new(Estimator::ALL.map(Estimator::name)))]
     estimator: String,
     /// Init of A: kaiming (PEFT default) or gaussian.
-    #[arg(long = "a-init", default_value = "kaiming", value_parser = ["kaiming", "gaussian"])]
+    #[arg(long = "a-init", default_value = "kaiming", value_parser = clap::builder::PossibleValuesParser::new(AInit::ALL.map(AInit::name)))]
     a_init: String,
 }
 
@@ -71,8 +71,8 @@ impl ProbeOptions {
             max_len: self.probe_max_len,
             rank,
             alpha,
-            estimator: Estimator::parse(&self.estimator).expect("clap checked the value"),
-            a_init: AInit::parse(&self.a_init)?,
+            estimator: Estimator::from_name(&self.estimator).expect("clap checked the value"),
+            a_init: self.a_init.parse::<AInit>()?,
             seed,
         })
     }
@@ -178,7 +178,7 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 2e-4)]
     lr: f64,
     /// cosine, linear or constant.
-    #[arg(long, default_value = "cosine", value_parser = ["cosine", "linear", "constant"])]
+    #[arg(long, default_value = "cosine", value_parser = clap::builder::PossibleValuesParser::new(Schedule::ALL.map(Schedule::name)))]
     schedule: String,
     /// Fraction of steps of linear warmup.
     #[arg(long, default_value_t = 0.03)]
@@ -287,11 +287,11 @@ pub fn probe(args: ProbeArgs) -> anyhow::Result<()> {
 /// `lorasweep train`.
 pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     let device = loader::default_device();
-    let schedule = Schedule::parse(&args.schedule).expect("clap checked the value");
+    let schedule = Schedule::from_name(&args.schedule).expect("clap checked the value");
     let job = TrainJob {
         model: args.model.clone(),
         data: args.data.source()?,
-        placement: args.placement.clone(),
+        placement: lorasweep_engine::placement::parse(&args.placement)?,
         probe: args.probe.clone(),
         probe_settings: args
             .probe_options
@@ -300,7 +300,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
             variant: args.variant,
             rank: args.rank,
             alpha: args.alpha,
-            a_init: AInit::parse(&args.probe_options.a_init)?,
+            a_init: args.probe_options.a_init.parse::<AInit>()?,
             seed: args.seed,
         },
         loraplus_ratio: args.loraplus_ratio,

@@ -69,7 +69,7 @@ pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
     let metric = args
         .metric
         .as_deref()
-        .map(str::parse::<Metric>)
+        .map(lorasweep_engine::tasks::user_metric)
         .transpose()?;
     let job = EvalJob {
         model: args.model.clone(),

@@ -16,14 +16,17 @@ use std::sync::Mutex;
 
 use crate::agent::{ExecError, JobContext, JobExecutor, JobOutput, OutputFile};
 use candle_core::Device;
+use lorasweep_contract::{
+    EvalParams, EvalSummary, JobKind, JobParams, ModuleRank, ProbeParams, ProbeSummary,
+    TrainParams, TrainSummary,
+};
 use lorasweep_coordinator::domain::{JobAssignment, Progress};
-use lorasweep_coordinator::graph::JobKind;
-use lorasweep_engine::adapter::{AInit, AdapterSettings, Variant};
+use lorasweep_engine::adapter::{AInit, AdapterSettings};
 use lorasweep_engine::evaluate::{self, EvalJob, EvalOptions};
 use lorasweep_engine::jobs::{self, DataSource, LocalRank, TrainJob};
-use lorasweep_engine::probe::{Estimator, ProbeResult, ProbeSettings};
-use lorasweep_engine::train::{Schedule, TrainSettings};
-use serde_json::{json, Value};
+use lorasweep_engine::probe::{ProbeResult, ProbeSettings};
+use lorasweep_engine::train::TrainSettings;
+use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 /// Longest conversation a loss-scored eval reads when the job does not say.
@@ -95,10 +98,10 @@ impl EngineExecutor {
 
 impl JobExecutor for EngineExecutor {
     fn run(&self, job: &JobAssignment, context: &JobContext) -> Result<JobOutput, ExecError> {
-        match job.kind {
-            JobKind::Probe => self.probe(job, context),
-            JobKind::Train => self.train(job, context),
-            JobKind::Eval => self.eval(job, context),
+        match job_params(job)? {
+            JobParams::Probe(params) => self.probe(job, &params, context),
+            JobParams::Train(params) => self.train(job, &params, context),
+            JobParams::Eval(params) => self.eval(job, &params, context),
         }
     }
 }
@@ -107,30 +110,25 @@ impl JobExecutor for EngineExecutor {
 #[cfg(feature = "nccl")]
 const RENDEZVOUS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
 
-/// Reads a field of the job's parameters.
-fn field<T: serde::de::DeserializeOwned>(params: &Value, name: &str) -> Result<T, ExecError> {
-    let value = params
-        .get(name)
-        .cloned()
-        .ok_or_else(|| ExecError::Permanent(format!("job parameter {name} is missing")))?;
-    serde_json::from_value(value)
-        .map_err(|e| ExecError::Permanent(format!("job parameter {name}: {e}")))
+/// The job's parameters, read once into the typed contract; parameters that do not fit the
+/// job kind fail the job permanently, naming the field.
+fn job_params(job: &JobAssignment) -> Result<JobParams, ExecError> {
+    JobParams::from_value(job.kind, &job.params)
+        .map_err(|e| ExecError::Permanent(format!("job {}: {e}", job.key)))
 }
 
-fn probe_settings(params: &Value, seed: u64) -> Result<ProbeSettings, ExecError> {
-    let estimator: String = field(params, "estimator")?;
-    let a_init: String = field(params, "a_init")?;
-    Ok(ProbeSettings {
-        batches: field(params, "batches")?,
-        batch_size: field(params, "batch_size")?,
-        max_len: field(params, "max_len")?,
-        rank: field(params, "rank")?,
-        alpha: field(params, "alpha")?,
-        estimator: Estimator::parse(&estimator)
-            .ok_or_else(|| ExecError::Permanent(format!("unknown estimator {estimator}")))?,
-        a_init: AInit::parse(&a_init).map_err(|e| ExecError::Permanent(e.to_string()))?,
-        seed,
-    })
+/// The engine's probe settings for a probe job's parameters.
+fn probe_settings(params: &ProbeParams) -> ProbeSettings {
+    ProbeSettings {
+        batches: params.batches as usize,
+        batch_size: params.batch_size as usize,
+        max_len: params.max_len as usize,
+        rank: params.rank as usize,
+        alpha: params.alpha,
+        estimator: params.estimator,
+        a_init: params.a_init,
+        seed: params.seed,
+    }
 }
 
 /// Errors of the engine: a bad model, data or setting will fail again; anything else may not.
@@ -143,9 +141,13 @@ fn io_error(context: &str, error: impl std::fmt::Display) -> ExecError {
 }
 
 impl EngineExecutor {
-    fn probe(&self, job: &JobAssignment, context: &JobContext) -> Result<JobOutput, ExecError> {
-        let seed: u64 = field(&job.params, "seed")?;
-        let settings = probe_settings(&job.params, seed)?;
+    fn probe(
+        &self,
+        job: &JobAssignment,
+        params: &ProbeParams,
+        context: &JobContext,
+    ) -> Result<JobOutput, ExecError> {
+        let settings = probe_settings(params);
         let data = DataSource::Task(job.task.clone());
         let key = probe_cache_key(&job.model, &data, &settings)?;
         if let Some(hit) = context.cached(&key)? {
@@ -165,15 +167,15 @@ impl EngineExecutor {
         let path = context.work_dir().join("probe.json");
         lorasweep_engine::peft::write_json(&path, &result)
             .map_err(|e| io_error("writing probe.json", e))?;
-        let summary = json!({
-            "dominant": result.dominant,
-            "top1_share": result.top1_share,
-            "argmax_stability": result.argmax_stability,
-            "share_by_kind": result.share_by_kind,
-            "tokens": result.tokens,
-            "wall_s": result.wall_s,
-            "estimator": settings.estimator,
-            "a_init": settings.a_init,
+        let summary = to_result(&ProbeSummary {
+            a_init: settings.a_init,
+            argmax_stability: result.argmax_stability,
+            dominant: result.dominant.clone(),
+            estimator: settings.estimator,
+            share_by_kind: result.share_by_kind.clone(),
+            tokens: result.tokens,
+            top1_share: result.top1_share,
+            wall_s: result.wall_s,
         });
         Ok(JobOutput {
             result: summary,
@@ -185,14 +187,14 @@ impl EngineExecutor {
         })
     }
 
-    fn train(&self, job: &JobAssignment, context: &JobContext) -> Result<JobOutput, ExecError> {
-        let params = &job.params;
+    fn train(
+        &self,
+        job: &JobAssignment,
+        params: &TrainParams,
+        context: &JobContext,
+    ) -> Result<JobOutput, ExecError> {
         let out = context.work_dir().join("adapter");
-        let variant: String = field(params, "variant")?;
-        let schedule: String = field(params, "schedule")?;
-        let seed: u64 = field(params, "seed")?;
-        let rank: usize = field(params, "rank")?;
-        let alpha: f64 = field(params, "alpha")?;
+        let seed = params.seed;
         let probe_path = self.merged_probe(job, context)?;
         let mut resume = false;
         if let Some(checkpoint) = &job.resume_from {
@@ -202,42 +204,36 @@ impl EngineExecutor {
             resume = true;
             tracing::info!(job = %job.key, step = checkpoint.step, "resuming from an uploaded checkpoint");
         }
-        let probe_params = params.get("probe").cloned().unwrap_or(Value::Null);
-        let probe_settings = if probe_params.is_null() {
-            ProbeSettings::default()
-        } else {
-            probe_settings(&probe_params, seed)?
+        let probe_settings = match &params.probe {
+            Some(probe) => probe_settings(&probe.probe(seed)),
+            None => ProbeSettings::default(),
         };
         let train_job = TrainJob {
             model: job.model.clone(),
             data: DataSource::Task(job.task.clone()),
-            placement: field(params, "placement")?,
+            placement: params.placement.clone(),
             probe: probe_path,
             probe_settings,
             adapter: AdapterSettings {
-                variant: Variant::parse(&variant).map_err(engine_error)?,
-                rank,
-                alpha,
+                variant: params.variant,
+                rank: params.rank as usize,
+                alpha: params.alpha,
                 a_init: AInit::Kaiming,
                 seed,
             },
-            loraplus_ratio: params
-                .get("loraplus_ratio")
-                .and_then(Value::as_f64)
-                .unwrap_or(16.0),
+            loraplus_ratio: params.loraplus_ratio.unwrap_or(16.0),
             train: TrainSettings {
-                steps: field(params, "steps")?,
-                batch_size: field(params, "batch_size")?,
-                grad_accum: field(params, "grad_accum")?,
-                max_len: field(params, "max_len")?,
-                lr: field(params, "lr")?,
-                schedule: Schedule::parse(&schedule)
-                    .ok_or_else(|| ExecError::Permanent(format!("unknown schedule {schedule}")))?,
-                warmup_ratio: field(params, "warmup_ratio")?,
-                weight_decay: field(params, "weight_decay")?,
-                max_grad_norm: field(params, "max_grad_norm")?,
+                steps: params.steps as usize,
+                batch_size: params.batch_size as usize,
+                grad_accum: params.grad_accum as usize,
+                max_len: params.max_len as usize,
+                lr: params.lr,
+                schedule: params.schedule,
+                warmup_ratio: params.warmup_ratio,
+                weight_decay: params.weight_decay,
+                max_grad_norm: params.max_grad_norm,
                 seed,
-                checkpoint_every: field(params, "checkpoint_every")?,
+                checkpoint_every: params.checkpoint_every as usize,
                 ..TrainSettings::default()
             },
             out: out.clone(),
@@ -293,17 +289,24 @@ impl EngineExecutor {
         }
         let outcome = outcome.map_err(engine_error)?;
         let metrics = &outcome.metrics;
-        let result = json!({
-            "modules": outcome.modules.iter().map(|(m, r)| json!({"name": m.name(), "rank": r})).collect::<Vec<_>>(),
-            "trainable_parameters": metrics.trainable_parameters,
-            "final_loss": metrics.steps.last().map(|r| r.loss),
-            "losses": metrics.steps.iter().map(|r| r.loss).collect::<Vec<_>>(),
-            "tokens": metrics.tokens,
-            "tokens_per_s": metrics.tokens_per_s,
-            "wall_s": metrics.wall_s,
-            "resumed_from": metrics.resumed_from,
-            "dominant": outcome.dominant,
-            "world_size": world,
+        let result = to_result(&TrainSummary {
+            dominant: outcome.dominant.clone(),
+            final_loss: metrics.steps.last().map(|r| r.loss),
+            losses: metrics.steps.iter().map(|r| r.loss).collect(),
+            modules: outcome
+                .modules
+                .iter()
+                .map(|(module, rank)| ModuleRank {
+                    name: module.name(),
+                    rank: *rank,
+                })
+                .collect(),
+            resumed_from: metrics.resumed_from,
+            tokens: metrics.tokens,
+            tokens_per_s: metrics.tokens_per_s,
+            trainable_parameters: metrics.trainable_parameters,
+            wall_s: metrics.wall_s,
+            world_size: world,
         });
         let artifacts = [
             "adapter_config.json",
@@ -474,15 +477,19 @@ impl EngineExecutor {
         Ok(Some(path))
     }
 
-    fn eval(&self, job: &JobAssignment, context: &JobContext) -> Result<JobOutput, ExecError> {
-        let params = &job.params;
-        let adapter = match params.get("adapter").and_then(Value::as_str) {
+    fn eval(
+        &self,
+        job: &JobAssignment,
+        params: &EvalParams,
+        context: &JobContext,
+    ) -> Result<JobOutput, ExecError> {
+        let adapter = match &params.adapter {
             None => None,
             Some(train_key) => {
                 let dependency = job
                     .dependencies
                     .iter()
-                    .find(|d| d.key.0 == train_key)
+                    .find(|d| d.key == *train_key)
                     .ok_or_else(|| {
                         ExecError::Permanent(format!(
                             "eval of {train_key}: the train job is not a dependency"
@@ -497,13 +504,6 @@ impl EngineExecutor {
                 Some(dir)
             }
         };
-        let metric = match params.get("metric").and_then(Value::as_str) {
-            Some(name) => Some(
-                name.parse::<lorasweep_engine::tasks::Metric>()
-                    .map_err(engine_error)?,
-            ),
-            None => None,
-        };
         context.progress(Progress {
             message: "evaluating".into(),
             ..Default::default()
@@ -513,25 +513,13 @@ impl EngineExecutor {
             merge: adapter.is_some(),
             adapter,
             task: job.task.clone(),
-            metric,
+            metric: params.metric,
             options: EvalOptions {
-                limit: params
-                    .get("limit")
-                    .and_then(Value::as_u64)
-                    .map(|n| n as usize),
-                max_new_tokens: params
-                    .get("max_new_tokens")
-                    .and_then(Value::as_u64)
-                    .map(|n| n as usize),
-                batch_size: params
-                    .get("batch_size")
-                    .and_then(Value::as_u64)
-                    .map_or(8, |n| n as usize),
+                limit: Some(params.limit as usize),
+                max_new_tokens: Some(params.max_new_tokens as usize),
+                batch_size: params.batch_size as usize,
                 // Loss-scored conversations are cut here (the report counts the cut ones).
-                max_len: params
-                    .get("max_len")
-                    .and_then(Value::as_u64)
-                    .map_or(EVAL_MAX_LEN, |n| n as usize),
+                max_len: EVAL_MAX_LEN,
                 ..EvalOptions::default()
             },
         };
@@ -541,13 +529,13 @@ impl EngineExecutor {
         report
             .write_json(&path)
             .map_err(|e| io_error("writing eval.json", e))?;
-        let result = json!({
-            "task": report.task,
-            "score": report.score,
-            "metrics": report.metrics,
-            "n": report.n,
-            "wall_s": report.wall_s,
-            "adapter": report.adapter,
+        let result = to_result(&EvalSummary {
+            adapter: report.adapter.clone(),
+            metrics: report.metrics.clone(),
+            n: report.n,
+            score: report.score,
+            task: report.task.clone(),
+            wall_s: report.wall_s,
         });
         Ok(JobOutput {
             result,
@@ -558,6 +546,12 @@ impl EngineExecutor {
             cache_key: None,
         })
     }
+}
+
+/// A typed result as the JSON the coordinator stores.
+fn to_result<T: serde::Serialize>(summary: &T) -> Value {
+    // Plain structs of numbers, strings, lists and maps with string keys always serialize.
+    serde_json::to_value(summary).unwrap_or(Value::Null)
 }
 
 /// Content key of a probe: model weights, task data, settings and seed.

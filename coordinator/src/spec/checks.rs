@@ -4,7 +4,7 @@
 use std::collections::{HashMap, HashSet};
 
 use super::fields::{read_value, Field, FieldValue, ProbeField, TrainField};
-use super::placement::{ModuleKind, Placement};
+use super::placement::{self, ModuleKind, Placement};
 use super::raw::{self, find, key_path, Context, Entry};
 use super::validate::{AxisOrigins, Origin};
 use super::{Baseline, ModelGeometry, ReportSettings, Sweep, Variant};
@@ -76,7 +76,9 @@ pub(crate) fn check_points(
                 origin_at(field, sweep, indices, fixed, axis_origins).unwrap_or(model_origin)
             };
             let placement_origin = at(Field::Train(TrainField::Placement));
-            for (expected, found) in train.placement.check_against(&model_id, &geometry) {
+            for (expected, found) in
+                placement::check_against(&train.placement, &model_id, &geometry)
+            {
                 context.error(
                     placement_origin.loc,
                     &placement_origin.path,
@@ -103,7 +105,7 @@ pub(crate) fn check_points(
                 }
             }
             if probes {
-                if let Some((limit, kind)) = rank_limit(&geometry, ModuleKind::ALL) {
+                if let Some((limit, kind)) = rank_limit(&geometry, &ModuleKind::ALL) {
                     if point.probe.rank > limit {
                         let rank_origin = at(Field::Probe(ProbeField::Rank));
                         let (d_in, d_out) = geometry.module_dims(kind);

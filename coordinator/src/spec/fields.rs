@@ -417,7 +417,7 @@ pub(crate) fn read_value(
             match Placement::parse(text) {
                 Ok(placement) => Some(FieldValue::Placement(placement)),
                 Err(expected) => {
-                    context.error(node.loc, path, expected, raw::describe(node));
+                    context.error(node.loc, path, expected.to_string(), raw::describe(node));
                     None
                 }
             }

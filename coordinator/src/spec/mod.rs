@@ -81,9 +81,8 @@ mod raw;
 mod validate;
 
 pub use fields::{Field, FieldValue, ProbeField, TrainField};
-pub use models::{
-    Architecture, Metric, ModelGeometry, ModelRef, NamedTask, PackagedModel, TaskRef,
-};
+pub use lorasweep_contract::{AInit, Estimator, Metric, NamedTask, Schedule, Variant};
+pub use models::{Architecture, ModelGeometry, ModelRef, PackagedModel, TaskRef};
 pub use placement::{ModuleKind, ModuleName, Placement};
 
 /// The only sweep file version this build reads.
@@ -144,56 +143,6 @@ pub enum LoadError {
     /// The file was read but is not a valid sweep.
     #[error("{0}")]
     Invalid(#[from] SpecErrors),
-}
-
-named_enum! {
-    /// A LoRA variant (see PRODUCT.md section 2.4).
-    Variant {
-        /// Plain LoRA, scale α/r.
-        Lora => "lora",
-        /// Rank-stabilised LoRA, scale α/√r.
-        Rslora => "rslora",
-        /// Weight-decomposed LoRA: magnitude times direction.
-        Dora => "dora",
-        /// Principal singular components init, residual base.
-        Pissa => "pissa",
-        /// LoRA with B's learning rate `loraplus_ratio` times A's.
-        Loraplus => "loraplus",
-        /// Minor singular components init, residual base.
-        Milora => "milora",
-    }
-}
-
-named_enum! {
-    /// The learning-rate schedule after warmup.
-    Schedule {
-        /// Cosine decay to zero.
-        Cosine => "cosine",
-        /// Linear decay to zero.
-        Linear => "linear",
-        /// Constant after warmup.
-        Constant => "constant",
-    }
-}
-
-named_enum! {
-    /// How the PAGE probe measures the projected gradient energy.
-    Estimator {
-        /// Draw A from its init and measure ‖s·G·Aᵀ‖².
-        Sample => "sample",
-        /// The expectation over A: s²·r·σ_A²·‖G‖².
-        Expected => "expected",
-    }
-}
-
-named_enum! {
-    /// The init of the adapter's A matrix assumed by the probe.
-    AInit {
-        /// PEFT's default, kaiming-uniform with a = √5.
-        Kaiming => "kaiming",
-        /// PEFT's `gaussian`, A ~ N(0, 1/r²).
-        Gaussian => "gaussian",
-    }
 }
 
 /// Settings of the PAGE probe jobs.

@@ -7,6 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use super::placement::ModuleKind;
+use lorasweep_contract::{Metric, NamedTask};
 
 named_enum! {
     /// A decoder architecture the engine implements.
@@ -209,32 +210,6 @@ pub(crate) fn read_hf_geometry(dir: &Path) -> Result<ModelGeometry, (String, Str
         q_dim: config.num_attention_heads * head_dim,
         kv_dim: kv_heads * head_dim,
     })
-}
-
-named_enum! {
-    /// A task packaged with lorasweep (see the tasks issue).
-    NamedTask {
-        /// GSM-style math word problems; exact final answer.
-        Math => "math",
-        /// Python from docstrings, HumanEval pass@1.
-        Code => "code",
-        /// Instruction following with verifiable constraints.
-        Instruct => "instruct",
-        /// Multi-turn conversation; held-out response loss.
-        Chat => "chat",
-    }
-}
-
-named_enum! {
-    /// How a user JSONL task is scored.
-    Metric {
-        /// The generated answer equals the reference (normalised).
-        Exact => "exact",
-        /// The generated answer contains the reference.
-        Contains => "contains",
-        /// Held-out response-token loss and perplexity.
-        Loss => "loss",
-    }
 }
 
 /// A task a sweep trains and evaluates on.

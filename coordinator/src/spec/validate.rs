@@ -10,14 +10,13 @@ use std::path::Path;
 use super::axes::read_axes;
 use super::checks::{check_points, read_report};
 use super::fields::{read_value, Field, ProbeField, TrainField};
-use super::models::{
-    read_hf_geometry, resolve, Metric, ModelRef, NamedTask, PackagedModel, TaskRef,
-};
+use super::models::{read_hf_geometry, resolve, ModelRef, PackagedModel, TaskRef};
 use super::raw::{self, find, index_path, key_path, Context, Entry, Loc, Node, Value};
 use super::{
     EvalSettings, ProbeSettings, ReportSettings, Resources, Sweep, SweepAxes, TrainSettings,
     SPEC_VERSION,
 };
+use super::{Metric, NamedTask};
 
 const TOP_KEYS: &[&str] = &[
     "version",
@@ -357,7 +356,7 @@ fn read_task(
     let expected = format!(
         "a task: {}, a .jsonl file, or {{path: FILE.jsonl, metric: {}}}",
         NamedTask::names_list(),
-        Metric::ALL
+        Metric::USER
             .iter()
             .map(|metric| metric.name())
             .collect::<Vec<_>>()
@@ -408,11 +407,13 @@ fn read_task(
             let metric = match find(entries, "metric") {
                 Some(entry) => {
                     let entry_path = key_path(path, "metric");
-                    let what = format!("a metric: one of {}", Metric::names_list());
+                    let user_metrics: Vec<&str> =
+                        Metric::USER.iter().map(|metric| metric.name()).collect();
+                    let what = format!("a metric: one of {}", user_metrics.join(", "));
                     let text = raw::string(context, &entry.value, &entry_path, &what)?;
-                    match Metric::from_name(text) {
-                        Some(metric) => Some(metric),
-                        None => {
+                    match Metric::parse_user(text) {
+                        Ok(metric) => Some(metric),
+                        Err(_) => {
                             context.error(
                                 entry.value.loc,
                                 &entry_path,

@@ -9,7 +9,6 @@ pub mod qwen2;
 pub mod transformer;
 pub mod weights;
 
-use std::fmt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -114,134 +113,7 @@ impl ModelConfig {
     }
 }
 
-/// The seven linear projections of a decoder layer that can carry an adapter.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub enum ModuleKind {
-    /// Attention query projection.
-    #[serde(rename = "q_proj")]
-    QProj,
-    /// Attention key projection.
-    #[serde(rename = "k_proj")]
-    KProj,
-    /// Attention value projection.
-    #[serde(rename = "v_proj")]
-    VProj,
-    /// Attention output projection.
-    #[serde(rename = "o_proj")]
-    OProj,
-    /// FFN gate projection.
-    #[serde(rename = "gate_proj")]
-    GateProj,
-    /// FFN up projection.
-    #[serde(rename = "up_proj")]
-    UpProj,
-    /// FFN down projection.
-    #[serde(rename = "down_proj")]
-    DownProj,
-}
-
-impl ModuleKind {
-    /// All kinds in the order of a layer's forward pass.
-    pub const ALL: [ModuleKind; 7] = [
-        Self::QProj,
-        Self::KProj,
-        Self::VProj,
-        Self::OProj,
-        Self::GateProj,
-        Self::UpProj,
-        Self::DownProj,
-    ];
-
-    /// The Hugging Face attribute name (`q_proj`, …, `down_proj`).
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::QProj => "q_proj",
-            Self::KProj => "k_proj",
-            Self::VProj => "v_proj",
-            Self::OProj => "o_proj",
-            Self::GateProj => "gate_proj",
-            Self::UpProj => "up_proj",
-            Self::DownProj => "down_proj",
-        }
-    }
-
-    /// The submodule that holds it: `self_attn` or `mlp`.
-    pub fn block(self) -> &'static str {
-        match self {
-            Self::QProj | Self::KProj | Self::VProj | Self::OProj => "self_attn",
-            Self::GateProj | Self::UpProj | Self::DownProj => "mlp",
-        }
-    }
-
-    /// Parses `q_proj` … `down_proj`.
-    pub fn parse(name: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|kind| kind.name() == name)
-    }
-}
-
-impl fmt::Display for ModuleKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-/// One candidate module: a projection kind in one layer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ModuleId {
-    /// Decoder layer index, from 0.
-    pub layer: usize,
-    /// Projection kind.
-    pub kind: ModuleKind,
-}
-
-impl ModuleId {
-    /// The Hugging Face module path without the leading `model.`: `layers.3.mlp.down_proj`.
-    pub fn name(&self) -> String {
-        format!(
-            "layers.{}.{}.{}",
-            self.layer,
-            self.kind.block(),
-            self.kind.name()
-        )
-    }
-
-    /// Parses `layers.N.self_attn.q_proj` / `layers.N.mlp.down_proj` (a leading `model.` is
-    /// accepted).
-    pub fn parse(name: &str) -> Option<Self> {
-        let name = name.strip_prefix("model.").unwrap_or(name);
-        let mut parts = name.split('.');
-        if parts.next()? != "layers" {
-            return None;
-        }
-        let layer = parts.next()?.parse().ok()?;
-        let block = parts.next()?;
-        let kind = ModuleKind::parse(parts.next()?)?;
-        if parts.next().is_some() || kind.block() != block {
-            return None;
-        }
-        Some(Self { layer, kind })
-    }
-}
-
-impl fmt::Display for ModuleId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.name())
-    }
-}
-
-impl Serialize for ModuleId {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str(&self.name())
-    }
-}
-
-impl<'de> Deserialize<'de> for ModuleId {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let name = String::deserialize(deserializer)?;
-        Self::parse(&name)
-            .ok_or_else(|| serde::de::Error::custom(format!("not a module path: {name:?}")))
-    }
-}
+pub use lorasweep_contract::{ModuleId, ModuleKind};
 
 /// Where a model's files are.
 #[derive(Debug, Clone, PartialEq, Eq)]

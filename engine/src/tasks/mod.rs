@@ -21,7 +21,6 @@ pub mod sharegpt;
 pub mod user;
 
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -31,60 +30,13 @@ use crate::data::{Conversation, DataError, Message};
 use crate::eval::code::Problem;
 use crate::eval::instruct::IfPrompt;
 
-/// How a task's outputs are scored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Metric {
-    /// The final number of the answer (`#### N`, else the last number) equals the gold
-    /// number after normalisation.
-    NumberMatch,
-    /// The completion passes the problem's tests (greedy, one sample).
-    PassAt1,
-    /// Every verifiable instruction of the prompt is followed (strict), at prompt and
-    /// instruction level.
-    InstructionFollowing,
-    /// Mean loss (and perplexity) of the response tokens of every assistant turn.
-    Loss,
-    /// The reply equals the reference (surrounding whitespace ignored).
-    Exact,
-    /// The reply contains the reference.
-    Contains,
-}
+pub use lorasweep_contract::Metric;
 
-impl Metric {
-    /// The metric's name, as `lorasweep tasks` and eval outputs write it.
-    pub fn name(self) -> &'static str {
-        match self {
-            Metric::NumberMatch => "number_match",
-            Metric::PassAt1 => "pass@1",
-            Metric::InstructionFollowing => "instruction_following",
-            Metric::Loss => "loss",
-            Metric::Exact => "exact",
-            Metric::Contains => "contains",
-        }
-    }
-}
-
-impl std::fmt::Display for Metric {
-    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        formatter.write_str(self.name())
-    }
-}
-
-/// Parses the metrics a user task may use: `exact`, `contains`, `loss`.
-impl FromStr for Metric {
-    type Err = TaskError;
-
-    fn from_str(text: &str) -> Result<Self, Self::Err> {
-        match text {
-            "exact" => Ok(Metric::Exact),
-            "contains" => Ok(Metric::Contains),
-            "loss" => Ok(Metric::Loss),
-            _ => Err(TaskError::UnknownMetric {
-                metric: text.to_string(),
-            }),
-        }
-    }
+/// Parses a metric a user task may use (`exact`, `contains`, `loss`).
+pub fn user_metric(text: &str) -> Result<Metric, TaskError> {
+    Metric::parse_user(text).map_err(|_| TaskError::UnknownMetric {
+        metric: text.to_string(),
+    })
 }
 
 /// A math problem to solve.
@@ -477,11 +429,11 @@ mod tests {
 
     #[test]
     fn user_metrics_parse_and_others_do_not() {
-        assert_eq!("exact".parse::<Metric>().unwrap(), Metric::Exact);
-        assert_eq!("contains".parse::<Metric>().unwrap(), Metric::Contains);
-        assert_eq!("loss".parse::<Metric>().unwrap(), Metric::Loss);
+        assert_eq!(user_metric("exact").unwrap(), Metric::Exact);
+        assert_eq!(user_metric("contains").unwrap(), Metric::Contains);
+        assert_eq!(user_metric("loss").unwrap(), Metric::Loss);
         assert!(matches!(
-            "pass@1".parse::<Metric>(),
+            user_metric("pass@1"),
             Err(TaskError::UnknownMetric { .. })
         ));
     }

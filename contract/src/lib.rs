@@ -1,0 +1,31 @@
+//! The typed job contract between the coordinator and its workers, defined once.
+//!
+//! The coordinator compiles a sweep into [`JobParams`] (one of [`ProbeParams`],
+//! [`TrainParams`], [`EvalParams`]); the wire carries them as versioned JSON
+//! ([`JobParams::to_wire`]: a `schema` number and the parameters, unknown fields rejected);
+//! the worker reads them back once ([`JobParams::from_wire`]) and hands the typed values to the
+//! engine. Results come back the same way ([`ProbeSummary`], [`TrainSummary`],
+//! [`EvalSummary`]).
+//!
+//! Every name of the vocabulary (variants, placements, schedules, estimators, A inits, task
+//! names, metrics, module kinds) is written here and only here: each type has one
+//! [`std::str::FromStr`] and one [`std::fmt::Display`], and serializes as that name.
+//!
+//! This crate depends on neither candle nor tonic.
+#![warn(missing_docs)]
+
+#[macro_use]
+mod named;
+mod job;
+mod placement;
+mod result;
+mod vocab;
+
+pub use job::{
+    from_wire, wire, EvalParams, JobKey, JobKind, JobParams, ProbeInputs, ProbeParams, TrainParams,
+    WireError, SCHEMA,
+};
+pub use named::UnknownName;
+pub use placement::{Placement, PlacementSyntaxError};
+pub use result::{EvalSummary, ModuleRank, ProbeSummary, TrainSummary};
+pub use vocab::{AInit, Estimator, Metric, ModuleId, ModuleKind, NamedTask, Schedule, Variant};

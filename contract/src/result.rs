@@ -1,0 +1,80 @@
+//! What each job kind reports back to the coordinator (the `result` of a job). Fields are
+//! declared in name order, so the JSON reads the same as a sorted map.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::vocab::{AInit, Estimator};
+
+/// The result of a probe job (the full scores are its `probe.json` artifact).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProbeSummary {
+    /// The init of A the probe assumed.
+    pub a_init: AInit,
+    /// Fraction of batches whose own argmax is the dominant module.
+    pub argmax_stability: f64,
+    /// The argmax module, e.g. `layers.3.mlp.down_proj`.
+    pub dominant: String,
+    /// The estimator.
+    pub estimator: Estimator,
+    /// Share of PAGE per module kind.
+    pub share_by_kind: BTreeMap<String, f64>,
+    /// Response tokens probed.
+    pub tokens: usize,
+    /// Share of the dominant module.
+    pub top1_share: f64,
+    /// Wall time, seconds.
+    pub wall_s: f64,
+}
+
+/// One adapted module of a training run and its rank.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModuleRank {
+    /// Module path, e.g. `layers.3.mlp.down_proj`.
+    pub name: String,
+    /// Its rank.
+    pub rank: usize,
+}
+
+/// The result of a train job (the adapter and `metrics.json` are its artifacts).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainSummary {
+    /// The PAGE argmax module the placement read, if it read one.
+    pub dominant: Option<String>,
+    /// Loss of the last step.
+    pub final_loss: Option<f64>,
+    /// Loss of every step.
+    pub losses: Vec<f64>,
+    /// The adapted modules.
+    pub modules: Vec<ModuleRank>,
+    /// The step a resumed run started from.
+    pub resumed_from: Option<usize>,
+    /// Tokens trained on.
+    pub tokens: usize,
+    /// Training throughput.
+    pub tokens_per_s: f64,
+    /// Trainable parameters.
+    pub trainable_parameters: usize,
+    /// Wall time, seconds.
+    pub wall_s: f64,
+    /// Data-parallel ranks.
+    pub world_size: usize,
+}
+
+/// The result of an eval job (every sample is its `eval.json` artifact).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalSummary {
+    /// The adapter evaluated, if any.
+    pub adapter: Option<String>,
+    /// Every metric, by name.
+    pub metrics: BTreeMap<String, f64>,
+    /// Samples evaluated.
+    pub n: usize,
+    /// The task's headline metric.
+    pub score: f64,
+    /// The task.
+    pub task: String,
+    /// Wall time, seconds.
+    pub wall_s: f64,
+}
