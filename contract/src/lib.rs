@@ -12,12 +12,12 @@
 //! [`std::str::FromStr`] and one [`std::fmt::Display`], and serializes as that name.
 //!
 //! This crate depends on neither candle nor tonic.
-#![warn(missing_docs)]
 
 #[macro_use]
 mod named;
 mod job;
 mod placement;
+mod probe;
 mod result;
 mod vocab;
 
@@ -27,5 +27,6 @@ pub use job::{
 };
 pub use named::UnknownName;
 pub use placement::{Placement, PlacementSyntaxError};
+pub use probe::{ModuleScore, ProbeResult, ProbeSettings};
 pub use result::{EvalSummary, ModuleRank, ProbeSummary, TrainSummary};
 pub use vocab::{AInit, Estimator, Metric, ModuleId, ModuleKind, NamedTask, Schedule, Variant};

@@ -157,20 +157,17 @@ named_enum! {
 
 named_enum! {
     /// How A is initialised for the lora-style variants (and sampled by the PAGE probe).
+    #[derive(Default)]
     AInit ("A init") {
         /// PEFT's default, kaiming-uniform with a=√5: U(−1/√d_in, 1/√d_in), variance
         /// 1/(3·d_in).
+        #[default]
         Kaiming => "kaiming",
         /// PEFT's `init_lora_weights="gaussian"`: N(0, 1/r²).
         Gaussian => "gaussian",
     }
 }
 
-impl Default for AInit {
-    fn default() -> Self {
-        Self::Kaiming
-    }
-}
 
 impl AInit {
     /// The variance σ_A² of one entry of A.
@@ -184,24 +181,23 @@ impl AInit {
 
 named_enum! {
     /// How the PAGE probe measures the projected gradient energy.
+    #[derive(Default)]
     Estimator ("estimator") {
         /// ‖s·G·Aᵀ‖² with A sampled from its init.
+        #[default]
         Sample => "sample",
         /// s²·r·σ_A²·‖G‖², the expectation over A.
         Expected => "expected",
     }
 }
 
-impl Default for Estimator {
-    fn default() -> Self {
-        Self::Sample
-    }
-}
 
 named_enum! {
     /// The learning-rate decay after warmup.
+    #[derive(Default)]
     Schedule ("schedule") {
         /// Half-cosine from the peak to 0.
+        #[default]
         Cosine => "cosine",
         /// Straight line from the peak to 0.
         Linear => "linear",
@@ -210,11 +206,6 @@ named_enum! {
     }
 }
 
-impl Default for Schedule {
-    fn default() -> Self {
-        Self::Cosine
-    }
-}
 
 named_enum! {
     /// A task packaged with lorasweep.
@@ -247,6 +238,18 @@ named_enum! {
         Exact => "exact",
         /// The reply contains the reference.
         Contains => "contains",
+    }
+}
+
+impl NamedTask {
+    /// How the task's outputs are scored.
+    pub fn metric(self) -> Metric {
+        match self {
+            NamedTask::Math => Metric::NumberMatch,
+            NamedTask::Code => Metric::PassAt1,
+            NamedTask::Instruct => Metric::InstructionFollowing,
+            NamedTask::Chat => Metric::Loss,
+        }
     }
 }
 

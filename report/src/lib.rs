@@ -10,8 +10,6 @@
 //! `results.json` (one row per job), `page_<model>_<task>.svg` (PAGE heatmaps) and
 //! `score_<model>_<task>.svg` (score against trainable parameters).
 
-#![warn(missing_docs)]
-
 pub mod aggregate;
 pub mod html;
 pub mod plots;

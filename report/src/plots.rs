@@ -6,7 +6,7 @@ use anyhow::{anyhow, Result};
 use plotters::coord::ranged1d::SegmentValue;
 use plotters::prelude::*;
 
-use lorasweep_engine::model::ModuleKind;
+use lorasweep_contract::ModuleKind;
 
 use super::aggregate::{PageTask, TaskGroup};
 use super::tables::{direction, thousands};

@@ -11,13 +11,13 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use lorasweep_contract::ProbeResult;
 use lorasweep_coordinator::domain::{
     ArtifactInfo, ArtifactKind, JobRecord, JobResult, JobState, Progress, SweepRecord,
     SweepResults, Timestamp,
 };
 use lorasweep_coordinator::graph::{JobKey, JobKind};
 use lorasweep_coordinator::ids::{JobId, SweepId, WorkerId};
-use lorasweep_engine::probe::ProbeResult;
 
 /// The file holding the sweep and its jobs.
 pub const SWEEP_FILE: &str = "sweep.json";

@@ -518,7 +518,7 @@ pub fn markdown(report: &Report) -> String {
 
 /// Sort key of a module kind: forward-pass order, unknown kinds last.
 pub fn kind_order(kind: &str) -> usize {
-    lorasweep_engine::model::ModuleKind::ALL
+    lorasweep_contract::ModuleKind::ALL
         .iter()
         .position(|known| known.name() == kind)
         .unwrap_or(usize::MAX)

@@ -3,7 +3,7 @@
 
 What this produces
 ------------------
-For each of the two packaged models (see /work/shared/ASSETS.md, or the project's
+For each of the two packaged models (see engine/src/assets, or the project's
 `lorasweep assets fetch`), two JSON fixtures under engine/tests/fixtures/golden/:
 
 * `<model>_logits.json`: two short prompts (one plain text, one chat conversation rendered

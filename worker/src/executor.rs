@@ -22,6 +22,7 @@ use lorasweep_contract::{
 };
 use lorasweep_coordinator::domain::{JobAssignment, Progress};
 use lorasweep_engine::adapter::{AInit, AdapterSettings};
+use lorasweep_engine::error::{Classify, Retry};
 use lorasweep_engine::evaluate::{self, EvalJob, EvalOptions};
 use lorasweep_engine::jobs::{self, DataSource, LocalRank, TrainJob};
 use lorasweep_engine::probe::{ProbeResult, ProbeSettings};
@@ -131,8 +132,19 @@ fn probe_settings(params: &ProbeParams) -> ProbeSettings {
     }
 }
 
-/// Errors of the engine: a bad model, data or setting will fail again; anything else may not.
-fn engine_error(error: impl std::fmt::Display) -> ExecError {
+/// An engine error as the agent reports it: retryable when the engine says another attempt
+/// may succeed (out of memory, a lost rank, a device reset), permanent when the job itself is
+/// wrong (bad data, bad settings).
+fn engine_error<E: Classify + std::fmt::Display>(error: E) -> ExecError {
+    match error.retry() {
+        Retry::Retryable => ExecError::Retryable(error.to_string()),
+        Retry::Permanent => ExecError::Permanent(error.to_string()),
+    }
+}
+
+/// An error that would come back on every attempt (a model file that cannot be read, a value
+/// that cannot be written as JSON).
+fn permanent(error: impl std::fmt::Display) -> ExecError {
     ExecError::Permanent(error.to_string())
 }
 
@@ -573,7 +585,7 @@ fn probe_cache_key(
             files
         }
     };
-    let model_digest = lorasweep_engine::loader::file_digest(&files).map_err(engine_error)?;
+    let model_digest = lorasweep_engine::loader::file_digest(&files).map_err(permanent)?;
     let data_digest =
         lorasweep_engine::data::digest_conversations(&data.conversations().map_err(engine_error)?);
     let mut hasher = Sha256::new();
@@ -582,7 +594,7 @@ fn probe_cache_key(
     hasher.update(data_digest.as_bytes());
     hasher.update(
         serde_json::to_string(settings)
-            .map_err(engine_error)?
+            .map_err(permanent)?
             .as_bytes(),
     );
     Ok(format!("probe-{}", hex_string(&hasher.finalize())))
@@ -605,4 +617,24 @@ fn unpack_checkpoint(archive: &Path, dir: &Path) -> std::io::Result<()> {
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir)?;
     tar::Archive::new(std::fs::File::open(archive)?).unpack(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lorasweep_engine::jobs::JobError;
+
+    #[test]
+    fn engine_errors_keep_their_retry_class() {
+        let oom = JobError::Tensor(candle_core::Error::Msg(
+            "DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")".to_string(),
+        ));
+        assert!(matches!(engine_error(oom), ExecError::Retryable(_)));
+        let lost = JobError::Parallel("rank 1 panicked".to_string());
+        assert!(matches!(engine_error(lost), ExecError::Retryable(_)));
+        let bad = JobError::Data("no conversation has a response token".to_string());
+        assert!(
+            matches!(engine_error(bad), ExecError::Permanent(message) if message.contains("no conversation"))
+        );
+    }
 }

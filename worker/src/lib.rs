@@ -4,7 +4,6 @@
 //!
 //! The engine (`lorasweep-engine`) knows nothing of the coordinator; the coordinator knows
 //! nothing of tensors. This crate is where the two meet.
-#![warn(missing_docs)]
 
 pub mod agent;
 pub mod executor;

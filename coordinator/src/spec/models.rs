@@ -20,7 +20,7 @@ named_enum! {
 }
 
 named_enum! {
-    /// A model shipped in a package (see ASSETS.md).
+    /// A model shipped in a package (see `lorasweep assets`).
     PackagedModel {
         /// SmolLM2-135M-Instruct.
         SmolLm2 => "smollm2-135m",
@@ -66,7 +66,7 @@ impl ModelGeometry {
 }
 
 impl PackagedModel {
-    /// The geometry (from the models' config files; see ASSETS.md).
+    /// The geometry (from the models' config files; see `engine/src/assets`).
     pub fn geometry(self) -> ModelGeometry {
         match self {
             // 9 heads and 3 KV heads of 64.
