@@ -34,19 +34,19 @@ enum Command {
     /// Check a sweep file and print its job counts; runs nothing.
     Validate(cli::validate::ValidateArgs),
     /// Serve the gRPC coordinator: durable state, scheduling, artifacts.
-    Coordinator(cli::orchestrate::CoordinatorArgs),
+    Coordinator(cli::serve::CoordinatorArgs),
     /// Pull jobs from a coordinator and run them on this machine's GPUs (or CPU).
-    Worker(cli::orchestrate::WorkerArgs),
+    Worker(cli::serve::WorkerArgs),
     /// Submit a sweep file to a coordinator; prints only the sweep id.
-    Submit(cli::orchestrate::SubmitArgs),
+    Submit(cli::client_verbs::SubmitArgs),
     /// Show a sweep's jobs by state (`--format json` for scripts).
-    Status(cli::orchestrate::StatusArgs),
+    Status(cli::client_verbs::StatusArgs),
     /// Show live progress until a sweep ends.
-    Watch(cli::orchestrate::SweepArgs),
+    Watch(cli::client_verbs::SweepArgs),
     /// Cancel a sweep; running jobs stop at their next heartbeat.
-    Cancel(cli::orchestrate::SweepArgs),
+    Cancel(cli::client_verbs::SweepArgs),
     /// Run a sweep on this machine: a coordinator and N workers on loopback (rerun resumes).
-    Run(cli::orchestrate::RunArgs),
+    Run(cli::run::RunArgs),
     /// Write a sweep's report: Markdown, CSV, JSON, SVG plots and one HTML page.
     Report(cli::report::ReportArgs),
 }
@@ -64,13 +64,13 @@ fn main() -> std::process::ExitCode {
         Command::Eval(args) => cli::eval::eval(args),
         Command::Bench(args) => cli::bench::bench(args),
         Command::Validate(args) => cli::validate::validate(args),
-        Command::Coordinator(args) => cli::orchestrate::coordinator(args),
-        Command::Worker(args) => cli::orchestrate::worker(args),
-        Command::Submit(args) => cli::orchestrate::submit(args),
-        Command::Status(args) => cli::orchestrate::status(args),
-        Command::Watch(args) => cli::orchestrate::watch(args),
-        Command::Cancel(args) => cli::orchestrate::cancel(args),
-        Command::Run(args) => cli::orchestrate::run(args),
+        Command::Coordinator(args) => cli::serve::coordinator(args),
+        Command::Worker(args) => cli::serve::worker(args),
+        Command::Submit(args) => cli::client_verbs::submit(args),
+        Command::Status(args) => cli::client_verbs::status(args),
+        Command::Watch(args) => cli::client_verbs::watch(args),
+        Command::Cancel(args) => cli::client_verbs::cancel(args),
+        Command::Run(args) => cli::run::run(args),
         Command::Report(args) => cli::report::report(args),
     };
     match outcome {

@@ -10,8 +10,39 @@ use std::path::{Path, PathBuf};
 
 use candle_core::quantized::gguf_file;
 use minijinja::{Environment, ErrorKind, Value};
+use serde::{Deserialize, Serialize};
 
-use crate::data::Message;
+/// Who wrote a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Instructions that frame the conversation.
+    System,
+    /// The person talking to the model.
+    User,
+    /// The model; its turns are what training teaches.
+    Assistant,
+}
+
+impl Role {
+    pub(crate) fn parse(text: &str) -> Option<Self> {
+        match text {
+            "system" => Some(Self::System),
+            "user" => Some(Self::User),
+            "assistant" => Some(Self::Assistant),
+            _ => None,
+        }
+    }
+}
+
+/// One turn of a conversation.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Message {
+    /// Who wrote it.
+    pub role: Role,
+    /// What was written.
+    pub content: String,
+}
 
 /// The name the template is registered under; no extension, so nothing is auto-escaped.
 const TEMPLATE_NAME: &str = "chat";

@@ -13,37 +13,7 @@ use sha2::{Digest, Sha256};
 use crate::chat::{ChatError, ChatTemplate};
 use crate::tokenizer::{Tokenizer, TokenizerError};
 
-/// Who wrote a message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    /// Instructions that frame the conversation.
-    System,
-    /// The person talking to the model.
-    User,
-    /// The model; its turns are what training teaches.
-    Assistant,
-}
-
-impl Role {
-    fn parse(text: &str) -> Option<Self> {
-        match text {
-            "system" => Some(Self::System),
-            "user" => Some(Self::User),
-            "assistant" => Some(Self::Assistant),
-            _ => None,
-        }
-    }
-}
-
-/// One turn of a conversation.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct Message {
-    /// Who wrote it.
-    pub role: Role,
-    /// What was written.
-    pub content: String,
-}
+pub use crate::chat::{Message, Role};
 
 /// A conversation: the unit of chat training data.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]

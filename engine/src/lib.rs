@@ -17,6 +17,7 @@ pub mod loader;
 pub mod model;
 pub mod ops;
 pub mod parallel;
+mod param;
 pub mod peft;
 pub mod placement;
 pub mod probe;

@@ -8,7 +8,7 @@ use candle_core::{DType, Device};
 use sha2::{Digest, Sha256};
 
 use crate::chat::ChatTemplate;
-use crate::model::{weights, ModelConfig, ModelError, ModelSource, Transformer};
+use crate::model::{invalid, weights, ModelConfig, ModelError, ModelSource, Transformer};
 use crate::tokenizer::Tokenizer;
 
 /// A model ready to run: the decoder, its tokenizer and chat template.
@@ -45,9 +45,9 @@ pub fn load(
             let (mut file, content) = weights::read_gguf_header(path)?;
             let config = weights::gguf_config(path, &content)?;
             let tokenizer = Tokenizer::from_gguf(&content)
-                .map_err(|e| weights::invalid(path, format!("tokenizer: {e}")))?;
+                .map_err(|e| invalid(path, format!("tokenizer: {e}")))?;
             let template = ChatTemplate::from_gguf(&content)
-                .map_err(|e| weights::invalid(path, format!("chat template: {e}")))?;
+                .map_err(|e| invalid(path, format!("chat template: {e}")))?;
             let tensors = weights::gguf_tensors(path, &mut file, &content, &config)?;
             (
                 config,
@@ -59,10 +59,10 @@ pub fn load(
         }
         ModelSource::HfDir(dir) => {
             let config = weights::hf_config(dir)?;
-            let tokenizer = Tokenizer::from_hf_dir(dir)
-                .map_err(|e| weights::invalid(dir, format!("tokenizer: {e}")))?;
+            let tokenizer =
+                Tokenizer::from_hf_dir(dir).map_err(|e| invalid(dir, format!("tokenizer: {e}")))?;
             let template = ChatTemplate::from_hf_dir(dir)
-                .map_err(|e| weights::invalid(dir, format!("chat template: {e}")))?;
+                .map_err(|e| invalid(dir, format!("chat template: {e}")))?;
             let tensors = weights::hf_tensors(dir)?;
             let mut files: Vec<_> = std::fs::read_dir(dir)
                 .map_err(|source| ModelError::Io {

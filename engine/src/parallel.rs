@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 use candle_core::{DType, Device, Tensor};
 
 use crate::data::Example;
-use crate::train::Param;
+use crate::param::Param;
 
 /// Why a collective operation failed.
 #[derive(Debug, thiserror::Error)]

@@ -7,7 +7,7 @@ use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
@@ -17,6 +17,7 @@ use crate::data::{collate, Example};
 use crate::fused;
 use crate::model::Transformer;
 use crate::parallel::{self, GradReducer, ReduceError};
+use crate::param::Param;
 
 pub use lorasweep_contract::Schedule;
 
@@ -172,15 +173,6 @@ pub enum TrainError {
     /// A collective operation between data-parallel ranks failed.
     #[error(transparent)]
     Collective(#[from] ReduceError),
-}
-
-/// One trainable tensor with its optimizer state.
-pub(crate) struct Param {
-    pub(crate) name: String,
-    pub(crate) group: ParamGroup,
-    pub(crate) var: Var,
-    pub(crate) m: Tensor,
-    pub(crate) v: Tensor,
 }
 
 /// Position in the seeded data order.

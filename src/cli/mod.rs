@@ -2,11 +2,15 @@
 
 pub mod assets;
 pub mod bench;
+pub mod client_verbs;
+pub mod connect;
 pub mod engine;
 pub mod eval;
-pub mod orchestrate;
 pub mod report;
+pub mod run;
+pub mod runtime;
 pub mod score;
+pub mod serve;
 pub mod validate;
 
 /// Structured logs on stderr; `RUST_LOG` sets the level (default `info`). Colours only

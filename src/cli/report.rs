@@ -10,7 +10,7 @@ use sha2::{Digest, Sha256};
 use lorasweep_coordinator::client::CoordinatorClient;
 use lorasweep_coordinator::ids::SweepId;
 
-use crate::cli::orchestrate::ConnectArgs;
+use crate::cli::connect::ConnectArgs;
 use lorasweep_report::{self as report, snapshot, ReportInput};
 
 /// What `report` prints on standard output.
@@ -56,7 +56,7 @@ pub fn report(args: ReportArgs) -> Result<()> {
                 .build()
                 .context("cannot start the async runtime")?;
             let _context = runtime.enter();
-            let client = crate::cli::orchestrate::connect(&args.connect)?;
+            let client = crate::cli::connect::connect(&args.connect)?;
             let data = match &args.out {
                 Some(out) => out.join("data"),
                 None => std::env::temp_dir().join(format!(

@@ -187,6 +187,35 @@ pub enum ModelError {
     Tensor(#[from] candle_core::Error),
 }
 
+/// Reads a required integer field of a `config.json`.
+pub(crate) fn json_usize(
+    path: &Path,
+    json: &serde_json::Value,
+    key: &str,
+) -> Result<usize, ModelError> {
+    json.get(key)
+        .and_then(|v| v.as_u64())
+        .map(|v| v as usize)
+        .ok_or_else(|| {
+            invalid(
+                path,
+                format!("field {key}: expected a non-negative integer"),
+            )
+        })
+}
+
+/// Reads an optional float field of a `config.json`.
+pub(crate) fn json_f64(json: &serde_json::Value, key: &str) -> Option<f64> {
+    json.get(key).and_then(|v| v.as_f64())
+}
+
+pub(crate) fn invalid(path: &Path, reason: String) -> ModelError {
+    ModelError::Invalid {
+        path: path.to_path_buf(),
+        reason,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,8 +9,7 @@ use std::path::Path;
 
 use candle_core::Tensor;
 
-use super::weights::{json_f64, json_usize};
-use super::{Architecture, ModelConfig, ModelError};
+use super::{json_f64, json_usize, Architecture, ModelConfig, ModelError};
 
 /// The configuration from a Hugging Face `config.json` with `model_type: qwen2`.
 pub fn config_from_hf(path: &Path, json: &serde_json::Value) -> Result<ModelConfig, ModelError> {

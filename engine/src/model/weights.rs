@@ -9,7 +9,7 @@ use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device};
 
 use super::transformer::NamedTensors;
-use super::{llama, qwen2, Architecture, ModelConfig, ModelError};
+use super::{invalid, llama, qwen2, Architecture, ModelConfig, ModelError};
 
 /// Opens a GGUF file and reads its header (metadata and tensor index, not the data).
 pub fn read_gguf_header(path: &Path) -> Result<(File, gguf_file::Content), ModelError> {
@@ -207,28 +207,6 @@ pub fn hf_tensors(dir: &Path) -> Result<NamedTensors, ModelError> {
     Ok(tensors)
 }
 
-/// Reads a required integer field of a `config.json`.
-pub(crate) fn json_usize(
-    path: &Path,
-    json: &serde_json::Value,
-    key: &str,
-) -> Result<usize, ModelError> {
-    json.get(key)
-        .and_then(|v| v.as_u64())
-        .map(|v| v as usize)
-        .ok_or_else(|| {
-            invalid(
-                path,
-                format!("field {key}: expected a non-negative integer"),
-            )
-        })
-}
-
-/// Reads an optional float field of a `config.json`.
-pub(crate) fn json_f64(json: &serde_json::Value, key: &str) -> Option<f64> {
-    json.get(key).and_then(|v| v.as_f64())
-}
-
 fn validate_config(path: &Path, config: &ModelConfig) -> Result<(), ModelError> {
     let problems = [
         (config.num_layers == 0, "the model has no layers"),
@@ -271,13 +249,6 @@ fn metadata_string(
         .to_string()
         .cloned()
         .map_err(|_| invalid(path, format!("metadata {key} is not a string")))
-}
-
-pub(crate) fn invalid(path: &Path, reason: String) -> ModelError {
-    ModelError::Invalid {
-        path: path.to_path_buf(),
-        reason,
-    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,242 @@
+//! The long-running verbs: `coordinator` (the gRPC server with its database and artifacts)
+//! and `worker` (the agent that leases jobs and runs them on this machine's slots).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Args;
+
+use lorasweep_coordinator::client::WorkerIdentity;
+use lorasweep_coordinator::ids::WorkerId;
+use lorasweep_coordinator::scheduler::SchedulerConfig;
+use lorasweep_coordinator::service::auth::token_from;
+use lorasweep_coordinator::service::{start, CoordinatorOptions, TlsIdentity};
+use lorasweep_coordinator::store::{SqliteStore, Store};
+use lorasweep_worker::agent::{run_agent, AgentOptions, JobExecutor};
+
+use crate::cli::connect::{connect, ConnectArgs};
+use crate::cli::runtime::{runtime, shutdown_signal};
+
+/// `lorasweep coordinator`.
+#[derive(Args, Debug)]
+pub struct CoordinatorArgs {
+    /// Address to serve gRPC on (a non-loopback address needs a token).
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    pub listen: SocketAddr,
+    /// The state database (SQLite; created if missing).
+    #[arg(long)]
+    pub db: PathBuf,
+    /// Where uploaded artifacts are kept [default: `artifacts` beside the database].
+    #[arg(long)]
+    pub artifacts: Option<PathBuf>,
+    /// File holding the bearer token [default: $LORASWEEP_TOKEN].
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+    /// PEM certificate chain, to serve TLS (with --tls-key).
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Address to serve /metrics (Prometheus) and /healthz on.
+    #[arg(long)]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Seconds a lease lives without a heartbeat.
+    #[arg(long, default_value_t = 30)]
+    pub lease_ttl_secs: u64,
+    /// Seconds between worker heartbeats.
+    #[arg(long, default_value_t = 5)]
+    pub heartbeat_secs: u64,
+    /// Seconds a multi-GPU job waits, with smaller jobs running past it, before it holds
+    /// free GPUs for itself.
+    #[arg(long, default_value_t = 60)]
+    pub gang_patience_secs: u64,
+    /// Write the bound gRPC address to this file once listening.
+    #[arg(long)]
+    pub addr_file: Option<PathBuf>,
+    /// Shut down when standard input closes (used by `lorasweep run`).
+    #[arg(long, hide = true)]
+    pub exit_on_stdin_eof: bool,
+}
+
+/// `lorasweep worker`.
+#[derive(Args, Debug)]
+pub struct WorkerArgs {
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+    /// GPU indices this worker offers, comma-separated: one slot per GPU, each job computing
+    /// on the CUDA device of its slot (none, and no --cpu-slots: one slot on the default
+    /// device).
+    #[arg(long, value_delimiter = ',', conflicts_with = "cpu_slots")]
+    pub gpus: Vec<u32>,
+    /// Offer N slots that compute on the CPU instead of GPUs. A slot is one rank: a train job
+    /// of a sweep with `resources: {gpus_per_job: N}` takes N slots and runs its N
+    /// data-parallel ranks as threads here (the sweep field keeps its name).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub cpu_slots: Option<u32>,
+    /// Folder for job scratch files.
+    #[arg(long, default_value = "lorasweep-work")]
+    pub work_dir: PathBuf,
+    /// The worker's id [default: HOST-PID].
+    #[arg(long)]
+    pub worker_id: Option<String>,
+    /// Seconds to keep trying to reach the coordinator at start.
+    #[arg(long, default_value_t = 60)]
+    pub connect_secs: u64,
+    /// Shut down when standard input closes (used by `lorasweep run`).
+    #[arg(long, hide = true)]
+    pub exit_on_stdin_eof: bool,
+}
+
+/// The engine executor the worker runs jobs with: each job on the device of its slot.
+pub fn make_executor(args: &WorkerArgs) -> Result<Arc<dyn JobExecutor>> {
+    use lorasweep_worker::executor::{EngineExecutor, SlotDevices};
+    let slots = if args.cpu_slots.is_some() {
+        SlotDevices::Cpu
+    } else if args.gpus.is_empty() {
+        SlotDevices::Default
+    } else {
+        SlotDevices::Gpus
+    };
+    Ok(Arc::new(EngineExecutor::new(slots)))
+}
+
+/// The slots a worker offers the coordinator: its GPU indices, or `0..N` for `--cpu-slots N`
+/// (empty: one slot).
+fn offered_slots(args: &WorkerArgs) -> Vec<u32> {
+    let mut slots = match args.cpu_slots {
+        Some(n) => (0..n).collect(),
+        None => args.gpus.clone(),
+    };
+    slots.sort_unstable();
+    slots.dedup();
+    slots
+}
+
+/// `lorasweep coordinator`: serves until Ctrl-C or SIGTERM.
+pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
+    let token = token_from(args.token_file.as_deref())?;
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(TlsIdentity {
+            cert_pem: std::fs::read(cert)
+                .with_context(|| format!("cannot read --tls-cert {}", cert.display()))?,
+            key_pem: std::fs::read(key)
+                .with_context(|| format!("cannot read --tls-key {}", key.display()))?,
+        }),
+        _ => None,
+    };
+    if let Some(parent) = args
+        .db
+        .parent()
+        .filter(|parent| !parent.as_os_str().is_empty())
+    {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("cannot create {}", parent.display()))?;
+    }
+    let artifacts = args.artifacts.clone().unwrap_or_else(|| {
+        args.db
+            .parent()
+            .filter(|parent| !parent.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+            .join("artifacts")
+    });
+    let store: Arc<dyn Store> = Arc::new(
+        SqliteStore::open(&args.db)
+            .with_context(|| format!("cannot open database {}", args.db.display()))?,
+    );
+    let mut options = CoordinatorOptions::new(args.listen, artifacts);
+    options.token = token;
+    options.tls = tls;
+    options.metrics_listen = args.metrics_listen;
+    options.heartbeat_interval = Duration::from_secs(args.heartbeat_secs.max(1));
+    options.scheduler = SchedulerConfig {
+        lease_ttl: Duration::from_secs(args.lease_ttl_secs.max(2)),
+        worker_timeout: Duration::from_secs(args.lease_ttl_secs.max(2)),
+        gang_patience: Duration::from_secs(args.gang_patience_secs),
+    };
+    runtime()?.block_on(async move {
+        let running = start(store, options).await?;
+        if let Some(path) = &args.addr_file {
+            write_atomically(path, running.address.to_string().as_bytes())?;
+        }
+        let mut stop = shutdown_signal(args.exit_on_stdin_eof);
+        let handle = running.shutdown_handle();
+        tokio::spawn(async move {
+            let _ = stop.wait_for(|stop| *stop).await;
+            let _ = handle.send(true);
+        });
+        running.wait().await?;
+        tracing::info!("coordinator stopped");
+        Ok(())
+    })
+}
+
+pub(crate) fn write_atomically(path: &Path, content: &[u8]) -> Result<()> {
+    let temporary = PathBuf::from(format!("{}.tmp", path.display()));
+    std::fs::write(&temporary, content)
+        .with_context(|| format!("cannot write {}", temporary.display()))?;
+    std::fs::rename(&temporary, path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
+fn default_worker_id() -> String {
+    let host = std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "worker".to_string());
+    let host: String = host
+        .trim()
+        .chars()
+        .map(|character| {
+            if character.is_ascii_alphanumeric() || "._-".contains(character) {
+                character
+            } else {
+                '-'
+            }
+        })
+        .take(100)
+        .collect();
+    format!(
+        "{}-{}",
+        if host.is_empty() { "worker" } else { &host },
+        std::process::id()
+    )
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .map(|text| text.trim().to_string())
+        .unwrap_or_else(|_| "unknown".to_string())
+}
+
+/// `lorasweep worker`: pulls and runs jobs until Ctrl-C or SIGTERM.
+pub fn worker(args: WorkerArgs) -> Result<()> {
+    let executor = make_executor(&args)?;
+    let runtime = runtime()?;
+    let _context = runtime.enter();
+    let client = connect(&args.connect)?;
+    let id = WorkerId::new(args.worker_id.clone().unwrap_or_else(default_worker_id))?;
+    let identity = WorkerIdentity {
+        id,
+        host: host_name(),
+        gpus: offered_slots(&args),
+    };
+    let mut options = AgentOptions::new(identity, args.work_dir.clone());
+    options.connect_patience = Duration::from_secs(args.connect_secs);
+    runtime.block_on(async move {
+        let shutdown = shutdown_signal(args.exit_on_stdin_eof);
+        let summary = run_agent(client, options, executor, shutdown).await?;
+        tracing::info!(
+            succeeded = summary.succeeded,
+            failed = summary.failed,
+            stopped = summary.stopped,
+            interrupted = summary.interrupted,
+            "worker stopped"
+        );
+        Ok(())
+    })
+}
