@@ -1,6 +1,8 @@
 //! Unit tests of the IFBench verifiers: each covered id gets a response that follows the
 //! instruction and one that does not.
 
+use std::collections::HashSet;
+
 use super::*;
 use serde_json::json;
 
