@@ -168,7 +168,6 @@ named_enum! {
     }
 }
 
-
 impl AInit {
     /// The variance σ_A² of one entry of A.
     pub fn variance(self, d_in: usize, rank: usize) -> f64 {
@@ -191,7 +190,6 @@ named_enum! {
     }
 }
 
-
 named_enum! {
     /// The learning-rate decay after warmup.
     #[derive(Default)]
@@ -205,7 +203,6 @@ named_enum! {
         Constant => "constant",
     }
 }
-
 
 named_enum! {
     /// A task packaged with lorasweep.

@@ -46,11 +46,11 @@ pub struct ProbeOptions {
     #[arg(long, default_value_t = 256)]
     probe_max_len: usize,
     /// PAGE estimator: sample (real A draw) or expected (expectation over A).
-    #[arg(long, default_value = "sample", value_parser = clap::builder::PossibleValuesParser::new(Estimator::ALL.map(Estimator::name)))]
-    estimator: String,
+    #[arg(long, default_value_t = Estimator::default())]
+    estimator: Estimator,
     /// Init of A: kaiming (PEFT default) or gaussian.
-    #[arg(long = "a-init", default_value = "kaiming", value_parser = clap::builder::PossibleValuesParser::new(AInit::ALL.map(AInit::name)))]
-    a_init: String,
+    #[arg(long = "a-init", default_value_t = AInit::default())]
+    a_init: AInit,
 }
 
 impl ProbeOptions {
@@ -71,8 +71,8 @@ impl ProbeOptions {
             max_len: self.probe_max_len,
             rank,
             alpha,
-            estimator: Estimator::from_name(&self.estimator).expect("clap checked the value"),
-            a_init: self.a_init.parse::<AInit>()?,
+            estimator: self.estimator,
+            a_init: self.a_init,
             seed,
         })
     }
@@ -178,8 +178,8 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 2e-4)]
     lr: f64,
     /// cosine, linear or constant.
-    #[arg(long, default_value = "cosine", value_parser = clap::builder::PossibleValuesParser::new(Schedule::ALL.map(Schedule::name)))]
-    schedule: String,
+    #[arg(long, default_value_t = Schedule::default())]
+    schedule: Schedule,
     /// Fraction of steps of linear warmup.
     #[arg(long, default_value_t = 0.03)]
     warmup_ratio: f64,
@@ -287,7 +287,7 @@ pub fn probe(args: ProbeArgs) -> anyhow::Result<()> {
 /// `lorasweep train`.
 pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     let device = loader::default_device();
-    let schedule = Schedule::from_name(&args.schedule).expect("clap checked the value");
+    let schedule = args.schedule;
     let job = TrainJob {
         model: args.model.clone(),
         data: args.data.source()?,
@@ -300,7 +300,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
             variant: args.variant,
             rank: args.rank,
             alpha: args.alpha,
-            a_init: args.probe_options.a_init.parse::<AInit>()?,
+            a_init: args.probe_options.a_init,
             seed: args.seed,
         },
         loraplus_ratio: args.loraplus_ratio,

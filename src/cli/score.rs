@@ -11,6 +11,7 @@ use lorasweep_engine::assets;
 use lorasweep_engine::eval::metrics::{EvalRecord, EvalReport};
 use lorasweep_engine::eval::sandbox::{Limits, Sandbox, SandboxConfig};
 use lorasweep_engine::eval::{code, instruct, math};
+use lorasweep_engine::tasks::Metric;
 
 /// Tasks whose outputs can be scored without a model.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -139,10 +140,10 @@ fn score_code(args: &ScoreArgs) -> anyhow::Result<EvalReport> {
         .map(|p| (p.task_id.as_str(), p.prompt.as_str()))
         .collect();
     let metrics = BTreeMap::from([
-        ("pass@1".to_string(), scored.pass_at_1),
+        (Metric::PassAt1.name().to_string(), scored.pass_at_1),
         ("samples".to_string(), scored.samples as f64),
     ]);
-    let mut report = report("code", &args.completions, metrics, "pass@1");
+    let mut report = report("code", &args.completions, metrics, Metric::PassAt1.name());
     report.n = scored.problems;
     report.records = scored
         .results
