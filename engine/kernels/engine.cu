@@ -1,5 +1,6 @@
-// Fused kernels of the training engine. Each has a CPU reference in engine/src/fused.rs and a
-// test comparing the two (`lorasweep bench kernels` on the GPU machine).
+// Fused kernels of the training engine. Each has a CPU reference in engine/src/fused/ (one
+// file per kernel family) and a test comparing the two (`lorasweep bench kernels` on the GPU
+// machine).
 //
 // Conventions: one thread block per row for row-wise kernels (blockDim.x a multiple of 32, at
 // most 1024); all arithmetic in f32 whatever the storage type; rows are contiguous.
