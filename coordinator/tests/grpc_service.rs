@@ -452,5 +452,30 @@ async fn the_metrics_endpoint_reports_jobs_workers_and_health() {
     assert!(http_get(address, "/other")
         .await
         .starts_with("HTTP/1.1 404"));
+
+    // Break the store under the running coordinator: the endpoint says unhealthy and nothing
+    // more (SQLite's "no such table: counters" goes to the log, not to whoever asks).
+    let database = rusqlite::Connection::open(harness.dir.path().join("state.db")).unwrap();
+    database.busy_timeout(Duration::from_secs(10)).unwrap();
+    database
+        .execute_batch("ALTER TABLE counters RENAME TO counters_gone")
+        .unwrap();
+    let health = http_get(address, "/healthz").await;
+    assert!(health.starts_with("HTTP/1.1 503"), "{health}");
+    assert!(health.ends_with("\r\n\r\nunhealthy\n"), "{health}");
+    let metrics = http_get(address, "/metrics").await;
+    assert!(metrics.starts_with("HTTP/1.1 500"), "{metrics}");
+    assert!(
+        metrics.ends_with("\r\n\r\nmetrics unavailable\n"),
+        "{metrics}"
+    );
+    for response in [&health, &metrics] {
+        for leak in ["no such table", "counters", "store", "state.db"] {
+            assert!(!response.contains(leak), "{leak:?} leaked: {response}");
+        }
+    }
+    database
+        .execute_batch("ALTER TABLE counters_gone RENAME TO counters")
+        .unwrap();
     harness.coordinator.shutdown().await.unwrap();
 }

@@ -592,18 +592,78 @@ mod tests {
 
     #[test]
     fn dora_norm_is_detached() {
+        // With B ≠ 0, the gradients of A and B differ between a detached norm and one that
+        // carries gradient; compare the autograd ones with closed forms for the detached case.
         let (w, x, adapter, _) = setup(Variant::Dora);
+        let device = Device::Cpu;
+        adapter
+            .b()
+            .set(&Tensor::randn(0f32, 0.3, (12, 4), &device).unwrap())
+            .unwrap();
         let base = crate::ops::frozen_linear(&x, &w).unwrap();
         let out = adapter.forward(&x, &base, &w).unwrap();
         let grads = out.sum_all().unwrap().backward().unwrap();
-        // At B = 0 with a detached norm, ∂L/∂m = Σ (x·Wᵀ)/‖W‖ per row.
-        let gm = grads.get(adapter.magnitude().unwrap().as_tensor()).unwrap();
-        let expected = base
-            .sum((0, 1))
+
+        // L = Σ_rows Σ_j (m_j/n_j)·(x·Wᵀ + s·x·Aᵀ·Bᵀ)_j with n = ‖W + s·B·A‖ per row held
+        // constant: ∂L/∂B = s·(m/n) ⊗ Σ_rows x·Aᵀ, ∂L/∂A = s·(Bᵀ·(m/n)) ⊗ Σ_rows x and
+        // ∂L/∂m = Σ_rows (x·Wᵀ + s·x·Aᵀ·Bᵀ) / n.
+        let s = adapter.scale();
+        let (a, b) = (adapter.a().as_tensor(), adapter.b().as_tensor());
+        let m = adapter.magnitude().unwrap().as_tensor();
+        let adapted = (&w + (b.matmul(a).unwrap() * s).unwrap()).unwrap();
+        let n = row_norms(&adapted).unwrap();
+        let ratio = m.div(&n).unwrap();
+        let rows = x.reshape((6, 10)).unwrap();
+        let summed = (base.reshape((6, 12)).unwrap()
+            + (rows.matmul(&a.t().unwrap()).unwrap() * s)
+                .unwrap()
+                .matmul(&b.t().unwrap())
+                .unwrap())
+        .unwrap();
+        let outer =
+            |u: &Tensor, v: &Tensor| u.unsqueeze(1).unwrap().matmul(&v.unsqueeze(0).unwrap());
+        let column_sums_xa = rows.matmul(&a.t().unwrap()).unwrap().sum(0).unwrap();
+        let expected_b = (outer(&ratio, &column_sums_xa).unwrap() * s).unwrap();
+        let bt_ratio = b.t().unwrap().matmul(&ratio.unsqueeze(1).unwrap()).unwrap();
+        let expected_a =
+            (outer(&bt_ratio.squeeze(1).unwrap(), &rows.sum(0).unwrap()).unwrap() * s).unwrap();
+        let expected_m = summed.sum(0).unwrap().div(&n).unwrap();
+
+        // What a norm carrying gradient would add to ∂L/∂B: ∂L/∂n_j = −m_j·Σ_rows summed_j / n_j²
+        // times ∂n_j/∂B_jk = s·(adapted_j · A_k) / n_j. It must be large next to the tolerance,
+        // or this test could not tell the two apart.
+        let through_norm = (summed
+            .sum(0)
             .unwrap()
-            .div(&row_norms(&w).unwrap())
+            .mul(m)
+            .unwrap()
+            .div(&n.powf(3.0).unwrap())
+            .unwrap()
+            .unsqueeze(1)
+            .unwrap()
+            .broadcast_mul(&adapted.matmul(&a.t().unwrap()).unwrap())
+            .unwrap()
+            * -s)
             .unwrap();
-        assert!(max_abs(&(gm - expected).unwrap()) < 1e-3);
+        let tolerance = 1e-3 * max_abs(&expected_b).max(1.0);
+        assert!(
+            max_abs(&through_norm) > 20.0 * tolerance,
+            "the norm's own gradient ({}) is too small to detect",
+            max_abs(&through_norm)
+        );
+
+        let gb = grads.get(b).unwrap();
+        assert!(
+            max_abs(&(gb - &expected_b).unwrap()) < tolerance,
+            "∂L/∂B has a gradient through the DoRA norm: it is not detached"
+        );
+        let ga = grads.get(a).unwrap();
+        assert!(
+            max_abs(&(ga - &expected_a).unwrap()) < tolerance,
+            "∂L/∂A has a gradient through the DoRA norm: it is not detached"
+        );
+        let gm = grads.get(m).unwrap();
+        assert!(max_abs(&(gm - expected_m).unwrap()) < tolerance);
     }
 
     #[test]

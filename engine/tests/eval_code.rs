@@ -203,13 +203,19 @@ fn completions_for_unknown_tasks_are_refused_with_examples() {
 }
 
 /// The real HumanEval file: fetched when `LORASWEEP_DATA_TESTS` is set, else used when it is
-/// already in the asset cache.
+/// already in the asset cache. Under CI (`CI` set) a missing file fails the test.
 fn humaneval() -> Option<PathBuf> {
     if std::env::var_os("LORASWEEP_DATA_TESTS").is_some() {
         return Some(assets::fetch("humaneval").expect("fetching the humaneval asset"));
     }
     let cached = assets::cached("humaneval");
     if cached.is_none() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "asset humaneval is not cached in $LORASWEEP_HOME (else ~/.cache/lorasweep), and CI is set: \
+             fetch it with `lorasweep assets fetch humaneval` (scripts/test.sh does) or set \
+             LORASWEEP_DATA_TESTS=1"
+        );
         eprintln!("skipped: humaneval is not cached (set LORASWEEP_DATA_TESTS=1 to fetch it)");
     }
     cached

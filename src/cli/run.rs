@@ -16,7 +16,7 @@ use lorasweep_coordinator::spec::Sweep;
 
 use crate::cli::client_verbs::{counts_line, sweep_folder, watch_until_ended};
 use crate::cli::runtime::{runtime, shutdown_signal};
-use crate::cli::serve::write_atomically;
+use crate::cli::serve::write_secret;
 
 /// `lorasweep run`.
 #[derive(Args, Debug)]
@@ -165,12 +165,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     }
     let token_path = out.join("token");
     if !token_path.exists() {
-        write_atomically(&token_path, generate_token().as_bytes())?;
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&token_path, std::fs::Permissions::from_mode(0o600))?;
-        }
+        write_secret(&token_path, generate_token().as_bytes())?;
     }
     let address_path = out.join("coordinator.addr");
     let _ = std::fs::remove_file(&address_path);

@@ -174,13 +174,56 @@ pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
     })
 }
 
+/// Writes `content` to `path` through a temporary beside it and a rename, so a reader sees the
+/// old file or the whole new one; the file gets the usual mode (0666 less the umask).
 pub(crate) fn write_atomically(path: &Path, content: &[u8]) -> Result<()> {
+    write_through_temporary(path, content, 0o666)
+}
+
+/// [`write_atomically`] for a secret such as a bearer token: the temporary is created with mode
+/// 0600, so neither it nor the file it becomes is ever readable by anyone but its owner.
+pub(crate) fn write_secret(path: &Path, content: &[u8]) -> Result<()> {
+    write_through_temporary(path, content, 0o600)
+}
+
+fn write_through_temporary(path: &Path, content: &[u8], mode: u32) -> Result<()> {
+    use std::io::Write;
     let temporary = PathBuf::from(format!("{}.tmp", path.display()));
-    std::fs::write(&temporary, content)
-        .with_context(|| format!("cannot write {}", temporary.display()))?;
+    let mut file = create_fresh(&temporary, mode)?;
+    if let Err(error) = file.write_all(content).and_then(|()| file.sync_all()) {
+        drop(file);
+        let _ = std::fs::remove_file(&temporary);
+        return Err(error).with_context(|| format!("cannot write {}", temporary.display()));
+    }
+    drop(file);
     std::fs::rename(&temporary, path)
         .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
+}
+
+/// Creates `path` anew with `mode` (less the umask) from its first byte. A file already there (a
+/// crashed writer's temporary, or one planted with wider bits) is removed, never reused, and
+/// `create_new` refuses to follow a link put in its place meanwhile.
+fn create_fresh(path: &Path, mode: u32) -> Result<std::fs::File> {
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+        Err(error) => {
+            return Err(error).with_context(|| format!("cannot remove stale {}", path.display()))
+        }
+    }
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(mode);
+    }
+    #[cfg(not(unix))]
+    let _ = mode;
+    options
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))
 }
 
 fn default_worker_id() -> String {
@@ -239,4 +282,64 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
         );
         Ok(())
     })
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+    use std::path::Path;
+
+    use super::{create_fresh, write_atomically, write_secret};
+
+    /// Sets the process's umask for the guard's life (umask is process-wide: only tests that
+    /// look at modes should care, and they set the one they need).
+    struct Umask(libc::mode_t);
+
+    impl Umask {
+        fn set(mask: libc::mode_t) -> Self {
+            // SAFETY: umask only swaps the process's file-creation mask.
+            Umask(unsafe { libc::umask(mask) })
+        }
+    }
+
+    impl Drop for Umask {
+        fn drop(&mut self) {
+            // SAFETY: as above; restores the mask found.
+            unsafe { libc::umask(self.0) };
+        }
+    }
+
+    fn mode(path: &Path) -> u32 {
+        std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn secrets_are_private_from_their_first_byte() {
+        let folder = tempfile::tempdir().unwrap();
+        let _umask = Umask::set(0o000);
+
+        // The temporary itself, as created and before a byte is written: owner-only even with a
+        // permissive umask (a later chmod would leave a window where others can open it).
+        let temporary = folder.path().join("probe.tmp");
+        let file = create_fresh(&temporary, 0o600).unwrap();
+        assert_eq!(file.metadata().unwrap().permissions().mode() & 0o777, 0o600);
+        drop(file);
+
+        // A stale, world-readable temporary left where the secret's goes is replaced, not reused.
+        let token = folder.path().join("token");
+        let stale = folder.path().join("token.tmp");
+        std::fs::write(&stale, "old").unwrap();
+        std::fs::set_permissions(&stale, std::fs::Permissions::from_mode(0o666)).unwrap();
+        write_secret(&token, b"secret").unwrap();
+        assert_eq!(std::fs::read_to_string(&token).unwrap(), "secret");
+        assert_eq!(mode(&token), 0o600);
+        assert!(!stale.exists());
+
+        // Rewriting keeps it private; ordinary files keep the usual mode.
+        write_secret(&token, b"another").unwrap();
+        assert_eq!(mode(&token), 0o600);
+        let address = folder.path().join("coordinator.addr");
+        write_atomically(&address, b"127.0.0.1:1").unwrap();
+        assert_eq!(mode(&address), 0o666);
+    }
 }

@@ -3,6 +3,7 @@
 //! two read-only pages do not need a web framework.
 
 use std::fmt::Write as _;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -99,7 +100,7 @@ pub async fn serve(
         };
         let store = store.clone();
         tokio::spawn(async move {
-            if let Err(error) = answer(stream, store, worker_timeout).await {
+            if let Err(error) = answer(stream, peer, store, worker_timeout).await {
                 tracing::debug!(%error, %peer, "metrics request failed");
             }
         });
@@ -108,6 +109,7 @@ pub async fn serve(
 
 async fn answer(
     mut stream: TcpStream,
+    peer: SocketAddr,
     store: Arc<dyn Store>,
     worker_timeout: Duration,
 ) -> std::io::Result<()> {
@@ -142,21 +144,9 @@ async fn answer(
             .await;
             match answer {
                 Ok(Ok(Ok(_))) => ("200 OK", "text/plain", "ok\n".to_string()),
-                Ok(Ok(Err(error))) => (
-                    "503 Service Unavailable",
-                    "text/plain",
-                    format!("store unavailable: {error}\n"),
-                ),
-                Ok(Err(error)) => (
-                    "503 Service Unavailable",
-                    "text/plain",
-                    format!("health task failed: {error}\n"),
-                ),
-                Err(_) => (
-                    "503 Service Unavailable",
-                    "text/plain",
-                    "store did not answer within 5 s\n".to_string(),
-                ),
+                Ok(Ok(Err(error))) => unhealthy(peer, path, format!("store unavailable: {error}")),
+                Ok(Err(error)) => unhealthy(peer, path, format!("health task failed: {error}")),
+                Err(_) => unhealthy(peer, path, "store did not answer within 5 s"),
             }
         }
         ("GET", "/metrics") => {
@@ -166,16 +156,8 @@ async fn answer(
             .await;
             match metrics {
                 Ok(Ok(metrics)) => ("200 OK", "text/plain; version=0.0.4", render(&metrics)),
-                Ok(Err(error)) => (
-                    "500 Internal Server Error",
-                    "text/plain",
-                    format!("store error: {error}\n"),
-                ),
-                Err(error) => (
-                    "500 Internal Server Error",
-                    "text/plain",
-                    format!("metrics task failed: {error}\n"),
-                ),
+                Ok(Err(error)) => unavailable(peer, path, format!("store error: {error}")),
+                Err(error) => unavailable(peer, path, format!("metrics task failed: {error}")),
             }
         }
         ("GET", _) => (
@@ -195,6 +177,35 @@ async fn answer(
     );
     stream.write_all(response.as_bytes()).await?;
     stream.shutdown().await
+}
+
+/// `/healthz`'s failure: 503 with a fixed body. Whoever can reach the port learns healthy or not
+/// and nothing more (no paths, SQL or error text); the reason goes to the coordinator's log.
+fn unhealthy(
+    peer: SocketAddr,
+    path: &str,
+    reason: impl std::fmt::Display,
+) -> (&'static str, &'static str, String) {
+    tracing::warn!(%peer, path, %reason, "health check failed");
+    (
+        "503 Service Unavailable",
+        "text/plain",
+        "unhealthy\n".to_string(),
+    )
+}
+
+/// `/metrics`' failure: 500 with a fixed body, the reason in the log, as for [`unhealthy`].
+fn unavailable(
+    peer: SocketAddr,
+    path: &str,
+    reason: impl std::fmt::Display,
+) -> (&'static str, &'static str, String) {
+    tracing::warn!(%peer, path, %reason, "metrics request failed");
+    (
+        "500 Internal Server Error",
+        "text/plain",
+        "metrics unavailable\n".to_string(),
+    )
 }
 
 #[cfg(test)]
