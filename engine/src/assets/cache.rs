@@ -93,17 +93,9 @@ impl Cache {
     /// the same revision and pinned packages, and every file it lists has the recorded size.
     pub fn cached_spec(&self, spec: &AssetSpec) -> Option<PathBuf> {
         let dir = self.asset_dir(&spec.name);
-        let marker = read_marker(&dir)?;
-        let current = marker.asset == spec.name
-            && marker.revision == spec.revision
-            && marker.packages == spec.packages;
-        if !current {
-            return None;
-        }
-        let intact = marker.files.iter().all(|(file, size)| {
-            std::fs::metadata(dir.join(file)).is_ok_and(|metadata| metadata.len() == *size)
-        });
-        intact.then(|| main_path(&dir, spec))
+        check_complete(&dir, spec)
+            .is_ok()
+            .then(|| main_path(&dir, spec))
     }
 
     /// The statistics the build of an asset recorded (counts of what was converted), when
@@ -129,10 +121,7 @@ impl Cache {
         }
         let started = Instant::now();
         tracing::info!(asset = %spec.name, home = %self.home.display(), "fetching asset");
-        let tmp_root = self.home.join("tmp");
-        std::fs::create_dir_all(&tmp_root).map_err(io_error(&tmp_root))?;
-        remove_abandoned_builds(&tmp_root, &spec.name);
-        let build = BuildDir::create(&tmp_root, &spec.name)?;
+        let build = self.build_dir(&spec.name)?;
 
         let downloads = build.path.join(".downloads");
         std::fs::create_dir_all(&downloads).map_err(io_error(&downloads))?;
@@ -164,11 +153,32 @@ impl Cache {
             serde_json::to_vec_pretty(&marker).expect("the marker is plain data and serializes");
         write_synced(&marker_path, &marker_json)?;
 
+        let path = self.place(build, spec)?;
+        tracing::info!(
+            asset = %spec.name,
+            seconds = format!("{:.1}", started.elapsed().as_secs_f64()),
+            "asset ready"
+        );
+        Ok(path)
+    }
+
+    /// A fresh build directory for `name` under `tmp/`, after removing the ones abandoned by
+    /// killed processes. It is removed when dropped unless [`Cache::place`] moved it.
+    pub(super) fn build_dir(&self, name: &str) -> Result<BuildDir, AssetError> {
+        let tmp_root = self.home.join("tmp");
+        std::fs::create_dir_all(&tmp_root).map_err(io_error(&tmp_root))?;
+        remove_abandoned_builds(&tmp_root, name);
+        BuildDir::create(&tmp_root, name)
+    }
+
+    /// Moves a finished build (its marker written last) into `assets/<name>` in one rename,
+    /// replacing an incomplete or stale directory there; returns the asset's main path.
+    pub(super) fn place(&self, build: BuildDir, spec: &AssetSpec) -> Result<PathBuf, AssetError> {
         let destination = self.asset_dir(&spec.name);
         let assets_dir = self.assets_dir();
         std::fs::create_dir_all(&assets_dir).map_err(io_error(&assets_dir))?;
         if destination.exists() {
-            // Incomplete or stale (the check above failed): replace it.
+            // Incomplete or stale (the caller's check failed): replace it.
             std::fs::remove_dir_all(&destination).map_err(io_error(&destination))?;
         }
         match std::fs::rename(&build.path, &destination) {
@@ -184,18 +194,13 @@ impl Cache {
                 });
             }
         }
-        tracing::info!(
-            asset = %spec.name,
-            seconds = format!("{:.1}", started.elapsed().as_secs_f64()),
-            "asset ready"
-        );
         Ok(main_path(&destination, spec))
     }
 }
 
 /// A build directory under `tmp/`, removed on drop unless disarmed (renamed into place).
-struct BuildDir {
-    path: PathBuf,
+pub(super) struct BuildDir {
+    pub(super) path: PathBuf,
     armed: bool,
 }
 
@@ -265,6 +270,55 @@ fn main_path(dir: &Path, spec: &AssetSpec) -> PathBuf {
 fn read_marker(dir: &Path) -> Option<Marker> {
     let bytes = std::fs::read(dir.join(MARKER)).ok()?;
     serde_json::from_slice(&bytes).ok()
+}
+
+/// Whether `dir` holds a complete, current build of `spec`: its marker exists, names the same
+/// revision and pinned packages, and every file it lists has the recorded size. The error
+/// says what is wrong.
+pub(super) fn check_complete(dir: &Path, spec: &AssetSpec) -> Result<(), String> {
+    let marker = read_marker(dir).ok_or_else(|| format!("no readable {MARKER}"))?;
+    if marker.asset != spec.name {
+        return Err(format!(
+            "its marker is for asset `{}`, not `{}`",
+            marker.asset, spec.name
+        ));
+    }
+    if marker.revision != spec.revision || marker.packages != spec.packages {
+        let requirements = |packages: &[Package]| {
+            packages
+                .iter()
+                .map(Package::requirement)
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        return Err(format!(
+            "it is revision {} built from [{}], this lorasweep expects revision {} built from \
+             [{}]",
+            marker.revision,
+            requirements(&marker.packages),
+            spec.revision,
+            requirements(&spec.packages)
+        ));
+    }
+    for (file, size) in &marker.files {
+        match std::fs::metadata(dir.join(file)) {
+            Ok(metadata) if metadata.len() == *size => {}
+            Ok(metadata) => {
+                return Err(format!(
+                    "{file} has {} bytes, its marker says {size}",
+                    metadata.len()
+                ))
+            }
+            Err(error) => return Err(format!("{file}: {error}")),
+        }
+    }
+    Ok(())
+}
+
+/// The files the marker of a complete asset directory lists, with their sizes (relative
+/// paths with `/`, the marker itself not included).
+pub(super) fn marker_files(dir: &Path) -> Option<Vec<(String, u64)>> {
+    read_marker(dir).map(|marker| marker.files)
 }
 
 /// Every regular file under `dir` (not the marker, not hidden build leftovers) with its size,

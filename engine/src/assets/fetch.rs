@@ -339,7 +339,7 @@ fn copy_member(
     })
 }
 
-fn create_file(path: &Path) -> Result<BufWriter<File>, AssetError> {
+pub(super) fn create_file(path: &Path) -> Result<BufWriter<File>, AssetError> {
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent).map_err(io_error(parent))?;
     }
@@ -348,7 +348,7 @@ fn create_file(path: &Path) -> Result<BufWriter<File>, AssetError> {
         .map_err(io_error(path))
 }
 
-fn finish_file(writer: BufWriter<File>, path: &Path) -> Result<(), AssetError> {
+pub(super) fn finish_file(writer: BufWriter<File>, path: &Path) -> Result<(), AssetError> {
     let file = writer.into_inner().map_err(|error| AssetError::Io {
         path: path.to_path_buf(),
         source: error.into_error(),

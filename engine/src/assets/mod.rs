@@ -20,16 +20,23 @@
 //! The table of packaged assets (names, packages, versions, sha256 pins, wheel members) is in
 //! `specs.rs`; the cache layout, the completion marker and the atomic install of a built asset
 //! are in `cache.rs`; downloading, checking and extracting (pip, the wheelhouse, sha256, zip,
-//! helper scripts) are in `fetch.rs`.
+//! helper scripts) are in `fetch.rs`; carrying cached assets to machines without network
+//! (`bundle`: a manifest and the files split into parts; `install`: verified reassembly into
+//! the cache) is in `bundle.rs`.
 
 use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
+mod bundle;
 mod cache;
 mod fetch;
 mod specs;
 
+pub use bundle::{
+    parse_size, BundleAsset, BundleFile, BundlePart, InstallReport, Manifest, DEFAULT_PART_SIZE,
+    MANIFEST, MANIFEST_FORMAT, MANIFEST_VERSION, PARTS_DIR,
+};
 pub use cache::Cache;
 pub use fetch::sha256_file;
 pub use specs::{expand_names, list, spec, AssetKind, AssetSpec, Package, Step};
@@ -151,6 +158,40 @@ pub enum AssetError {
     /// Converting the ShareGPT dump failed.
     #[error("converting sharegpt: {0}")]
     ShareGpt(#[from] crate::tasks::sharegpt::ShareGptError),
+    /// A part size (`--part-size`) that is not a positive number of bytes.
+    #[error(
+        "invalid part size `{text}`: {reason}; give a number of bytes, optionally with K, M or \
+         G (binary units, e.g. 45M)"
+    )]
+    BadPartSize {
+        /// The text given.
+        text: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A bundle directory or its manifest cannot be used.
+    #[error("{path}: {detail}")]
+    BadBundle {
+        /// The directory or manifest.
+        path: PathBuf,
+        /// What is wrong.
+        detail: String,
+    },
+    /// Some assets of the bundles could not be installed (parts missing or corrupt); those
+    /// are untouched in the cache, the others were installed.
+    #[error(
+        "{} of the bundled assets not installed{}:\n  {}",
+        problems.len(),
+        installed_note(installed),
+        problems.join("\n  ")
+    )]
+    InstallIncomplete {
+        /// The assets installed (or found already cached) by this run.
+        installed: Vec<String>,
+        /// One line per asset not installed: the asset, and each missing or corrupt part
+        /// with its file.
+        problems: Vec<String>,
+    },
     /// A `--model` argument names no packaged model, GGUF file or model directory.
     #[error(
         "cannot use `{spec}` as a model: {reason}; expected a packaged model name ({packaged}), \
@@ -164,6 +205,15 @@ pub enum AssetError {
         /// The packaged model names.
         packaged: String,
     },
+}
+
+/// ` (installed: a, b)` when any asset was installed, for [`AssetError::InstallIncomplete`].
+fn installed_note(installed: &[String]) -> String {
+    if installed.is_empty() {
+        String::new()
+    } else {
+        format!(" (installed: {})", installed.join(", "))
+    }
 }
 
 fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> AssetError + '_ {
