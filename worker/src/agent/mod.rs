@@ -11,271 +11,38 @@
 //!   context reports cancellation and its outcome is not reported;
 //! - shutdown (Ctrl-C): running jobs are cancelled and reported as interrupted, which
 //!   requeues them without counting an attempt.
+//!
+//! This file owns the agent loop: registration, heartbeats, leasing jobs into free slots,
+//! running each (`JobRunner`), streaming its progress, uploading its checkpoints and
+//! outputs, reporting its outcome, and the retry of coordinator calls. It does not own
+//! what a running job sees (`context`: [`JobContext`], [`ContextError`]) or the contract
+//! with the executor (`exec`: [`JobExecutor`], [`JobOutput`], [`OutputFile`],
+//! [`ExecError`]); both are re-exported here, so `agent::X` paths are unchanged.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde_json::Value;
 use tokio::runtime::Handle;
 use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinSet;
 
 use lorasweep_coordinator::client::{ClientError, CoordinatorClient, Registration, WorkerIdentity};
 use lorasweep_coordinator::domain::{
-    ArtifactInfo, ArtifactKind, CacheHit, FailureKind, JobAssignment, Progress, ReportOutcome,
+    ArtifactKind, FailureKind, JobAssignment, Progress, ReportOutcome,
 };
 use lorasweep_coordinator::ids::{JobId, WorkerId};
 use lorasweep_coordinator::store::LeaseRef;
 
-/// Runs jobs. Implemented by the engine; called on a blocking thread, one call per job
-/// (a gang's local ranks come in one call: see [`JobAssignment::local_ranks`]).
-pub trait JobExecutor: Send + Sync + 'static {
-    /// Runs one job to its end. Check [`JobContext::is_cancelled`] regularly and return
-    /// [`ExecError::Cancelled`] when it turns true.
-    fn run(&self, job: &JobAssignment, context: &JobContext) -> Result<JobOutput, ExecError>;
-}
+mod context;
+mod exec;
 
-/// A file the job produced, uploaded before the job is reported done.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OutputFile {
-    /// The artifact name (letters, digits, `.`, `_`, `-`).
-    pub name: String,
-    /// The local file.
-    pub path: PathBuf,
-}
+pub use context::{ContextError, JobContext};
+pub use exec::{ExecError, JobExecutor, JobOutput, OutputFile};
 
-/// What a successful job hands back.
-#[derive(Debug, Clone, PartialEq)]
-pub struct JobOutput {
-    /// The result document (metrics, scores).
-    pub result: Value,
-    /// Files to upload as the job's outputs (only rank 0's are used).
-    pub artifacts: Vec<OutputFile>,
-    /// A content key under which this result may be reused by later jobs (probes).
-    pub cache_key: Option<String>,
-}
-
-impl JobOutput {
-    /// A result with no files and no cache key.
-    pub fn new(result: Value) -> JobOutput {
-        JobOutput {
-            result,
-            artifacts: Vec::new(),
-            cache_key: None,
-        }
-    }
-}
-
-/// Why a job did not succeed.
-#[derive(Debug, thiserror::Error)]
-pub enum ExecError {
-    /// The job saw [`JobContext::is_cancelled`] and stopped.
-    #[error("cancelled")]
-    Cancelled,
-    /// It may succeed on another attempt (out of memory, a lost peer rank, an IO error).
-    #[error("{0}")]
-    Retryable(String),
-    /// Another attempt cannot help (bad parameters, missing model).
-    #[error("{0}")]
-    Permanent(String),
-}
-
-impl From<ContextError> for ExecError {
-    fn from(error: ContextError) -> ExecError {
-        match error {
-            ContextError::Cancelled => ExecError::Cancelled,
-            other => ExecError::Retryable(other.to_string()),
-        }
-    }
-}
-
-/// Why a [`JobContext`] call failed.
-#[derive(Debug, thiserror::Error)]
-pub enum ContextError {
-    /// The job was told to stop.
-    #[error("the job was cancelled")]
-    Cancelled,
-    /// The coordinator refused or could not be reached.
-    #[error(transparent)]
-    Client(#[from] ClientError),
-    /// A local file operation failed.
-    #[error("{context}: {source}")]
-    Io {
-        /// What was being done.
-        context: String,
-        /// The underlying error.
-        #[source]
-        source: std::io::Error,
-    },
-    /// Waiting for another rank took too long.
-    #[error("timed out after {0:?} waiting for rank 0's rendezvous")]
-    RendezvousTimeout(Duration),
-}
-
-/// An upload queued by [`JobContext::save_checkpoint`].
-struct QueuedUpload {
-    path: PathBuf,
-    name: String,
-    step: u64,
-}
-
-/// What a running job may ask of the coordinator. Methods block (they are called from the
-/// executor's thread) and never run on the async runtime's threads.
-pub struct JobContext {
-    client: CoordinatorClient,
-    runtime: Handle,
-    lease: LeaseRef,
-    work_dir: PathBuf,
-    cancelled: Arc<AtomicBool>,
-    latest_progress: Arc<Mutex<Option<Progress>>>,
-    progress_ready: Arc<Notify>,
-    uploads: mpsc::UnboundedSender<QueuedUpload>,
-}
-
-impl JobContext {
-    /// A scratch folder for this attempt (created; removed after a success).
-    pub fn work_dir(&self) -> &Path {
-        &self.work_dir
-    }
-
-    /// The lease this attempt runs under.
-    pub fn lease(&self) -> &LeaseRef {
-        &self.lease
-    }
-
-    /// Whether the job must stop now (cancelled, re-leased, finished by another rank, or
-    /// the worker is shutting down).
-    pub fn is_cancelled(&self) -> bool {
-        self.cancelled.load(Ordering::SeqCst)
-    }
-
-    /// Records progress; sent to the coordinator at most about once a second, the latest
-    /// value winning. Never blocks.
-    pub fn progress(&self, progress: Progress) {
-        if let Ok(mut slot) = self.latest_progress.lock() {
-            *slot = Some(progress);
-        }
-        self.progress_ready.notify_one();
-    }
-
-    /// Downloads an artifact (of a dependency, or the checkpoint to resume from) into
-    /// `dir`, verifying its SHA-256; returns the local path.
-    pub fn fetch_artifact(
-        &self,
-        artifact: &ArtifactInfo,
-        dir: &Path,
-    ) -> Result<PathBuf, ContextError> {
-        if self.is_cancelled() {
-            return Err(ContextError::Cancelled);
-        }
-        let destination = dir.join(&artifact.name);
-        let client = self.client.clone();
-        let job = artifact.job;
-        let name = artifact.name.clone();
-        let target = destination.clone();
-        self.runtime
-            .block_on(retrying("download artifact", &self.cancelled, || {
-                let client = client.clone();
-                let name = name.clone();
-                let target = target.clone();
-                async move { client.download_artifact(job, &name, &target).await }
-            }))?;
-        Ok(destination)
-    }
-
-    /// Queues a checkpoint file for upload (in the background, in order). The file is moved
-    /// out of the way first, so the job may write its next checkpoint to the same path.
-    /// The newest uploaded checkpoint is handed to the next attempt if this one is lost.
-    pub fn save_checkpoint(&self, file: &Path, step: u64) -> Result<(), ContextError> {
-        if self.is_cancelled() {
-            return Err(ContextError::Cancelled);
-        }
-        let extension = file
-            .extension()
-            .map(|extension| format!(".{}", extension.to_string_lossy()))
-            .unwrap_or_default();
-        let name = format!("checkpoint-{step:08}{extension}");
-        let queued = self.work_dir.join(".uploads");
-        std::fs::create_dir_all(&queued).map_err(|source| ContextError::Io {
-            context: format!("cannot create {}", queued.display()),
-            source,
-        })?;
-        let staged = queued.join(&name);
-        if std::fs::rename(file, &staged).is_err() {
-            std::fs::copy(file, &staged).map_err(|source| ContextError::Io {
-                context: format!("cannot stage checkpoint {}", file.display()),
-                source,
-            })?;
-        }
-        self.uploads
-            .send(QueuedUpload {
-                path: staged,
-                name,
-                step,
-            })
-            .map_err(|_| ContextError::Cancelled)
-    }
-
-    /// Looks up a cached result by content key. On a hit its artifacts are attached to
-    /// this job; return `JobOutput { result: hit.result, cache_key: Some(key), .. }`.
-    pub fn cached(&self, cache_key: &str) -> Result<Option<CacheHit>, ContextError> {
-        let client = self.client.clone();
-        let lease = self.lease.clone();
-        let key = cache_key.to_string();
-        Ok(self
-            .runtime
-            .block_on(retrying("lookup cache", &self.cancelled, || {
-                let client = client.clone();
-                let lease = lease.clone();
-                let key = key.clone();
-                async move { client.lookup_cache(&lease, &key).await }
-            }))?)
-    }
-
-    /// Rank 0 of a gang publishes bytes (the NCCL unique id) for the other ranks.
-    pub fn publish_rendezvous(&self, blob: &[u8]) -> Result<(), ContextError> {
-        let client = self.client.clone();
-        let lease = self.lease.clone();
-        let blob = blob.to_vec();
-        Ok(self
-            .runtime
-            .block_on(retrying("publish rendezvous", &self.cancelled, || {
-                let client = client.clone();
-                let lease = lease.clone();
-                let blob = blob.clone();
-                async move { client.publish_rendezvous(&lease, &blob).await }
-            }))?)
-    }
-
-    /// Waits for rank 0's rendezvous bytes (polling every 200 ms) up to `timeout`.
-    pub fn wait_rendezvous(&self, timeout: Duration) -> Result<Vec<u8>, ContextError> {
-        let deadline = std::time::Instant::now() + timeout;
-        loop {
-            if self.is_cancelled() {
-                return Err(ContextError::Cancelled);
-            }
-            let client = self.client.clone();
-            let lease = self.lease.clone();
-            let fetched =
-                self.runtime
-                    .block_on(retrying("fetch rendezvous", &self.cancelled, || {
-                        let client = client.clone();
-                        let lease = lease.clone();
-                        async move { client.fetch_rendezvous(&lease).await }
-                    }))?;
-            if let Some(blob) = fetched {
-                return Ok(blob);
-            }
-            if std::time::Instant::now() >= deadline {
-                return Err(ContextError::RendezvousTimeout(timeout));
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-}
+use context::QueuedUpload;
 
 /// Retries a call while its error is retryable (coordinator unreachable or busy), with
 /// backoff from 200 ms to 5 s, for up to about two minutes, or until `cancelled`.
