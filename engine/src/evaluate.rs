@@ -12,6 +12,10 @@
 //! Prompts are sorted by length before batching (less padding) and results are put back in
 //! the split's order; greedy outputs do not depend on the batch (see
 //! [`generate::complete_batch`]). The first `limit` items of the split are evaluated.
+//!
+//! One cohesive thing at ~870 lines: the one evaluation path every task family goes through
+//! (batching, generation, the metric's scoring, the report), each family a short function here
+//! over the scorers of [`crate::eval`].
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
