@@ -1,7 +1,9 @@
 //! Reports: a sweep's stored results turned into what a researcher publishes.
 //!
 //! The data path is `SweepResults` + probe files ([`snapshot::ReportInput`]) →
-//! [`aggregate::build`] (pure: tables, paired bootstrap intervals, ranks, PAGE findings) →
+//! [`aggregate::build`] (pure: tables, seed-paired differences to the baseline with a 95% t
+//! interval, an exact sign-flip permutation test, Holm's correction per table and Cohen's
+//! d_z, ranks, PAGE findings; see [`stats`] for when a difference is labelled) →
 //! [`render`] (pure: file name → content) → [`write`]. Nothing here talks to a
 //! coordinator; `lorasweep report` fetches the input and saves it as a snapshot beside the
 //! report (`data/`), so the same report can be made again offline.

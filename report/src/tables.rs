@@ -8,7 +8,7 @@ use serde_json::{Map, Value};
 use super::aggregate::{
     plain, Comparison, ConfigRow, JobTable, ModelSummary, PageModel, Report, ScoreCell, TaskGroup,
 };
-use super::stats::BOOTSTRAP_RESAMPLES;
+use super::stats::{EXACT_MAX_PAIRS, MIN_PAIRS_FOR_LABEL, PERMUTATION_DRAWS};
 
 /// A score with four decimals.
 pub fn score_text(value: f64) -> String {
@@ -64,7 +64,11 @@ pub fn seeds_text(cell: &ScoreCell) -> String {
     text
 }
 
-/// The difference to the baseline: `+0.0123 [+0.0100, +0.0150] * better`.
+/// The difference to the baseline: the mean paired difference, its 95% t interval, the
+/// Holm-adjusted sign-flip p and d_z, then `* better` / `* worse` when it earns a label, e.g.
+/// `+0.0592 [+0.0100, +0.1100], p=0.031 (Holm), d=+1.20 * better`; below five pairs it ends
+/// `n=2: too few seeds to tell` instead. The HTML page colours a cell by its `* better` /
+/// `* worse` suffix.
 pub fn comparison_text(row: &ConfigRow) -> String {
     if row.is_baseline {
         return "baseline".to_string();
@@ -75,22 +79,36 @@ pub fn comparison_text(row: &ConfigRow) -> String {
     interval_text(comparison)
 }
 
-fn interval_text(comparison: &Comparison) -> String {
-    match (comparison.low, comparison.high) {
-        (Some(low), Some(high)) => {
-            let mut text = format!("{:+.4} [{low:+.4}, {high:+.4}]", comparison.mean);
-            match comparison.better {
-                Some(true) => text.push_str(" * better"),
-                Some(false) => text.push_str(" * worse"),
-                None => {}
-            }
-            text
-        }
-        _ => format!(
-            "{:+.4} ({} pair, no interval)",
-            comparison.mean, comparison.pairs
-        ),
+/// `p=0.031`, or `p<0.001`.
+fn p_text(p: f64) -> String {
+    if p < 0.001 {
+        "p<0.001".to_string()
+    } else {
+        format!("p={p:.3}")
     }
+}
+
+fn interval_text(comparison: &Comparison) -> String {
+    let mut parts = vec![format!("{:+.4}", comparison.mean)];
+    if let (Some(low), Some(high)) = (comparison.low, comparison.high) {
+        parts[0].push_str(&format!(" [{low:+.4}, {high:+.4}]"));
+        if let Some(p) = comparison.p_holm {
+            parts.push(format!("{} (Holm)", p_text(p)));
+        }
+        if let Some(d) = comparison.d_z {
+            parts.push(format!("d={d:+.2}"));
+        }
+    }
+    if comparison.pairs < MIN_PAIRS_FOR_LABEL {
+        parts.push(format!("n={}: too few seeds to tell", comparison.pairs));
+    }
+    let mut text = parts.join(", ");
+    match comparison.better {
+        Some(true) => text.push_str(" * better"),
+        Some(false) => text.push_str(" * worse"),
+        None => {}
+    }
+    text
 }
 
 fn optional(value: Option<f64>, format: impl Fn(f64) -> String) -> String {
@@ -432,6 +450,32 @@ fn page_blocks(model: &PageModel, blocks: &mut Vec<Block>) {
     }
 }
 
+/// "How to read this": what the comparison cell says and why it often gives no label.
+fn how_to_read() -> Vec<Block> {
+    let minimum = MIN_PAIRS_FOR_LABEL;
+    vec![
+        Block::Heading(2, "How to read this".to_string()),
+        Block::Paragraph(vec![
+            text("The vs baseline cell is the mean of the per-seed differences (the row minus its baseline at the same seed; positive means a higher score, whichever direction is better), its 95% t interval, the Holm-adjusted p-value of a permutation test and Cohen's d_z (the mean difference over the standard deviation of the differences, left out when they do not vary), e.g. "),
+            code("+0.0592 [+0.0100, +0.1100], p=0.031 (Holm), d=+1.20 * better"),
+            text(". The interval is for that comparison alone (not adjusted for the others), so it can exclude 0 without a label."),
+        ]),
+        Block::Paragraph(vec![text(format!(
+            "p is from an exact sign-flip permutation test of the mean difference: if the row and its baseline do equally well, each seed's difference is as likely negative as positive, so p is the share of all 2^n sign assignments (n pairs) whose mean is at least as far from 0 as the observed one, the observed one included. Up to {EXACT_MAX_PAIRS} pairs every assignment is counted; beyond, {PERMUTATION_DRAWS} random assignments with a fixed seed. It assumes no distribution, only that without an effect the differences are symmetric around 0."
+        ))]),
+        Block::Paragraph(vec![text(
+            "Holm: each table compares several rows with the baseline, and among many comparisons a small p comes by chance now and then. Holm's correction adjusts the p-values of one table together (the smallest times the number of comparisons, the next times one fewer, kept in order, at most 1), so the chance of any false label in a table stays at or under 5%.",
+        )]),
+        Block::Paragraph(vec![
+            text(format!(
+                "Labels: * better or * worse (in the metric's direction) appears only with at least {minimum} pairs and a Holm-adjusted p below 0.05. With fewer pairs the cell ends "
+            )),
+            code("n=2: too few seeds to tell"),
+            text(": with n pairs the smallest possible p is 2/2^n (0.5 with 2 seeds, 0.25 with 3, 0.125 with 4), so even differences that all agree cannot be told from chance, and a spread estimated from two or three seeds is itself unreliable. Even 5 pairs cannot reach p < 0.05 (2/32 = 0.0625); 6 can for a single comparison, a table of several needs more. No label is not evidence of no difference: run more seeds."),
+        ]),
+    ]
+}
+
 /// The report as a document: what `report.md` and `report.html` render.
 pub fn document(report: &Report) -> Vec<Block> {
     let mut blocks = vec![Block::Heading(
@@ -439,16 +483,19 @@ pub fn document(report: &Report) -> Vec<Block> {
         format!("Sweep report: {}", report.sweep.name),
     )];
     blocks.extend(status_paragraphs(report).into_iter().map(Block::Paragraph));
-    blocks.push(Block::Paragraph(match &report.baseline {
-        Some(baseline) => vec![
-            text("Baseline: "),
-            code(baseline),
-            text(format!(
-                ". Differences are a row minus the baseline row with the same other settings, paired by seed, with a 95% paired bootstrap interval ({BOOTSTRAP_RESAMPLES} resamples, fixed seed); * marks an interval that excludes 0 (with two or three seeds an interval is coarse: read it with the seeds column). % of LoRA compares trainable parameters with placement all, variant lora."
-            )),
-        ],
-        None => vec![text("The sweep has no baseline: no differences are computed.")],
-    }));
+    match &report.baseline {
+        Some(baseline) => {
+            blocks.push(Block::Paragraph(vec![
+                text("Baseline: "),
+                code(baseline),
+                text(". Differences are a row minus the baseline row with the same other settings, paired by seed. % of LoRA compares trainable parameters with placement all, variant lora."),
+            ]));
+            blocks.extend(how_to_read());
+        }
+        None => blocks.push(Block::Paragraph(vec![text(
+            "The sweep has no baseline: no differences are computed.",
+        )])),
+    }
     for group in &report.groups {
         group_blocks(group, &mut blocks);
     }

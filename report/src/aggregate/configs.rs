@@ -95,22 +95,30 @@ pub struct SeedScore {
     pub error: Option<String>,
 }
 
-/// A paired difference to the baseline.
+/// A paired difference to the baseline: this row minus the baseline row at the same seed.
 #[derive(Debug, Clone, Serialize)]
 pub struct Comparison {
     /// The baseline row's label.
     pub baseline: String,
     /// Mean of the per-seed differences (this row minus the baseline).
     pub mean: f64,
-    /// 95% bootstrap interval, low end (two pairs or more).
+    /// 95% t interval of the mean difference, low end (two pairs or more; not adjusted for
+    /// the other comparisons of the table).
     pub low: Option<f64>,
-    /// 95% bootstrap interval, high end.
+    /// 95% t interval of the mean difference, high end.
     pub high: Option<f64>,
     /// Seeds scored in both rows.
     pub pairs: usize,
-    /// Whether the interval excludes 0.
+    /// Two-sided p-value of the sign-flip permutation test of the mean difference.
+    pub p: Option<f64>,
+    /// `p` after Holm's correction across the comparisons of this table.
+    pub p_holm: Option<f64>,
+    /// Cohen's d_z: mean / standard deviation of the differences (two pairs or more and a
+    /// standard deviation above 0).
+    pub d_z: Option<f64>,
+    /// Whether the difference earns a label: at least five pairs and `p_holm` below 0.05.
     pub significant: bool,
-    /// Whether this row is better than the baseline, when the interval excludes 0.
+    /// Whether this row is better than the baseline, when `significant`.
     pub better: Option<bool>,
 }
 
@@ -365,11 +373,12 @@ pub(super) fn task_group(
         let reference = matching_row(&rows, row, baseline, fields, &common);
         let comparison = reference
             .filter(|reference| *reference != index)
-            .and_then(|reference| compare(row, &rows[reference], higher_is_better));
+            .and_then(|reference| compare(row, &rows[reference]));
         rows[index].percent_of_lora = percent;
         rows[index].is_baseline = reference == Some(index);
         rows[index].versus_baseline = comparison;
     }
+    label_comparisons(&mut rows, higher_is_better);
     TaskGroup {
         model: model.to_string(),
         task: task.to_string(),
@@ -382,8 +391,9 @@ pub(super) fn task_group(
     }
 }
 
-/// The paired difference `row − baseline` over the seeds scored in both.
-fn compare(row: &ConfigRow, baseline: &ConfigRow, higher_is_better: bool) -> Option<Comparison> {
+/// The paired difference `row − baseline` over the seeds scored in both, before Holm's
+/// correction and the label ([`label_comparisons`]).
+fn compare(row: &ConfigRow, baseline: &ConfigRow) -> Option<Comparison> {
     let baseline_scores: BTreeMap<Option<u64>, f64> = baseline
         .score
         .seeds
@@ -399,18 +409,48 @@ fn compare(row: &ConfigRow, baseline: &ConfigRow, higher_is_better: bool) -> Opt
             baseline_scores.get(&seed.seed).map(|base| own - base)
         })
         .collect();
-    let mean = stats::mean(&differences)?;
-    let interval = stats::paired_bootstrap(&differences);
-    let significant = interval.is_some_and(|interval| interval.excludes_zero());
+    let effect = stats::paired_effect(&differences)?;
     Some(Comparison {
         baseline: baseline.label.clone(),
-        mean,
-        low: interval.map(|interval| interval.low),
-        high: interval.map(|interval| interval.high),
-        pairs: differences.len(),
-        significant,
-        better: significant.then_some((mean > 0.0) == higher_is_better),
+        mean: effect.mean,
+        low: effect.low,
+        high: effect.high,
+        pairs: effect.pairs,
+        p: Some(effect.p),
+        p_holm: None,
+        d_z: effect.d_z,
+        significant: false,
+        better: None,
     })
+}
+
+/// Holm's correction across the table's comparisons (every row with a p-value), then the
+/// labels: better or worse only with enough pairs and an adjusted p below 0.05.
+fn label_comparisons(rows: &mut [ConfigRow], higher_is_better: bool) {
+    let tested: Vec<usize> = (0..rows.len())
+        .filter(|index| {
+            rows[*index]
+                .versus_baseline
+                .as_ref()
+                .is_some_and(|comparison| comparison.p.is_some())
+        })
+        .collect();
+    let p_values: Vec<f64> = tested
+        .iter()
+        .filter_map(|index| rows[*index].versus_baseline.as_ref()?.p)
+        .collect();
+    for (index, adjusted) in tested.into_iter().zip(stats::holm(&p_values)) {
+        if let Some(comparison) = rows[index].versus_baseline.as_mut() {
+            comparison.p_holm = Some(adjusted);
+            comparison.better = stats::verdict(
+                comparison.pairs,
+                adjusted,
+                comparison.mean,
+                higher_is_better,
+            );
+            comparison.significant = comparison.better.is_some();
+        }
+    }
 }
 
 pub(super) fn model_summary(model: &str, groups: &[TaskGroup]) -> ModelSummary {
@@ -525,9 +565,9 @@ mod tests {
         }
     }
 
-    /// Two placements × two ranks × two seeds on the chat task (a loss), no sweep file: the
-    /// default baseline (vanilla LoRA) applies, matched at the same rank.
-    fn ranked_input() -> ReportInput {
+    /// Two placements × two ranks × `seeds` seeds on the chat task (a loss), no sweep file:
+    /// the default baseline (vanilla LoRA) applies, matched at the same rank.
+    fn ranked_input(seeds: u64) -> ReportInput {
         let mut jobs = vec![job(
             1,
             JobKind::Eval,
@@ -538,7 +578,7 @@ mod tests {
         let mut next = 2;
         for placement in ["all", "dominant"] {
             for rank in [8u64, 16] {
-                for seed in [0u64, 1] {
+                for seed in 0..seeds {
                     let parameters = if placement == "all" {
                         1000 * rank
                     } else {
@@ -586,7 +626,7 @@ mod tests {
 
     #[test]
     fn rows_compare_with_the_baseline_of_the_same_rank() {
-        let report = build(&ranked_input());
+        let report = build(&ranked_input(2));
         assert_eq!(
             report.baseline.as_deref(),
             Some("placement=all variant=lora")
@@ -608,7 +648,15 @@ mod tests {
         let rank8 = group.rows[2].versus_baseline.as_ref().unwrap();
         assert_eq!(rank8.baseline, "all / r=8");
         assert!((rank8.mean - 0.1).abs() < 1e-9);
-        assert_eq!(rank8.better, Some(false));
+        // Two seeds, equal differences: no label, however consistent.
+        assert_eq!(rank8.pairs, 2);
+        assert!((rank8.p.unwrap() - 0.5).abs() < 1e-12);
+        assert_eq!(
+            (rank8.better, rank8.significant, rank8.d_z),
+            (None, false, None)
+        );
+        assert!(crate::tables::comparison_text(&group.rows[2])
+            .ends_with(", n=2: too few seeds to tell"));
         let rank16 = group.rows[3].versus_baseline.as_ref().unwrap();
         assert_eq!(rank16.baseline, "all / r=16");
         assert!((rank16.mean - 0.2).abs() < 1e-9);
@@ -620,5 +668,23 @@ mod tests {
         assert_eq!(summary.rows[0].ranks, vec![Some(5.0)]);
         assert_eq!(summary.rows[1].ranks, vec![Some(1.5)]);
         assert_eq!(report.jobs.rows.len(), 17);
+    }
+
+    #[test]
+    fn eight_seeds_with_a_clear_difference_earn_a_label_after_holm() {
+        let report = build(&ranked_input(8));
+        let group = &report.groups[0];
+        for row in &group.rows[2..] {
+            let comparison = row.versus_baseline.as_ref().unwrap();
+            assert_eq!(comparison.pairs, 8);
+            // Every difference has the same sign: p = 2/256; two comparisons: Holm × 2.
+            assert!((comparison.p.unwrap() - 2.0 / 256.0).abs() < 1e-12);
+            assert!((comparison.p_holm.unwrap() - 4.0 / 256.0).abs() < 1e-12);
+            // A higher loss is worse.
+            assert_eq!(comparison.better, Some(false));
+            assert!(comparison.significant);
+            let text = crate::tables::comparison_text(row);
+            assert!(text.ends_with(", p=0.016 (Holm) * worse"), "{text}");
+        }
     }
 }
