@@ -66,17 +66,18 @@ pub fn paired_effect(differences: &[f64]) -> Option<PairedEffect> {
     }
     let center = mean(differences)?;
     let count = differences.len();
-    let sd = sample_std(differences);
+    // A spread of rounding noise (equal differences computed apart) is no spread: then there is
+    // neither an interval (a zero-width one would claim a certainty two equal seeds do not
+    // give) nor a d_z.
+    let largest = differences.iter().map(|v| v.abs()).fold(0.0, f64::max);
+    let sd = sample_std(differences).filter(|sd| *sd > 1e-9 * largest);
     let half_width = sd.map(|sd| t_quantile_975(count - 1) * sd / (count as f64).sqrt());
     Some(PairedEffect {
         mean: center,
         low: half_width.map(|half| center - half),
         high: half_width.map(|half| center + half),
         p: sign_flip_p(differences)?,
-        // A spread of rounding noise (equal differences computed apart) is no spread.
-        d_z: sd
-            .filter(|sd| *sd > 1e-9 * differences.iter().map(|v| v.abs()).fold(0.0, f64::max))
-            .map(|sd| center / sd),
+        d_z: sd.map(|sd| center / sd),
         pairs: count,
     })
 }
@@ -356,7 +357,8 @@ mod tests {
         assert!(close(effect.p, 0.25));
         assert_eq!(effect.pairs, 3);
         // Equal differences: no spread, so no d_z; one pair: no interval either.
-        assert_eq!(paired_effect(&[0.08, 0.08]).unwrap().d_z, None);
+        let equal = paired_effect(&[0.08, 0.08]).unwrap();
+        assert_eq!((equal.low, equal.high, equal.d_z), (None, None, None));
         let single = paired_effect(&[0.5]).unwrap();
         assert_eq!((single.low, single.high, single.d_z), (None, None, None));
         assert_eq!(paired_effect(&[]), None);

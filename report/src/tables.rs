@@ -92,12 +92,14 @@ fn interval_text(comparison: &Comparison) -> String {
     let mut parts = vec![format!("{:+.4}", comparison.mean)];
     if let (Some(low), Some(high)) = (comparison.low, comparison.high) {
         parts[0].push_str(&format!(" [{low:+.4}, {high:+.4}]"));
+    }
+    if comparison.pairs >= 2 {
         if let Some(p) = comparison.p_holm {
             parts.push(format!("{} (Holm)", p_text(p)));
         }
-        if let Some(d) = comparison.d_z {
-            parts.push(format!("d={d:+.2}"));
-        }
+    }
+    if let Some(d) = comparison.d_z {
+        parts.push(format!("d={d:+.2}"));
     }
     if comparison.pairs < MIN_PAIRS_FOR_LABEL {
         parts.push(format!("n={}: too few seeds to tell", comparison.pairs));
@@ -456,7 +458,7 @@ fn how_to_read() -> Vec<Block> {
     vec![
         Block::Heading(2, "How to read this".to_string()),
         Block::Paragraph(vec![
-            text("The vs baseline cell is the mean of the per-seed differences (the row minus its baseline at the same seed; positive means a higher score, whichever direction is better), its 95% t interval, the Holm-adjusted p-value of a permutation test and Cohen's d_z (the mean difference over the standard deviation of the differences, left out when they do not vary), e.g. "),
+            text("The vs baseline cell is the mean of the per-seed differences (the row minus its baseline at the same seed; positive means a higher score, whichever direction is better), its 95% t interval, the Holm-adjusted p-value of a permutation test and Cohen's d_z (the mean difference over the standard deviation of the differences; the interval and d_z are left out when the differences do not vary), e.g. "),
             code("+0.0592 [+0.0100, +0.1100], p=0.031 (Holm), d=+1.20 * better"),
             text(". The interval is for that comparison alone (not adjusted for the others), so it can exclude 0 without a label."),
         ]),
