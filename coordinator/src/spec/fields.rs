@@ -2,6 +2,9 @@
 //! from YAML, applied to settings and read back. One table serves the fixed `probe:` and
 //! `train:` mappings, the sweep axes and the report baseline, so they cannot disagree.
 
+// Closed sets of names are defined with the job contract's macro, so every name set of a
+// sweep file parses, prints and serializes the same way.
+use lorasweep_contract::named_enum;
 use std::fmt;
 
 use super::placement::Placement;
@@ -10,7 +13,7 @@ use super::{AInit, Estimator, ProbeSettings, Schedule, SweepPoint, TrainSettings
 
 named_enum! {
     /// A field of the `train:` mapping.
-    TrainField {
+    TrainField ("train field") {
         /// `steps`.
         Steps => "steps",
         /// `batch_size`.
@@ -48,7 +51,7 @@ named_enum! {
 
 named_enum! {
     /// A field of the `probe:` mapping that may be a sweep axis (not `seeds` nor `always`).
-    ProbeField {
+    ProbeField ("probe field") {
         /// `batches`.
         Batches => "batches",
         /// `batch_size`.

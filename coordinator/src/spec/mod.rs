@@ -17,61 +17,6 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-/// Defines a closed set of names used in sweep files: the enum, its names, parsing and
-/// serialization as that name.
-macro_rules! named_enum {
-    (
-        $(#[$meta:meta])*
-        $name:ident {
-            $( $(#[$variant_meta:meta])* $variant:ident => $text:literal ),+ $(,)?
-        }
-    ) => {
-        $(#[$meta])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-        pub enum $name {
-            $( $(#[$variant_meta])* $variant ),+
-        }
-
-        impl $name {
-            /// Every value, in the order the documentation lists them.
-            pub const ALL: &'static [$name] = &[$($name::$variant),+];
-
-            /// The name used in sweep files.
-            pub fn name(self) -> &'static str {
-                match self {
-                    $($name::$variant => $text),+
-                }
-            }
-
-            /// Parses the name used in sweep files.
-            pub fn from_name(text: &str) -> Option<Self> {
-                match text {
-                    $($text => Some($name::$variant),)+
-                    _ => None,
-                }
-            }
-
-            /// Every name, comma separated, for error messages.
-            #[allow(dead_code)]
-            pub(crate) fn names_list() -> String {
-                Self::ALL.iter().map(|value| value.name()).collect::<Vec<_>>().join(", ")
-            }
-        }
-
-        impl std::fmt::Display for $name {
-            fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                formatter.write_str(self.name())
-            }
-        }
-
-        impl serde::Serialize for $name {
-            fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-                serializer.serialize_str(self.name())
-            }
-        }
-    };
-}
-
 mod axes;
 mod checks;
 mod fields;

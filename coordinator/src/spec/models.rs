@@ -4,6 +4,9 @@
 //! reads `config.json` of a local Hugging Face directory; for a GGUF file the geometry is
 //! unknown here and the checks that need it are left to the worker.
 
+// Closed sets of names are defined with the job contract's macro, so every name set of a
+// sweep file parses, prints and serializes the same way.
+use lorasweep_contract::named_enum;
 use std::path::{Path, PathBuf};
 
 use super::placement::ModuleKind;
@@ -11,7 +14,7 @@ use lorasweep_contract::{Metric, NamedTask};
 
 named_enum! {
     /// A decoder architecture the engine implements.
-    Architecture {
+    Architecture ("architecture") {
         /// Llama (SmolLM2).
         Llama => "llama",
         /// Qwen2 (Qwen2.5).
@@ -21,7 +24,7 @@ named_enum! {
 
 named_enum! {
     /// A model shipped in a package (see `lorasweep assets`).
-    PackagedModel {
+    PackagedModel ("packaged model") {
         /// SmolLM2-135M-Instruct.
         SmolLm2 => "smollm2-135m",
         /// Qwen2.5-Coder-0.5B-Instruct.
