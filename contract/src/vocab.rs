@@ -254,6 +254,15 @@ impl Metric {
     /// The metrics a user JSONL task may be scored with.
     pub const USER: &'static [Metric] = &[Metric::Exact, Metric::Contains, Metric::Loss];
 
+    /// The names of the metrics a user task may use, comma separated, for error messages.
+    pub fn user_names_list() -> String {
+        Self::USER
+            .iter()
+            .map(|metric| metric.name())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
     /// Parses a metric a user task may use (`exact`, `contains`, `loss`).
     pub fn parse_user(text: &str) -> Result<Self, UnknownName> {
         Self::USER
@@ -263,11 +272,7 @@ impl Metric {
             .ok_or_else(|| UnknownName {
                 what: "user-task metric",
                 found: text.to_string(),
-                expected: Self::USER
-                    .iter()
-                    .map(|metric| metric.name())
-                    .collect::<Vec<_>>()
-                    .join(", "),
+                expected: Self::user_names_list(),
             })
     }
 }

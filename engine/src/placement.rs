@@ -74,14 +74,9 @@ pub fn parse(text: &str) -> Result<Placement, PlacementError> {
     Placement::parse(text).map_err(|error| {
         let reason = match &error {
             PlacementSyntaxError::Unknown => "unknown placement".to_string(),
-            PlacementSyntaxError::UnknownKind { .. } => format!(
-                "unknown module kind ({})",
-                ModuleKind::ALL
-                    .iter()
-                    .map(|kind| kind.name())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
+            PlacementSyntaxError::UnknownKind { .. } => {
+                format!("unknown module kind ({})", ModuleKind::names_list())
+            }
             PlacementSyntaxError::BadCount { .. } => {
                 "the count must be a positive integer".to_string()
             }

@@ -407,9 +407,7 @@ fn read_task(
             let metric = match find(entries, "metric") {
                 Some(entry) => {
                     let entry_path = key_path(path, "metric");
-                    let user_metrics: Vec<&str> =
-                        Metric::USER.iter().map(|metric| metric.name()).collect();
-                    let what = format!("a metric: one of {}", user_metrics.join(", "));
+                    let what = format!("a metric: one of {}", Metric::user_names_list());
                     let text = raw::string(context, &entry.value, &entry_path, &what)?;
                     match Metric::parse_user(text) {
                         Ok(metric) => Some(metric),
