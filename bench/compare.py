@@ -25,6 +25,39 @@ def spearman(a, b):
     return cov / var if var else float("nan")
 
 
+def anchors(runs):
+    """The training step against every anchor of the same configuration: eager PEFT, PEFT with
+    Liger's fused kernels, PEFT under torch.compile (runs named liger_train_*/compile_train_*)."""
+    tags = sorted(n[len("ours_train_"):] for n in runs if n.startswith("ours_train_"))
+    tags = [t for t in tags if f"liger_train_{t}" in runs or f"compile_train_{t}" in runs]
+    if not tags:
+        return
+    print("Training step against the anchors (tokens/s; peak allocated GiB):")
+    print()
+    print("| config | lorasweep | eager PEFT | PEFT + Liger | PEFT + compile (compile s) | ours / eager | ours / best anchor | memory ours / eager / Liger / compile |")
+    print("|---|---|---|---|---|---|---|---|")
+    for tag in tags:
+        row = {who: runs.get(f"{who}_train_{tag}", {}) for who in ("ours", "peft", "liger", "compile")}
+        def tps(d):
+            return d.get("tokens_per_s") if not d.get("failed") else None
+        def cell(d):
+            v = tps(d)
+            return "failed" if d.get("failed") else ("n/a" if v is None else f"{v / 1e3:.1f} k")
+        def mem(d):
+            v = d.get("peak_alloc_gib") or d.get("peak_mem_gib")
+            return "n/a" if v is None else f"{v:.2f}"
+        ours = tps(row["ours"])
+        eager = tps(row["peft"])
+        best = max([v for v in (tps(row["liger"]), tps(row["compile"])) if v], default=None)
+        compile_s = row["compile"].get("compile_s")
+        compile_cell = cell(row["compile"]) + (f" ({compile_s:.0f} s)" if isinstance(compile_s, (int, float)) else "")
+        r1 = f"{ours / eager:.2f}x" if ours and eager else "n/a"
+        r2 = f"{ours / best:.2f}x" if ours and best else "n/a"
+        mems = " / ".join(mem(row[w]) for w in ("ours", "peft", "liger", "compile"))
+        print(f"| {tag} | {cell(row['ours'])} | {cell(row['peft'])} | {cell(row['liger'])} | {compile_cell} | {r1} | {r2} | {mems} |")
+    print()
+
+
 def main(path):
     runs = {}
     for line in open(path):
@@ -57,6 +90,7 @@ def main(path):
             f"{g(peft, 'peak_mem_gib')} | {'n/a' if mem is None else f'{mem:.2f}x'} | {g(ours, 'tflops', '{:.2f}')} |"
         )
     print()
+    anchors(runs)
     profiled = [(n, d) for n, d in sorted(runs.items()) if n.startswith("profile_ours_") and d.get("phases_ms")]
     if profiled:
         print("Phases of one training step, median ms (synchronised between phases):")

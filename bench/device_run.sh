@@ -10,8 +10,8 @@ steps="${STEPS:-10}"
 warmup="${WARMUP:-3}"
 log() { echo "== $*" >&2; }
 # Which parts to run (a device call has 10 minutes): any of
-# kernels agree compare scaling fusedcheck profile ncu nsys generic.
-sections="${SECTIONS:-kernels agree compare scaling fusedcheck profile ncu generic}"
+# kernels agree compare anchors scaling fusedcheck profile ncu nsys generic.
+sections="${SECTIONS:-kernels agree compare anchors scaling fusedcheck profile ncu generic}"
 want() { [[ " $sections " == *" $1 "* ]]; }
 run() { # name, command...
     local name="$1"; shift
@@ -43,6 +43,22 @@ want compare && for geometry in smollm2-135m qwen2.5-0.5b; do
     run "ours_probe_$geometry" lorasweep bench probe --geometry "$geometry" --steps "$steps" --warmup "$warmup"
     run "peft_probe_$geometry" python3 bench/peft_baseline.py --mode probe --geometry "$geometry" --steps "$steps" --warmup "$warmup"
 done
+# The stronger anchors, same four configurations: PEFT with Liger's fused kernels (its wheel
+# carried in .whl/ and installed into /tmp/site when python3 lacks it) and PEFT under
+# torch.compile (the compile happens in the warm-up steps; its time is reported apart).
+if want anchors; then
+    if ! python3 -c 'import liger_kernel' 2>/dev/null && compgen -G ".whl/liger_kernel-*.whl" >/dev/null; then
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/liger_kernel-*.whl >&2 \
+            && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+    fi
+    for geometry in smollm2-135m qwen2.5-0.5b; do
+        for placement in all one:2.down_proj; do
+            tag="${geometry}_${placement//[:.]/_}"
+            run "liger_train_$tag" python3 bench/peft_baseline.py --kernels liger --mode train --geometry "$geometry" --placement "$placement" --steps "$steps" --warmup "$warmup"
+            RUN_TIMEOUT="${COMPILE_TIMEOUT:-240}" run "compile_train_$tag" python3 bench/peft_baseline.py --kernels compile --mode train --geometry "$geometry" --placement "$placement" --steps "$steps" --warmup "$warmup"
+        done
+    done
+fi
 # Bound by the host or by the device? The single-adapter steps again with a quarter of the
 # tokens (batch 4): a device-bound step takes about a quarter of the time, a host-bound one
 # about the same.

@@ -13,6 +13,14 @@ summary line. Examples:
     python3 bench/peft_baseline.py --geometry qwen2.5-0.5b --placement one:2.down_proj
     python3 bench/peft_baseline.py --geometry smollm2-135m --mode probe
     python3 bench/peft_baseline.py --geometry tiny --batch 2 --seq-len 32 --steps 3 --warmup 1
+    python3 bench/peft_baseline.py --geometry smollm2-135m --kernels liger    # stronger anchors
+    python3 bench/peft_baseline.py --geometry smollm2-135m --kernels compile
+
+--kernels picks the anchor: `eager` (PEFT as it comes), `liger` (the same model with
+liger_kernel's fused RMSNorm, SwiGLU, RoPE and fused linear cross-entropy patched in before the
+model is built; needs the `liger_kernel` package) or `compile` (the PEFT model under
+`torch.compile`, default mode; the compile happens in the warm-up steps and its time is
+reported as `compile_s`, the wall time of the first step).
 
 Weights: every linear and embedding weight (and bias) is N(0, 0.02); every RMSNorm weight is
 1 + N(0, 0.02). LoRA adapters keep PEFT's own initialisation (A Kaiming-uniform, B zero).
@@ -162,6 +170,20 @@ def build_config(geometry: Geometry, seq: int):
     raise BenchError(f"unknown model type {geometry.model_type!r}")
 
 
+def apply_liger(geometry: Geometry) -> str:
+    """Patches transformers' llama or qwen2 modules with liger_kernel's fused ones; returns the
+    liger_kernel version. Must run before the model is built."""
+    try:
+        from liger_kernel.transformers import apply_liger_kernel_to_llama, apply_liger_kernel_to_qwen2
+    except ImportError as error:
+        raise BenchError(f"--kernels liger needs the liger_kernel package ({error})") from None
+    patch = {"llama": apply_liger_kernel_to_llama, "qwen2": apply_liger_kernel_to_qwen2}[geometry.model_type]
+    patch(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=True)
+    from importlib.metadata import version
+
+    return version("liger_kernel")
+
+
 def build_model(geometry: Geometry, seq: int, dtype, device):
     import torch
     from transformers import AutoModelForCausalLM
@@ -244,6 +266,7 @@ def run(args: argparse.Namespace) -> dict:
     dtype = {"bf16": torch.bfloat16, "f32": torch.float32}[args.dtype]
     torch.manual_seed(args.seed)
 
+    liger_version = apply_liger(geometry) if args.kernels == "liger" else None
     model = build_model(geometry, args.seq_len, dtype, device)
     model, b_params = add_adapters(model, placement, args.placement, args.rank, args.alpha)
     if args.mode == "probe":
@@ -254,6 +277,11 @@ def run(args: argparse.Namespace) -> dict:
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.lr) if args.mode == "train" else None
+    peft_model = model
+    if args.kernels == "compile":
+        if args.profile:
+            raise BenchError("--profile times the eager modules one by one; it does not combine with --kernels compile")
+        model = torch.compile(model)
 
     gen = torch.Generator(device=device).manual_seed(args.seed)
     batches = [
@@ -291,6 +319,7 @@ def run(args: argparse.Namespace) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
 
     times_ms: list[float] = []
+    first_step_s = None
     for i in range(args.warmup + args.steps):
         ids = batches[i % len(batches)]
         sync()
@@ -301,6 +330,8 @@ def run(args: argparse.Namespace) -> dict:
             loss, norms = probe_step(ids)
         sync()
         elapsed = (time.perf_counter() - start) * 1e3
+        if first_step_s is None:
+            first_step_s = elapsed / 1e3
         if i >= args.warmup:
             times_ms.append(elapsed)
         loss_value = float(loss.detach())
@@ -321,7 +352,7 @@ def run(args: argparse.Namespace) -> dict:
     # backward, and the optimizer.
     phases_ms: dict[str, float] = {}
     if args.profile and args.mode == "train":
-        base = model.get_base_model()
+        base = peft_model.get_base_model()
         laps: dict[str, list[float]] = {}
         for i in range(args.steps):
             ids = batches[i % len(batches)]
@@ -367,12 +398,15 @@ def run(args: argparse.Namespace) -> dict:
         "tflops": flops / (median / 1e3) / 1e12,
         "steps": args.steps,
         "warmup": args.warmup,
-        "framework": "peft",
+        "framework": {"eager": "peft", "liger": "peft+liger", "compile": "peft+compile"}[args.kernels],
+        "kernels": args.kernels,
+        "compile_s": first_step_s if args.kernels == "compile" else None,
         "versions": {
             "torch": torch.__version__,
             "transformers": transformers.__version__,
             "peft": peft.__version__,
             "python": platform.python_version(),
+            "liger_kernel": liger_version,
         },
         "device": torch.cuda.get_device_name(device) if on_cuda else "cpu",
         "flops_per_step": flops,
@@ -392,7 +426,7 @@ def run(args: argparse.Namespace) -> dict:
 def summary_line(r: dict) -> str:
     peak = f"{r['peak_mem_gib']:.2f} GiB" if r["peak_mem_gib"] is not None else "peak n/a"
     return (
-        f"peft {r['geometry']} {r['mode']} {r['placement']} {r['batch']}x{r['seq_len']} "
+        f"{r['framework']} {r['geometry']} {r['mode']} {r['placement']} {r['batch']}x{r['seq_len']} "
         f"r={r['rank']} a={r['alpha']:g} {r['dtype']}: step {r['step_ms_median']:.2f} ms "
         f"(p10 {r['step_ms_p10']:.2f}, p90 {r['step_ms_p90']:.2f}), "
         f"{r['tokens_per_s'] / 1e3:.1f} k tok/s, {peak}, {r['tflops']:.2f} TFLOP/s on {r['device']}"
@@ -416,6 +450,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--json", metavar="FILE", help="write the result object here")
     p.add_argument("--profile", action="store_true", help="also time each phase of a training step")
+    p.add_argument(
+        "--kernels",
+        choices=("eager", "liger", "compile"),
+        default="eager",
+        help="eager PEFT, PEFT with liger_kernel's fused kernels, or PEFT under torch.compile",
+    )
     return p.parse_args(argv)
 
 

@@ -7,7 +7,8 @@
 #   deploy/cuda/run-on-device.sh python3 bench/peft_baseline.py --geometry smollm2-135m ...
 #   deploy/cuda/run-on-device.sh bash -c 'lorasweep ... && python3 ...'
 #
-# It unpacks the binary (once per new archive) into ${LORASWEEP_BIN_DIR:-/tmp/lorasweep-bin},
+# It unpacks the binary (once per new archive) into ${LORASWEEP_BIN_DIR:-/tmp/lorasweep-bin}
+# (a later call on the same machine that carries no archive uses the unpacked one),
 # puts that directory first on PATH, points LD_LIBRARY_PATH at the driver
 # (/usr/local/nvidia/lib64), the toolkit (/usr/local/cuda/lib64) and NCCL from python3's
 # nvidia.nccl package, keeps NVLink multicast off, and execs the arguments.
@@ -65,8 +66,11 @@ if [[ -f $ARCHIVE ]]; then
 		echo "run-on-device: warning: unresolved libraries for lorasweep:" >&2
 		echo "$missing" >&2
 	fi
-elif [[ $1 == lorasweep ]]; then
-	die "$ARCHIVE not found: build it with deploy/cuda/build.sh and carry target-cuda/lorasweep.xz"
+elif [[ -x $BIN_DIR/lorasweep ]]; then
+	# A call that follows a carrying one closely finds the binary it unpacked.
+	export PATH="$BIN_DIR:$PATH"
+elif [[ $1 == lorasweep || $1 == bash ]]; then
+	die "$ARCHIVE not found and nothing unpacked in $BIN_DIR: build it with deploy/cuda/build.sh and carry target-cuda/lorasweep.xz"
 fi
 
 exec "$@"

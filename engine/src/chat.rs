@@ -243,6 +243,16 @@ impl ChatTemplate {
     pub fn source(&self) -> &str {
         &self.source
     }
+
+    /// The string the template sees as `bos_token`, if any.
+    pub fn bos_token(&self) -> Option<&str> {
+        self.bos_token.as_deref()
+    }
+
+    /// The string the template sees as `eos_token`, if any.
+    pub fn eos_token(&self) -> Option<&str> {
+        self.eos_token.as_deref()
+    }
 }
 
 /// `raise_exception(message)`: templates call it to reject a conversation they cannot format.

@@ -91,6 +91,11 @@ pub struct EvalOptions {
     pub model_label: Option<String>,
     /// The adapter's identity (see [`adapter_identity`]), `None` for the base model.
     pub adapter: Option<String>,
+    /// Also write every generation to this JSONL file (one line per prompt, in input order:
+    /// the batch it ran in, the prompt's text and token ids, the settings, the generated ids,
+    /// text and finish reason), so another implementation can generate from exactly the same
+    /// token ids in the same batches and be compared token for token.
+    pub generation_dump: Option<std::path::PathBuf>,
 }
 
 impl Default for EvalOptions {
@@ -104,6 +109,7 @@ impl Default for EvalOptions {
             sandbox: SandboxConfig::default(),
             model_label: None,
             adapter: None,
+            generation_dump: None,
         }
     }
 }
@@ -147,6 +153,14 @@ pub enum EvalError {
     NothingVerifiable {
         /// Prompts evaluated.
         prompts: usize,
+    },
+    /// Writing an output file failed.
+    #[error("cannot write {}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
     },
     /// Loading the task failed.
     #[error(transparent)]
@@ -344,8 +358,9 @@ fn generate_all(
     model: &LoadedModel,
     prompts: Vec<String>,
     settings: &GenerationSettings,
-    batch_size: usize,
+    options: &EvalOptions,
 ) -> Result<(Vec<Generated>, Throughput), EvalError> {
+    let batch_size = options.batch_size;
     let mut encoded = Vec::with_capacity(prompts.len());
     for prompt in &prompts {
         encoded.push(model.tokenizer.encode(prompt)?);
@@ -353,9 +368,13 @@ fn generate_all(
     let mut order: Vec<usize> = (0..prompts.len()).collect();
     order.sort_by_key(|&index| std::cmp::Reverse(encoded[index].len()));
     let mut results: Vec<Option<(Generation, f64)>> = (0..prompts.len()).map(|_| None).collect();
+    let mut batch_of = vec![0; prompts.len()];
     let started = Instant::now();
     let mut done = 0;
-    for chunk in order.chunks(batch_size) {
+    for (batch_index, chunk) in order.chunks(batch_size).enumerate() {
+        for &index in chunk {
+            batch_of[index] = batch_index;
+        }
         let batch: Vec<Vec<u32>> = chunk.iter().map(|&index| encoded[index].clone()).collect();
         let batch_started = Instant::now();
         let generations =
@@ -376,6 +395,9 @@ fn generate_all(
         );
     }
     let seconds = started.elapsed().as_secs_f64();
+    if let Some(path) = &options.generation_dump {
+        write_generation_dump(path, &prompts, &encoded, &batch_of, &results, settings)?;
+    }
     let mut generated = Vec::with_capacity(prompts.len());
     let mut tokens = 0;
     for (prompt, result) in prompts.into_iter().zip(results) {
@@ -388,6 +410,47 @@ fn generate_all(
         });
     }
     Ok((generated, Throughput { tokens, seconds }))
+}
+
+/// Writes [`EvalOptions::generation_dump`]: a temporary file renamed into place, so a reader
+/// never sees half a dump.
+fn write_generation_dump(
+    path: &Path,
+    prompts: &[String],
+    encoded: &[Vec<u32>],
+    batch_of: &[usize],
+    results: &[Option<(Generation, f64)>],
+    settings: &GenerationSettings,
+) -> Result<(), EvalError> {
+    use std::io::Write;
+    let io = |source| EvalError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let temp = path.with_extension("jsonl.partial");
+    let mut out = std::io::BufWriter::new(std::fs::File::create(&temp).map_err(io)?);
+    for (index, prompt) in prompts.iter().enumerate() {
+        let Some((generation, _)) = &results[index] else {
+            continue;
+        };
+        let line = serde_json::json!({
+            "index": index,
+            "batch": batch_of[index],
+            "prompt": prompt,
+            "prompt_ids": encoded[index],
+            "max_new_tokens": settings.max_new_tokens,
+            "stop": settings.stop,
+            "output_ids": generation.tokens,
+            "text": generation.text,
+            "finish": generation.finish,
+        });
+        writeln!(out, "{line}").map_err(io)?;
+    }
+    out.into_inner()
+        .map_err(|error| io(error.into_error()))?
+        .sync_all()
+        .map_err(io)?;
+    std::fs::rename(&temp, path).map_err(io)
 }
 
 fn greedy(max_new_tokens: usize, stop: Vec<String>) -> GenerationSettings {
@@ -456,7 +519,7 @@ fn evaluate_math(
         problems.push(problem);
     }
     let settings = greedy(max_new_tokens(options, Metric::NumberMatch), Vec::new());
-    let (generated, throughput) = generate_all(model, prompts, &settings, options.batch_size)?;
+    let (generated, throughput) = generate_all(model, prompts, &settings, options)?;
     let mut correct = 0;
     let mut records = Vec::with_capacity(items.len());
     for (problem, generated) in problems.iter().zip(&generated) {
@@ -516,7 +579,7 @@ fn evaluate_code(
     // Set up the sandbox first: a machine that cannot run Python fails before generating.
     let sandbox = Sandbox::new(options.sandbox.clone())?;
     let settings = greedy(max_new_tokens(options, Metric::PassAt1), stop);
-    let (generated, throughput) = generate_all(model, prompts, &settings, options.batch_size)?;
+    let (generated, throughput) = generate_all(model, prompts, &settings, options)?;
     let completions: Vec<Completion> = problems
         .iter()
         .zip(&generated)
@@ -590,7 +653,7 @@ fn evaluate_instruct(
         max_new_tokens(options, Metric::InstructionFollowing),
         Vec::new(),
     );
-    let (generated, throughput) = generate_all(model, prompts, &settings, options.batch_size)?;
+    let (generated, throughput) = generate_all(model, prompts, &settings, options)?;
     let mut verdicts = Vec::with_capacity(items.len());
     let mut records = Vec::with_capacity(items.len());
     for (prompt, generated) in prompts_in.iter().zip(&generated) {
@@ -654,7 +717,7 @@ fn evaluate_reference(
         references.push(reference);
     }
     let settings = greedy(max_new_tokens(options, metric), Vec::new());
-    let (generated, throughput) = generate_all(model, prompts, &settings, options.batch_size)?;
+    let (generated, throughput) = generate_all(model, prompts, &settings, options)?;
     let mut correct = 0;
     let mut records = Vec::with_capacity(items.len());
     for (reference, generated) in references.iter().zip(&generated) {

@@ -345,6 +345,14 @@ impl Tokenizer {
         self.vocab_size
     }
 
+    /// The whole tokenizer as a Hugging Face `tokenizer.json` document (what
+    /// `tokenizers.Tokenizer.from_file` reads back into the same tokenizer).
+    pub fn to_json(&self) -> Result<String, TokenizerError> {
+        self.inner
+            .to_string(true)
+            .map_err(|error| TokenizerError::Library(format!("cannot serialise: {error}")))
+    }
+
     /// The id of a token string (special or not), if the vocabulary has it.
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)

@@ -57,6 +57,20 @@ enum AssetsCommand {
         #[arg(required = true, value_name = "DIR")]
         dirs: Vec<std::path::PathBuf>,
     },
+    /// Write a model as a Hugging Face directory (config.json, model.safetensors,
+    /// tokenizer.json, tokenizer_config.json with the chat template, generation_config.json):
+    /// the weights lorasweep computes with (a GGUF dequantised), for PyTorch baselines.
+    ExportHf {
+        /// A packaged model name, a GGUF file or a Hugging Face directory.
+        #[arg(value_name = "MODEL")]
+        model: String,
+        /// The directory to create (must not exist).
+        #[arg(long, value_name = "DIR")]
+        out: std::path::PathBuf,
+        /// The weights' type: f32, bf16 or f16.
+        #[arg(long, default_value = "f32", value_parser = ["f32", "bf16", "f16"])]
+        dtype: String,
+    },
 }
 
 fn part_size(text: &str) -> Result<u64, String> {
@@ -74,7 +88,29 @@ pub fn assets(args: AssetsArgs) -> anyhow::Result<()> {
             part_size,
         } => bundle(&names, &out, part_size),
         AssetsCommand::Install { dirs } => install(&dirs),
+        AssetsCommand::ExportHf { model, out, dtype } => export_hf(&model, &out, &dtype),
     }
+}
+
+fn export_hf(model: &str, out: &std::path::Path, dtype: &str) -> anyhow::Result<()> {
+    use lorasweep_engine::model::ModelSource;
+    let source = match assets::resolve_model(model)? {
+        assets::ModelLocation::Gguf(path) => ModelSource::Gguf(path),
+        assets::ModelLocation::HfDir(path) => ModelSource::HfDir(path),
+    };
+    let dtype = match dtype {
+        "bf16" => candle_core::DType::BF16,
+        "f16" => candle_core::DType::F16,
+        _ => candle_core::DType::F32,
+    };
+    let exported = lorasweep_engine::model::export::export_hf(&source, out, dtype)
+        .with_context(|| format!("exporting {model} to {}", out.display()))?;
+    eprintln!(
+        "exported {} tensors ({} bytes of weights)",
+        exported.tensors, exported.weight_bytes
+    );
+    println!("{}", exported.dir.display());
+    Ok(())
 }
 
 fn bundle(names: &[String], out: &std::path::Path, part_size: u64) -> anyhow::Result<()> {

@@ -56,6 +56,11 @@ pub struct EvalArgs {
     /// Where to write the report JSON.
     #[arg(long)]
     out: PathBuf,
+    /// Also write every generation as JSONL: batch, prompt text and token ids, settings,
+    /// generated ids, text and finish reason (for comparing with another implementation,
+    /// e.g. `bench/hf_generate.py`).
+    #[arg(long, value_name = "FILE")]
+    dump_generations: Option<PathBuf>,
 }
 
 /// Runs `lorasweep eval`.
@@ -84,6 +89,7 @@ pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
             max_len: args.max_len,
             code_prompt: CodePrompt::parse(&args.code_prompt).expect("clap checked the value"),
             sandbox: evaluate::sandbox_config(Duration::from_secs_f64(args.timeout), args.parallel),
+            generation_dump: args.dump_generations.clone(),
             ..EvalOptions::default()
         },
     };

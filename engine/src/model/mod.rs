@@ -4,6 +4,7 @@
 //! Both supported families, Llama and Qwen2, share one decoder ([`transformer`]); the family
 //! files ([`llama`], [`qwen2`]) say how each reads its configuration and weights.
 
+pub mod export;
 pub mod llama;
 pub mod qwen2;
 pub mod transformer;
