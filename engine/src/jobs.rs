@@ -202,6 +202,44 @@ pub fn probe(
     })
 }
 
+/// The token batches a train job of `settings` on `data` steps through, in order: per step,
+/// its micro-batches, collated exactly as the trainer collates them (for baselines that must
+/// train on the same batches; `lorasweep tasks batches`).
+pub fn train_batches(
+    model: &LoadedModel,
+    data: &DataSource,
+    settings: &TrainSettings,
+) -> Result<Vec<Vec<Collated>>, JobError> {
+    let (examples, _) = encode_all(model, &data.conversations()?, settings.max_len)?;
+    let pad = model.tokenizer.pad_token_id();
+    Ok(train::step_order(examples.len(), settings)
+        .into_iter()
+        .map(|micro_batches| {
+            micro_batches
+                .into_iter()
+                .map(|picked| {
+                    let rows: Vec<Example> = picked.iter().map(|&i| examples[i].clone()).collect();
+                    data::collate(&rows, pad)
+                })
+                .collect()
+        })
+        .collect())
+}
+
+/// The batches a probe of `settings` on `data` scores, collated as the probe does.
+pub fn probe_batches_of(
+    model: &LoadedModel,
+    data: &DataSource,
+    settings: &ProbeSettings,
+) -> Result<Vec<Collated>, JobError> {
+    let (examples, _) = encode_all(model, &data.conversations()?, settings.max_len)?;
+    Ok(probe_batches(
+        &examples,
+        settings,
+        model.tokenizer.pad_token_id(),
+    ))
+}
+
 /// The probe's batches: `batches × batch_size` examples in a seeded order (wrapping around a
 /// small data set).
 fn probe_batches(examples: &[Example], settings: &ProbeSettings, pad_id: u32) -> Vec<Collated> {

@@ -207,6 +207,21 @@ impl Cursor {
     }
 }
 
+/// The examples each optimizer step of a run of `settings` trains on, as [`train`] draws them:
+/// `steps` entries, each `grad_accum` micro-batches of `batch_size` example indices into a set
+/// of `examples` examples (the seeded order, reshuffled every epoch). For baselines that must
+/// train on the very same batches (`lorasweep tasks batches`).
+pub fn step_order(examples: usize, settings: &TrainSettings) -> Vec<Vec<Vec<usize>>> {
+    let mut cursor = Cursor::default();
+    (0..settings.steps)
+        .map(|_| {
+            (0..settings.grad_accum)
+                .map(|_| cursor.take(examples, settings.batch_size, settings.seed))
+                .collect()
+        })
+        .collect()
+}
+
 /// Checkpoint metadata (the tensors live in `state.safetensors` beside it).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct CheckpointState {

@@ -181,10 +181,24 @@ fn list() -> anyhow::Result<()> {
 
 /// Arguments of `lorasweep tasks`.
 #[derive(Args)]
-pub struct TasksArgs {}
+pub struct TasksArgs {
+    #[command(subcommand)]
+    command: Option<TasksCommand>,
+}
 
-/// Runs `lorasweep tasks`: one row per named task; sizes for those whose assets are cached.
-pub fn tasks(_args: TasksArgs) -> anyhow::Result<()> {
+#[derive(Subcommand)]
+enum TasksCommand {
+    /// Write the token batches a train job (or a probe) steps through, as JSONL, for
+    /// baselines that must train on exactly the same batches.
+    Batches(super::batches::BatchesArgs),
+}
+
+/// Runs `lorasweep tasks`: one row per named task (sizes for those whose assets are cached),
+/// or its subcommand.
+pub fn tasks(args: TasksArgs) -> anyhow::Result<()> {
+    if let Some(TasksCommand::Batches(args)) = args.command {
+        return super::batches::batches(args);
+    }
     let rows = tasks::catalog();
     println!(
         "{:<10} {:>7} {:>6}  {:<22} source",

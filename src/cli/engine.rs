@@ -24,7 +24,7 @@ pub struct DataArgs {
 }
 
 impl DataArgs {
-    fn source(&self) -> anyhow::Result<DataSource> {
+    pub(crate) fn source(&self) -> anyhow::Result<DataSource> {
         match (&self.data, &self.task) {
             (Some(path), None) => Ok(DataSource::Jsonl(path.clone())),
             (None, Some(task)) => Ok(DataSource::Task(task.clone())),

@@ -1,6 +1,7 @@
 //! Command implementations, one module per group of verbs.
 
 pub mod assets;
+pub mod batches;
 pub mod bench;
 pub mod client_verbs;
 pub mod connect;
