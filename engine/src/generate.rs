@@ -197,14 +197,18 @@ pub fn complete_batch(
     let mut active: Vec<usize> = (0..prompts.len()).collect();
     let mut cache = KvCache::new();
     let input = Tensor::from_vec(ids, (prompts.len(), longest), device)?;
-    let mut logits = batch_last_logits(model, &input, 0, &mut cache, &padding)?;
+    let greedy_on_device = settings.temperature <= 0.0 && !device.is_cpu();
+    let mut logits = batch_last_scores(model, &input, 0, &mut cache, &padding, greedy_on_device)?;
     let started = Instant::now();
     loop {
         let mut next_tokens = Vec::with_capacity(active.len());
         let mut still_active = Vec::with_capacity(active.len());
         for (position, &index) in active.iter().enumerate() {
             let row = &mut rows[index];
-            let next = pick(&logits[position], settings, &mut row.rng)?;
+            let next = match &logits {
+                RowScores::Logits(rows) => pick(&rows[position], settings, &mut row.rng)?,
+                RowScores::Argmax(ids) => ids[position],
+            };
             if let Some(finish) = row.advance(next, eos, tokenizer, settings, limit)? {
                 row.finish = Some(finish);
                 row.decode_s = started.elapsed().as_secs_f64();
@@ -226,7 +230,7 @@ pub fn complete_batch(
         }
         let start = cache.len();
         let input = Tensor::from_vec(next_tokens, (active.len(), 1), device)?;
-        logits = batch_last_logits(model, &input, start, &mut cache, &padding)?;
+        logits = batch_last_scores(model, &input, start, &mut cache, &padding, greedy_on_device)?;
     }
     rows.into_iter()
         .map(|row| {
@@ -293,21 +297,37 @@ impl BatchRow {
     }
 }
 
-/// The last column's logits of every row, `[row][vocab]`, in f32.
-fn batch_last_logits(
+/// What comes back to the host for each row's last position.
+enum RowScores {
+    /// The whole vocabulary's logits (sampling, or greedy on the CPU, where [`pick`]'s
+    /// first-maximum rule keeps outputs reproducible).
+    Logits(Vec<Vec<f32>>),
+    /// Only the argmax id (greedy on a GPU): a few bytes per row instead of the vocabulary's
+    /// logits, and no host-side scan of them, at every decoding step.
+    Argmax(Vec<u32>),
+}
+
+/// The scores of each row's last position after feeding `input` (padded rows, see
+/// [`Transformer::hidden_states_padded`]).
+fn batch_last_scores(
     model: &Transformer,
     input: &Tensor,
     start: usize,
     cache: &mut KvCache,
     padding: &[usize],
-) -> candle_core::Result<Vec<Vec<f32>>> {
+    argmax_only: bool,
+) -> candle_core::Result<RowScores> {
     let hidden = model.hidden_states_padded(input, start, Some(cache), Some(padding))?;
     let last = hidden.narrow(1, hidden.dim(1)? - 1, 1)?;
-    model
-        .logits(&last)?
-        .squeeze(1)?
-        .to_dtype(DType::F32)?
-        .to_vec2::<f32>()
+    let logits = model.logits(&last)?.squeeze(1)?;
+    if argmax_only {
+        return Ok(RowScores::Argmax(
+            logits.argmax(D::Minus1)?.to_vec1::<u32>()?,
+        ));
+    }
+    Ok(RowScores::Logits(
+        logits.to_dtype(DType::F32)?.to_vec2::<f32>()?,
+    ))
 }
 
 fn last_logits(
