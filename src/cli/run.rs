@@ -34,6 +34,12 @@ pub struct RunArgs {
     /// per worker; none: each worker gets one slot on the default device).
     #[arg(long, value_delimiter = ',')]
     pub gpus: Vec<u32>,
+    /// Worker processes that may share one GPU (with `--gpus`): with `--workers` above the
+    /// number of GPUs, worker `i` computes on GPU `i mod GPUs`. Small models leave most of a
+    /// large card idle; several processes on it keep it busy. Each loads its own copy of the
+    /// model, so size this by the jobs' peak memory.
+    #[arg(long, default_value_t = 1)]
+    pub workers_per_gpu: u32,
 }
 
 /// A child process that is shut down gracefully (its standard input closed) when dropped,
@@ -147,12 +153,17 @@ pub fn run(args: RunArgs) -> Result<()> {
     let mut gpus = args.gpus.clone();
     gpus.sort_unstable();
     gpus.dedup();
-    if !gpus.is_empty() && (args.workers as usize) > gpus.len() {
+    if args.workers_per_gpu == 0 {
+        bail!("--workers-per-gpu must be at least 1");
+    }
+    let shareable = gpus.len() * args.workers_per_gpu as usize;
+    if !gpus.is_empty() && (args.workers as usize) > shareable {
         bail!(
-            "--workers {} with --gpus {}: every worker needs a GPU of its own (a worker without one would compute on GPU 0 beside another); start at most {} workers",
+            "--workers {} with --gpus {} and --workers-per-gpu {}: at most {} workers (a worker without a GPU of its own would compute on GPU 0 beside another; raise --workers-per-gpu to share them)",
             args.workers,
             gpus.iter().map(u32::to_string).collect::<Vec<_>>().join(","),
-            gpus.len()
+            args.workers_per_gpu,
+            shareable
         );
     }
     let sweep_spec = Sweep::from_file(&args.file)?;
@@ -218,12 +229,7 @@ pub fn run(args: RunArgs) -> Result<()> {
 
     let mut workers = Vec::new();
     for index in 0..args.workers {
-        let gpus: Vec<String> = gpus
-            .iter()
-            .enumerate()
-            .filter(|(position, _)| *position as u32 % args.workers == index)
-            .map(|(_, gpu)| gpu.to_string())
-            .collect();
+        let gpus = worker_gpus(&gpus, args.workers, index);
         let mut command = Process::new(&binary);
         command
             .arg("worker")
@@ -309,4 +315,36 @@ pub fn run(args: RunArgs) -> Result<()> {
     }
     std::io::stdout().flush()?;
     Ok(())
+}
+
+/// The GPUs worker `index` of `workers` offers: round-robin when there are at least as many
+/// GPUs as workers (a worker may get several), else GPU `index mod GPUs` (workers share them).
+fn worker_gpus(gpus: &[u32], workers: u32, index: u32) -> Vec<String> {
+    if gpus.is_empty() {
+        return Vec::new();
+    }
+    if workers as usize > gpus.len() {
+        return vec![gpus[index as usize % gpus.len()].to_string()];
+    }
+    gpus.iter()
+        .enumerate()
+        .filter(|(position, _)| *position as u32 % workers == index)
+        .map(|(_, gpu)| gpu.to_string())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::worker_gpus;
+
+    #[test]
+    fn gpus_are_dealt_round_robin_or_shared() {
+        // As many GPUs as workers or more: each worker its own, round-robin.
+        assert_eq!(worker_gpus(&[0, 1, 2], 2, 0), ["0", "2"]);
+        assert_eq!(worker_gpus(&[0, 1, 2], 2, 1), ["1"]);
+        // More workers than GPUs (--workers-per-gpu): GPU index mod count, shared.
+        let dealt: Vec<Vec<String>> = (0..4).map(|i| worker_gpus(&[3, 5], 4, i)).collect();
+        assert_eq!(dealt, [["3"], ["5"], ["3"], ["5"]]);
+        assert!(worker_gpus(&[], 3, 1).is_empty());
+    }
 }
