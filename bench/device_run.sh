@@ -13,6 +13,8 @@ log() { echo "== $*" >&2; }
 # kernels agree compare anchors scaling fusedcheck profile ncu nsys generic.
 sections="${SECTIONS:-kernels agree compare anchors scaling fusedcheck profile ncu generic}"
 want() { [[ " $sections " == *" $1 "* ]]; }
+# Which model geometries the compare, anchors, scaling and profile sections cover.
+geometries="${GEOMETRIES:-smollm2-135m qwen2.5-0.5b}"
 run() { # name, command...
     local name="$1"; shift
     log "$name"
@@ -34,7 +36,7 @@ want agree && for mode in train probe; do
 done
 
 # The four configurations of GPU.md plus the probe, ours then PEFT's, batch 16 x 512, r=16, a=32.
-want compare && for geometry in smollm2-135m qwen2.5-0.5b; do
+want compare && for geometry in $geometries; do
     for placement in all one:2.down_proj; do
         tag="${geometry}_${placement//[:.]/_}"
         run "ours_train_$tag" lorasweep bench train --geometry "$geometry" --placement "$placement" --steps "$steps" --warmup "$warmup"
@@ -51,7 +53,7 @@ if want anchors; then
         python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/liger_kernel-*.whl >&2 \
             && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
     fi
-    for geometry in smollm2-135m qwen2.5-0.5b; do
+    for geometry in $geometries; do
         for placement in all one:2.down_proj; do
             tag="${geometry}_${placement//[:.]/_}"
             run "liger_train_$tag" python3 bench/peft_baseline.py --kernels liger --mode train --geometry "$geometry" --placement "$placement" --steps "$steps" --warmup "$warmup"
@@ -62,14 +64,14 @@ fi
 # Bound by the host or by the device? The single-adapter steps again with a quarter of the
 # tokens (batch 4): a device-bound step takes about a quarter of the time, a host-bound one
 # about the same.
-want scaling && for geometry in smollm2-135m qwen2.5-0.5b; do
+want scaling && for geometry in $geometries; do
     tag="${geometry}_one_2_down_proj"
     run "ours_b4_train_$tag" lorasweep bench train --geometry "$geometry" --placement one:2.down_proj --batch 4 --steps "$steps" --warmup "$warmup"
     run "peft_b4_train_$tag" python3 bench/peft_baseline.py --mode train --geometry "$geometry" --placement one:2.down_proj --batch 4 --steps "$steps" --warmup "$warmup"
 done
 
 # Where the time goes: each phase of a step timed apart, ours and PEFT's (issue 7's profile).
-want profile && for geometry in smollm2-135m qwen2.5-0.5b; do
+want profile && for geometry in $geometries; do
     for placement in all one:2.down_proj; do
         tag="${geometry}_${placement//[:.]/_}"
         run "profile_ours_$tag" lorasweep bench train --geometry "$geometry" --placement "$placement" --steps 5 --warmup 2 --profile

@@ -13,11 +13,15 @@
 #   MODELS         models of the generation benchmark (default smollm2-135m)
 #   GEN_LIMIT, GEN_BATCH, GEN_TOKENS  its prompts (math eval split), batch and new tokens
 #                  (default 256, 64, 256)
-#   STAGES         any of: install sweep generate agree (default: all four)
+#   STAGES         any of: install generate agree sweep (default: all four, in that order)
+#   SWEEP_TIMEOUT  seconds each sweep may run (default 3600); a stopped sweep resumes when run
+#                  again with the same OUT
+#   RUN_ARGS       how `lorasweep run` places workers (default: --gpus 0; e.g.
+#                  "--gpus 0 --workers 4 --workers-per-gpu 4" to run four jobs at once)
 set -uo pipefail
 out="${OUT:-/tmp/gpu-sweep}"
 export LORASWEEP_HOME="${LORASWEEP_HOME:-/tmp/lorasweep-home}"
-stages="${STAGES:-install sweep generate agree}"
+stages="${STAGES:-install generate agree sweep}"
 want() { [[ " $stages " == *" $1 "* ]]; }
 log() { echo "== $(date +%T) $*" >&2; }
 mkdir -p "$out"
@@ -40,19 +44,6 @@ lorasweep --version >&2
 if want install; then
     [[ $# -gt 0 ]] || { echo "gpu_sweep: give the bundle directories" >&2; exit 2; }
     step install lorasweep assets install "$@" || exit 1
-fi
-
-# The sweeps, each timed as a whole, with the per-phase table from its results.
-if want sweep; then
-    for sweep in ${SWEEPS:-experiments/gpu-all-tasks.yaml}; do
-        name="$(basename "$sweep" .yaml)"
-        step "sweep_$name" lorasweep run "$sweep" --gpus 0 --out "$out/$name" 2>"$out/$name.log"
-        tail -n 40 "$out/$name.log" >&2
-        if [[ -f $out/$name/report/results.csv ]]; then
-            python3 bench/sweep_phases.py "$out/$name/report/results.csv" | tee "$out/phases_$name.md" >&2
-            cp "$out/$name/report/report.md" "$out/report_$name.md"
-        fi
-    done
 fi
 
 # Batched generation, ours against HF generate + PEFT: one adapter on every module trained
@@ -81,6 +72,19 @@ if want agree; then
             --limit 16 --batch-size 8 --max-new-tokens 96 --out "$dir/ours_cpu.json" --dump-generations "$dir/ours_cpu.jsonl" 2>"$dir/ours_cpu.log"
         step "hf_cpu_f32_$model" python3 bench/hf_generate.py --model-dir "$dir/hf32" --adapter "$dir/adapter" \
             --dump "$dir/ours_cpu.jsonl" --dtype f32 --device cpu --json "$dir/hf_cpu.json"
+    done
+fi
+
+# The sweeps, each timed as a whole, with the per-phase table from its results.
+if want sweep; then
+    for sweep in ${SWEEPS:-experiments/gpu-all-tasks.yaml}; do
+        name="$(basename "$sweep" .yaml)"
+        step "sweep_$name" timeout -k 30 "${SWEEP_TIMEOUT:-3600}" lorasweep run "$sweep" ${RUN_ARGS:---gpus 0} --out "$out/$name" 2>"$out/$name.log"
+        tail -n 40 "$out/$name.log" >&2
+        if [[ -f $out/$name/report/results.csv ]]; then
+            python3 bench/sweep_phases.py "$out/$name/report/results.csv" | tee "$out/phases_$name.md" >&2
+            cp "$out/$name/report/report.md" "$out/report_$name.md"
+        fi
     done
 fi
 
