@@ -4,10 +4,13 @@
 
 use std::ffi::CString;
 use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
+use std::sync::Arc;
 
-use super::{rlimits, Limits, Namespaces, SandboxError, PRIVATE_WORKDIR, PROGRAM_FILE};
+use super::seccomp::Filters;
+use super::{landlock, rlimits, Limits, Namespaces, SandboxError};
 
 /// The contents of a user namespace's id maps.
 struct IdMaps {
@@ -26,19 +29,44 @@ pub(super) struct Plan {
     tmpfs: CString,
     tmpfs_options: CString,
     private_dirs: Vec<CString>,
-    workdir: CString,
-    program_file: CString,
-    program: Vec<u8>,
+    workdir_mount: Option<WorkdirMount>,
     rlimits: Vec<rlimits::Rlimit>,
     credentials: Option<(libc::uid_t, libc::gid_t)>,
+    landlock: Option<OwnedFd>,
+    seccomp: Option<Arc<Filters>>,
+    inherited: Vec<OwnedFd>,
 }
 
+/// The working directory made visible again at its own path inside the private `/tmp`: the
+/// interpreter reopens its script by absolute path, which the tmpfs would otherwise hide.
+struct WorkdirMount {
+    /// Folders to create in the tmpfs, outermost first (the last is the mount point).
+    folders: Vec<CString>,
+    /// `/proc/self/cwd`: the host directory the child already stands in.
+    source: CString,
+}
+
+/// What a [`Plan`] is made from.
 pub(super) struct PlanInput<'a> {
+    /// The namespaces to enter.
     pub namespaces: Namespaces,
+    /// Directories that get a private tmpfs (mount namespace only).
     pub private_dirs: &'a [PathBuf],
+    /// The working directory on the host (the child's current directory).
+    pub workdir: &'a std::path::Path,
+    /// The resource limits.
     pub limits: &'a Limits,
-    pub program: &'a [u8],
+    /// Tasks our uid already runs, which `RLIMIT_NPROC` counts too (0 for a dedicated uid).
+    pub nproc_base: u64,
+    /// The dedicated uid and gid, in root mode.
     pub credentials: Option<(u32, u32)>,
+    /// The Landlock ruleset to restrict to.
+    pub landlock: Option<OwnedFd>,
+    /// The seccomp filters to install.
+    pub seccomp: Option<Arc<Filters>>,
+    /// Descriptors python inherits at their own number (the harness's verdict pipe and
+    /// payload); every other descriptor of ours is close-on-exec.
+    pub inherited: Vec<OwnedFd>,
 }
 
 fn c_string(text: &[u8]) -> Result<CString, SandboxError> {
@@ -60,14 +88,36 @@ impl Plan {
         } else {
             None
         };
-        let rlimits = rlimits::table(input.limits);
+        let rlimits = rlimits::table(input.limits, input.nproc_base);
         let private_dirs = input
             .private_dirs
             .iter()
             .map(|dir| c_string(dir.as_os_str().as_bytes()))
             .collect::<Result<Vec<_>, _>>()?;
+        let covering = input
+            .private_dirs
+            .iter()
+            .filter(|dir| input.workdir.starts_with(dir))
+            .max_by_key(|dir| dir.components().count());
+        let workdir_mount = match covering {
+            Some(dir) if input.namespaces.mount => {
+                let mut folders = Vec::new();
+                let mut path = dir.clone();
+                let rest = input.workdir.strip_prefix(dir).unwrap_or(input.workdir);
+                for part in rest.components() {
+                    path.push(part);
+                    folders.push(c_string(path.as_os_str().as_bytes())?);
+                }
+                Some(WorkdirMount {
+                    folders,
+                    source: c_string(b"/proc/self/cwd")?,
+                })
+            }
+            _ => None,
+        };
         Ok(Plan {
             namespaces: input.namespaces,
+            workdir_mount,
             id_maps,
             root: c_string(b"/")?,
             tmpfs: c_string(b"tmpfs")?,
@@ -75,11 +125,11 @@ impl Plan {
                 format!("size={},mode=1777", input.limits.tmpfs_bytes).as_bytes(),
             )?,
             private_dirs,
-            workdir: c_string(PRIVATE_WORKDIR.as_bytes())?,
-            program_file: c_string(PROGRAM_FILE.as_bytes())?,
-            program: input.program.to_vec(),
             rlimits,
             credentials: input.credentials,
+            landlock: input.landlock,
+            seccomp: input.seccomp,
+            inherited: input.inherited,
         })
     }
 
@@ -91,6 +141,10 @@ impl Plan {
             check(unsafe { libc::unshare(flags) })?;
         }
         if let Some(maps) = &self.id_maps {
+            // A non-dumpable process (see `Sandbox::new`) may not write its own id maps: the
+            // files of /proc/self then belong to root. Python becomes dumpable at exec anyway.
+            // SAFETY: prctl with integer arguments only.
+            check(unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0) })?;
             write_file(&maps.setgroups_path, b"deny")?;
             write_file(&maps.uid_map_path, &maps.uid_line)?;
             write_file(&maps.gid_map_path, &maps.gid_line)?;
@@ -122,16 +176,30 @@ impl Plan {
             check(unsafe { libc::setgid(gid) })?;
             check(unsafe { libc::setuid(uid) })?;
         }
-        // SAFETY: prctl with integer arguments only. No setuid binary may raise
-        // privileges, and the program dies if its supervisor does (a credential change
-        // clears the parent-death signal, so it is set last).
+        // SAFETY: prctl with integer arguments only. No setuid binary may raise privileges
+        // (and Landlock and seccomp need this flag from an unprivileged process).
         check(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) })?;
+        if let Some(ruleset) = &self.landlock {
+            landlock::restrict_self(ruleset.as_raw_fd())?;
+        }
+        for fd in &self.inherited {
+            // SAFETY: fcntl on a descriptor the plan owns; clearing FD_CLOEXEC in this
+            // child's table only, so python inherits it.
+            check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, 0) })?;
+        }
+        // The seccomp filter goes last but one: it refuses calls made above (unshare,
+        // mount). The program dies if its supervisor does; a credential change clears the
+        // parent-death signal, so it is set after setuid.
+        if let Some(filters) = &self.seccomp {
+            filters.install()?;
+        }
+        // SAFETY: prctl with integer arguments only.
         check(unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) })?;
         Ok(())
     }
 
-    /// Private tmpfs over the world-writable directories, and a fresh working directory
-    /// holding the program inside the private `/tmp`.
+    /// Private tmpfs over the world-writable directories. The working directory is on the
+    /// host (the standard library entered it before this runs), so the mounts do not hide it.
     fn make_private_filesystem(&self) -> io::Result<()> {
         // Make every mount private first, or the tmpfs mounts would propagate to the host.
         // SAFETY: the pointers are nul-terminated strings owned by `self` or null, which
@@ -157,24 +225,28 @@ impl Plan {
                 )
             })?;
         }
-        // SAFETY: nul-terminated path owned by `self`.
-        check(unsafe { libc::mkdir(self.workdir.as_ptr(), 0o700) })?;
-        if let Some((uid, gid)) = self.credentials {
+        if let Some(workdir) = &self.workdir_mount {
+            for folder in &workdir.folders {
+                // SAFETY: nul-terminated path owned by `self`.
+                check(unsafe { libc::mkdir(folder.as_ptr(), 0o755) })?;
+            }
+            let Some(target) = workdir.folders.last() else {
+                return Ok(());
+            };
+            // SAFETY: nul-terminated paths owned by `self`; null for the unused arguments.
+            check(unsafe {
+                libc::mount(
+                    workdir.source.as_ptr(),
+                    target.as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_BIND,
+                    std::ptr::null(),
+                )
+            })?;
             // SAFETY: as above.
-            check(unsafe { libc::chown(self.workdir.as_ptr(), uid, gid) })?;
+            check(unsafe { libc::chdir(target.as_ptr()) })?;
         }
-        // SAFETY: as above.
-        check(unsafe { libc::chdir(self.workdir.as_ptr()) })?;
-        // SAFETY: as above; the new file is closed by write_all_and_close.
-        let fd = unsafe {
-            libc::open(
-                self.program_file.as_ptr(),
-                libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC,
-                0o644,
-            )
-        };
-        check(fd)?;
-        write_all_and_close(fd, &self.program)
+        Ok(())
     }
 }
 
@@ -224,6 +296,68 @@ fn supervise(pid: libc::pid_t) -> ! {
     }
     // SAFETY: as above.
     unsafe { libc::_exit(libc::WEXITSTATUS(status)) }
+}
+
+/// Forks a child that installs `filters` and then asks for an `AF_INET` socket, which must be
+/// refused: a refusal to install (a seccomp profile around us, a kernel without the feature)
+/// or a filter that does not bite is found once, before any program runs.
+pub(super) fn probe_seccomp(filters: &Filters) -> Result<(), String> {
+    const NO_NEW_PRIVS_FAILED: i32 = 1;
+    const INSTALL_FAILED: i32 = 2;
+    const INEFFECTIVE: i32 = 3;
+    // SAFETY: the child makes raw system calls on memory prepared before the fork (the
+    // compiled filters) and leaves by _exit.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        // SAFETY: prctl with integer arguments only.
+        let status = if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+            NO_NEW_PRIVS_FAILED
+        } else if filters.install().is_err() {
+            INSTALL_FAILED
+        } else {
+            // SAFETY: socket takes integers; a descriptor it returns is closed by _exit.
+            let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+            if fd >= 0 || io::Error::last_os_error().raw_os_error() != Some(libc::EPERM) {
+                INEFFECTIVE
+            } else {
+                0
+            }
+        };
+        // SAFETY: _exit ends the child without running any Rust code.
+        unsafe { libc::_exit(status) }
+    }
+    if pid < 0 {
+        return Err(format!(
+            "could not fork the seccomp probe: {}",
+            io::Error::last_os_error()
+        ));
+    }
+    let mut status: libc::c_int = 0;
+    loop {
+        // SAFETY: `status` is a valid, writable c_int; `pid` is our child.
+        let waited = unsafe { libc::waitpid(pid, &mut status, 0) };
+        if waited == pid {
+            break;
+        }
+        if io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            return Err(format!(
+                "waiting for the seccomp probe: {}",
+                io::Error::last_os_error()
+            ));
+        }
+    }
+    if !libc::WIFEXITED(status) {
+        return Err(format!("the seccomp probe died (wait status {status})"));
+    }
+    match libc::WEXITSTATUS(status) {
+        0 => Ok(()),
+        NO_NEW_PRIVS_FAILED => Err("PR_SET_NO_NEW_PRIVS was refused".to_string()),
+        INSTALL_FAILED => Err("installing the seccomp filter was refused".to_string()),
+        INEFFECTIVE => {
+            Err("the filter was installed but did not refuse an AF_INET socket".to_string())
+        }
+        other => Err(format!("the seccomp probe exited with status {other}")),
+    }
 }
 
 /// Forks a helper that takes `uid` and sends SIGKILL to every process of that uid.

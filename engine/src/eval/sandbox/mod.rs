@@ -6,54 +6,71 @@
 //! - a wall-clock timeout, after which its whole process group is killed;
 //! - resource limits set in the child before `exec`: CPU seconds, address space, file size,
 //!   number of processes and open files, no core dumps;
-//! - an empty working directory, a cleared environment (a minimal `PATH`, a fixed
+//! - a fresh, empty working directory, a cleared environment (a minimal `PATH`, a fixed
 //!   `PYTHONHASHSEED`, no bytecode files) and stdin from `/dev/null`;
+//! - Landlock (any process may use it): read-only system paths, read-write only its own fresh
+//!   working directory; no home, cache, scratch, token or `/proc`; from ABI 4 no TCP, from
+//!   ABI 6 no signals to processes outside the sandbox ([`landlock`]);
+//! - seccomp: no sockets but `AF_UNIX`, no `ptrace`, `process_vm_*`, mounts, namespaces,
+//!   `bpf`, keyrings, `perf_event_open`, `io_uring` ([`seccomp`]); `PR_SET_NO_NEW_PRIVS`;
 //! - where the kernel allows it, fresh namespaces: a network namespace (no usable interface,
 //!   not even loopback), a mount namespace whose `/tmp`, `/var/tmp` and `/dev/shm` are small
-//!   private tmpfs mounts (the working directory lives there too) and a PID namespace, so
-//!   that every process the program starts dies with it;
+//!   private tmpfs mounts, and a PID namespace, so that every process the program starts dies
+//!   with it ([`namespaces`]);
 //! - when we run as root, a dedicated unprivileged uid per concurrent run: root ignores
 //!   `RLIMIT_NPROC`, so without this a fork bomb would not be bounded, and the uid also
-//!   keeps the program out of files only root may write.
+//!   keeps the program out of files only root may write ([`uid`]).
 //!
-//! Which namespaces work is probed once by [`Sandbox::new`]: the strongest level the kernel
-//! accepts is used for every run and reported in [`Isolation`]. Network isolation is only
-//! given up when the kernel refuses to create the namespaces (containers often do).
+//! Which layers work is probed once by [`Sandbox::new`] ([`probe`]): the strongest level the
+//! kernel accepts is used for every run and reported in [`Isolation`]. Below Landlock +
+//! seccomp + rlimits it refuses to build, unless [`SandboxConfig::allow_weak`] says the weaker
+//! level is accepted: never a silent downgrade. Building a sandbox also makes this process
+//! non-dumpable, so that programs running under its uid cannot read its memory, environment
+//! or descriptors through `/proc` or `ptrace`.
 //!
-//! Not covered: the program can read any world-readable file on the machine (there is no
-//! chroot), and without a mount namespace it can write to world-writable directories such
-//! as `/tmp` (each file bounded by the file-size limit).
+//! Code under test reports through [`verdict`]: the tests run in a process the completion
+//! never runs in, and their verdict comes back on a pipe the completion holds no end of.
 //!
-//! The layers live one per file: [`namespaces`] (which namespaces a run enters), [`rlimits`]
-//! (the resource limits), [`uid`] (the dedicated uid of root mode), [`child`] (everything done
-//! between `fork` and `exec`) and [`spawn`] (waiting, killing and reading the outcome).
+//! The rest: [`rlimits`] (the resource limits), [`child`] (everything done between `fork`
+//! and `exec`) and [`spawn`] (waiting, killing and reading the outcome). `docs/security.md`
+//! states the threat model and what stays out of scope.
 
 use std::io;
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
 mod child;
+mod landlock;
 mod namespaces;
+mod probe;
 mod rlimits;
+mod seccomp;
 mod spawn;
 mod uid;
+mod verdict;
+
+pub use lorasweep_contract::{Identity, Isolation};
+pub use verdict::{TestProgram, Verdict};
 
 use namespaces::Namespaces;
 use spawn::{outcome_of, read_tail, wait_with_deadline};
 use uid::UidLease;
 
+/// The command-line flag that accepts a sandbox weaker than Landlock + seccomp + rlimits
+/// (`lorasweep worker`, `eval`, `score` and `run` take it).
+pub const ALLOW_WEAK_FLAG: &str = "--allow-weak-sandbox";
+/// The environment variable that does the same as [`ALLOW_WEAK_FLAG`].
+pub const ALLOW_WEAK_ENV: &str = "LORASWEEP_ALLOW_WEAK_SANDBOX";
+
 /// How much of a program's stdout and stderr is kept (the end of each).
 pub(crate) const OUTPUT_TAIL_BYTES: u64 = 4096;
-/// The directory inside the private `/tmp` where the program runs (mount namespace only).
-const PRIVATE_WORKDIR: &str = "/tmp/sandbox";
-/// File name of the program inside its working directory.
+/// File name of the program inside its working directory ([`Sandbox::run`]).
 const PROGRAM_FILE: &str = "main.py";
 /// Directories that get a private tmpfs when a mount namespace is available.
 const PRIVATE_DIRS: [&str; 3] = ["/tmp", "/var/tmp", "/dev/shm"];
@@ -109,6 +126,17 @@ pub struct SandboxConfig {
     /// Try namespaces (network, mount, PID; a user namespace when not root). `false` runs
     /// with the resource limits and the dedicated uid alone, as on a kernel that refuses them.
     pub use_namespaces: bool,
+    /// Apply Landlock. Turning it off gives a weak level, which needs `allow_weak`.
+    pub landlock: bool,
+    /// Paths the program must not read even where they lie under a readable system
+    /// directory (e.g. a token file mounted under `/etc`); Landlock carves them out.
+    pub hidden_paths: Vec<PathBuf>,
+    /// Apply the seccomp filter. Turning it off gives a weak level, which needs `allow_weak`.
+    pub seccomp: bool,
+    /// Accept a level below Landlock + seccomp + rlimits (see [`Isolation::is_strong`]);
+    /// without it [`Sandbox::new`] refuses with [`SandboxError::WeakIsolation`]. The command
+    /// line sets it with [`ALLOW_WEAK_FLAG`] or [`ALLOW_WEAK_ENV`].
+    pub allow_weak: bool,
 }
 
 impl Default for SandboxConfig {
@@ -119,6 +147,10 @@ impl Default for SandboxConfig {
             python: None,
             uid_base: 1_900_000_000,
             use_namespaces: true,
+            landlock: true,
+            hidden_paths: Vec::new(),
+            seccomp: true,
+            allow_weak: false,
         }
     }
 }
@@ -154,31 +186,6 @@ impl Outcome {
     }
 }
 
-/// Who the program runs as, relative to us.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Identity {
-    /// We are root; each run gets its own unprivileged uid.
-    DedicatedUid,
-    /// Our own uid, inside a new user namespace (needed to create the other namespaces).
-    UserNamespace,
-    /// Our own uid, unchanged.
-    Inherited,
-}
-
-/// Which confinement was in force, beyond the resource limits that always are.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Isolation {
-    /// Own network namespace: no network, not even to 127.0.0.1.
-    pub network: bool,
-    /// Own mount namespace: private `/tmp`, `/var/tmp`, `/dev/shm` and working directory.
-    pub filesystem: bool,
-    /// Own PID namespace: all its processes are killed when the program ends.
-    pub pid: bool,
-    /// Who the program runs as.
-    pub identity: Identity,
-}
-
 /// The result of one program run.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct RunReport {
@@ -204,6 +211,22 @@ pub enum SandboxError {
     /// The configuration cannot work.
     #[error("invalid sandbox configuration: {0}")]
     Config(String),
+    /// The machine grants less than Landlock + seccomp + rlimits, and the weaker level was
+    /// not accepted explicitly.
+    #[error(
+        "code evaluation refused: the sandbox cannot apply {} here ({reasons}); programs would \
+         run with only {isolation}. Pass {ALLOW_WEAK_FLAG} (or set {ALLOW_WEAK_ENV}=1) to accept \
+         that weaker confinement; docs/security.md says what each layer stops",
+        missing.join(" and ")
+    )]
+    WeakIsolation {
+        /// The layers that are not in force.
+        missing: Vec<&'static str>,
+        /// Why each is not.
+        reasons: String,
+        /// What would be in force.
+        isolation: Isolation,
+    },
     /// An operating-system call failed.
     #[error("{context}")]
     Io {
@@ -213,6 +236,22 @@ pub enum SandboxError {
         #[source]
         source: io::Error,
     },
+}
+
+/// The result of one tested program ([`Sandbox::run_tests`]).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TestReport {
+    /// How the harness process ended, its output and the confinement.
+    pub run: RunReport,
+    /// What the judge reported; `None` when it reported nothing (killed, timed out).
+    pub verdict: Option<Verdict>,
+}
+
+impl TestReport {
+    /// Whether the judge reported that every test passed.
+    pub fn passed(&self) -> bool {
+        self.verdict.as_ref().is_some_and(|verdict| verdict.passed)
+    }
 }
 
 /// An error and its chain of causes on one line.
@@ -233,7 +272,7 @@ fn io_error(context: impl Into<String>) -> impl FnOnce(io::Error) -> SandboxErro
 }
 
 /// A confined Python runner. Build once with [`Sandbox::new`] (which probes the machine),
-/// then [`run`](Sandbox::run) or [`run_all`](Sandbox::run_all) as many programs as needed.
+/// then [`run`](Sandbox::run) or [`run_tests`](Sandbox::run_tests) as many programs as needed.
 #[derive(Debug)]
 pub struct Sandbox {
     python: PathBuf,
@@ -243,103 +282,29 @@ pub struct Sandbox {
     running_as_root: bool,
     namespaces: Namespaces,
     private_dirs: Vec<PathBuf>,
+    landlock_abi: u32,
+    read_paths: landlock::ReadPaths,
+    seccomp: Option<Arc<seccomp::Filters>>,
+}
+
+/// What one run executes.
+enum Job<'a> {
+    /// `main.py` in the working directory; the outcome is the exit status.
+    Script(&'a str),
+    /// The test harness; the outcome is its verdict.
+    Tests(&'a TestProgram),
 }
 
 impl Sandbox {
-    /// Finds an interpreter and the strongest confinement this machine allows, by running a
-    /// trivial program under each candidate until one works.
+    /// Finds an interpreter and the strongest confinement this machine allows (see
+    /// [`probe`]). Refuses with [`SandboxError::WeakIsolation`] below Landlock + seccomp +
+    /// rlimits unless [`SandboxConfig::allow_weak`] is set.
     pub fn new(config: SandboxConfig) -> Result<Sandbox, SandboxError> {
-        validate_limits(&config.limits)?;
-        if config.parallelism == 0 {
-            return Err(SandboxError::Config(
-                "parallelism must be at least 1".into(),
-            ));
-        }
-        if config.uid_base == 0 || config.uid_base.checked_add(UID_SLOTS).is_none() {
-            return Err(SandboxError::Config(format!(
-                "uid_base {} leaves no room for {UID_SLOTS} dedicated uids",
-                config.uid_base
-            )));
-        }
-        let candidates = match &config.python {
-            Some(path) => vec![path.clone()],
-            None => python_on_path(),
-        };
-        if candidates.is_empty() {
-            return Err(SandboxError::PythonNotFound);
-        }
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        let running_as_root = unsafe { libc::geteuid() } == 0;
-        let private_dirs: Vec<PathBuf> = PRIVATE_DIRS
-            .iter()
-            .map(PathBuf::from)
-            .filter(|dir| dir.is_dir())
-            .collect();
-        let full = Namespaces {
-            user: !running_as_root,
-            net: true,
-            mount: private_dirs.iter().any(|dir| dir == Path::new("/tmp")),
-            pid: true,
-        };
-        let network_only = Namespaces {
-            user: !running_as_root,
-            net: true,
-            mount: false,
-            pid: false,
-        };
-        let mut levels = if config.use_namespaces {
-            vec![full, network_only, Namespaces::NONE]
-        } else {
-            vec![Namespaces::NONE]
-        };
-        levels.dedup();
-
-        let mut failures = Vec::new();
-        for candidate in candidates {
-            let python = match resolve_interpreter(&candidate) {
-                Ok(python) => python,
-                Err(reason) => {
-                    failures.push(format!("{}: {reason}", candidate.display()));
-                    continue;
-                }
-            };
-            for &namespaces in &levels {
-                let sandbox = Sandbox {
-                    python: python.clone(),
-                    limits: config.limits.clone(),
-                    parallelism: config.parallelism,
-                    uid_base: config.uid_base,
-                    running_as_root,
-                    namespaces,
-                    private_dirs: private_dirs.clone(),
-                };
-                match sandbox.run("import sys\nassert sys.version_info >= (3,)\n") {
-                    Ok(report) if report.outcome.passed() => {
-                        tracing::debug!(
-                            python = %python.display(),
-                            isolation = ?sandbox.isolation(),
-                            "sandbox ready"
-                        );
-                        return Ok(sandbox);
-                    }
-                    Ok(report) => failures.push(format!(
-                        "{} with {namespaces:?}: probe {:?}",
-                        python.display(),
-                        report.outcome
-                    )),
-                    Err(error) => failures.push(format!(
-                        "{} with {namespaces:?}: {}",
-                        python.display(),
-                        with_causes(&error)
-                    )),
-                }
-            }
-        }
-        Err(SandboxError::PythonUnusable(failures.join("; ")))
+        probe::build(config)
     }
 
     /// The interpreter in use (the real executable, not a shim).
-    pub fn python(&self) -> &Path {
+    pub fn python(&self) -> &std::path::Path {
         &self.python
     }
 
@@ -356,6 +321,8 @@ impl Sandbox {
     /// The confinement every run gets.
     pub fn isolation(&self) -> Isolation {
         Isolation {
+            landlock_abi: self.landlock_abi,
+            seccomp: self.seccomp.is_some(),
             network: self.namespaces.net,
             filesystem: self.namespaces.mount,
             pid: self.namespaces.pid,
@@ -372,6 +339,23 @@ impl Sandbox {
     /// Runs many programs, at most [`parallelism`](Sandbox::parallelism) at once; results are
     /// in the order of `programs`.
     pub fn run_all(&self, programs: &[String]) -> Vec<Result<RunReport, SandboxError>> {
+        self.in_parallel(programs, |program| self.run(program))
+    }
+
+    /// Tests many programs, at most [`parallelism`](Sandbox::parallelism) at once; results
+    /// are in the order of `programs`.
+    pub fn run_all_tests(
+        &self,
+        programs: &[TestProgram],
+    ) -> Vec<Result<TestReport, SandboxError>> {
+        self.in_parallel(programs, |program| self.run_tests(program))
+    }
+
+    fn in_parallel<T: Sync, R: Send>(
+        &self,
+        programs: &[T],
+        run: impl Fn(&T) -> Result<R, SandboxError> + Sync,
+    ) -> Vec<Result<R, SandboxError>> {
         let workers = self.parallelism.min(programs.len()).max(1);
         let next = AtomicUsize::new(0);
         let (sender, receiver) = mpsc::channel();
@@ -379,19 +363,20 @@ impl Sandbox {
             for _ in 0..workers {
                 let sender = sender.clone();
                 let next = &next;
+                let run = &run;
                 scope.spawn(move || loop {
                     let index = next.fetch_add(1, Ordering::Relaxed);
                     let Some(program) = programs.get(index) else {
                         break;
                     };
-                    if sender.send((index, self.run(program))).is_err() {
+                    if sender.send((index, run(program))).is_err() {
                         break;
                     }
                 });
             }
         });
         drop(sender);
-        let mut results: Vec<Option<Result<RunReport, SandboxError>>> =
+        let mut results: Vec<Option<Result<R, SandboxError>>> =
             programs.iter().map(|_| None).collect();
         for (index, result) in receiver {
             results[index] = Some(result);
@@ -408,8 +393,21 @@ impl Sandbox {
             .collect()
     }
 
-    /// Runs one program to completion (or to the wall-clock limit).
+    /// Runs one program to completion (or to the wall-clock limit); its outcome is its exit
+    /// status.
     pub fn run(&self, program: &str) -> Result<RunReport, SandboxError> {
+        Ok(self.execute(Job::Script(program))?.0)
+    }
+
+    /// Runs a solution against its tests through the harness (see [`verdict`]): the tests
+    /// run in a process the solution never runs in, and the verdict comes back on a pipe the
+    /// solution holds no end of.
+    pub fn run_tests(&self, program: &TestProgram) -> Result<TestReport, SandboxError> {
+        let (run, verdict) = self.execute(Job::Tests(program))?;
+        Ok(TestReport { run, verdict })
+    }
+
+    fn execute(&self, job: Job<'_>) -> Result<(RunReport, Option<Verdict>), SandboxError> {
         let lease = if self.running_as_root {
             Some(UidLease::acquire(self.uid_base)?)
         } else {
@@ -417,42 +415,75 @@ impl Sandbox {
         };
         let credentials = lease.as_ref().map(|lease| (lease.uid, lease.uid));
 
-        // Without a mount namespace the program runs in a fresh directory on the host.
-        let host_workdir = if self.namespaces.mount {
-            None
-        } else {
-            let dir = tempfile::Builder::new()
-                .prefix("lorasweep-sandbox-")
-                .tempdir()
-                .map_err(io_error("creating the sandbox working directory"))?;
-            std::fs::write(dir.path().join(PROGRAM_FILE), program)
+        // A fresh directory on the host; the standard library enters it before the mount
+        // namespace (if any) covers /tmp, so the program keeps it as its working directory.
+        let workdir = tempfile::Builder::new()
+            .prefix("lorasweep-sandbox-")
+            .tempdir()
+            .map_err(io_error("creating the sandbox working directory"))?;
+        if let Job::Script(program) = job {
+            std::fs::write(workdir.path().join(PROGRAM_FILE), program)
                 .map_err(io_error("writing the program"))?;
-            if let Some((uid, gid)) = credentials {
-                std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid))
-                    .map_err(io_error("handing the working directory to the sandbox uid"))?;
-            }
-            Some(dir)
+        }
+        if let Some((uid, gid)) = credentials {
+            std::os::unix::fs::chown(workdir.path(), Some(uid), Some(gid))
+                .map_err(io_error("handing the working directory to the sandbox uid"))?;
+        }
+        let ruleset = if self.landlock_abi > 0 {
+            landlock::ruleset(&self.read_paths, workdir.path())?
+        } else {
+            None
         };
-
+        let (verdict_read, inherited, arguments) = match job {
+            Job::Script(_) => (None, Vec::new(), Vec::new()),
+            Job::Tests(program) => {
+                let channel = verdict::Channel::new(program)?;
+                let [verdict_fd, payload_fd] = channel.arguments();
+                let (read, inherited) = channel.split();
+                let arguments = vec![
+                    "-B".to_string(),
+                    "-s".to_string(),
+                    "-c".to_string(),
+                    verdict::HARNESS.to_string(),
+                    verdict_fd,
+                    payload_fd,
+                ];
+                (Some(read), inherited, arguments)
+            }
+        };
+        let nproc_base = if credentials.is_some() {
+            0
+        } else {
+            // SAFETY: getuid has no preconditions and cannot fail.
+            rlimits::tasks_of_uid(unsafe { libc::getuid() })
+        };
         let plan = child::Plan::new(child::PlanInput {
             namespaces: self.namespaces,
             private_dirs: &self.private_dirs,
+            workdir: workdir.path(),
             limits: &self.limits,
-            program: program.as_bytes(),
+            nproc_base,
             credentials,
+            landlock: ruleset,
+            seccomp: self.seccomp.clone(),
+            inherited,
         })?;
 
         let stdout = tempfile::tempfile().map_err(io_error("creating the stdout file"))?;
         let stderr = tempfile::tempfile().map_err(io_error("creating the stderr file"))?;
         let mut command = Command::new(&self.python);
+        match job {
+            Job::Script(_) => command.args(["-B", "-s", PROGRAM_FILE]),
+            Job::Tests(_) => command.args(&arguments),
+        };
         command
-            .args(["-B", "-s", PROGRAM_FILE])
             .env_clear()
             .env("PATH", CHILD_PATH)
             .env("PYTHONDONTWRITEBYTECODE", "1")
             .env("PYTHONHASHSEED", "0")
             .env("PYTHONIOENCODING", "utf-8")
             .env("LC_ALL", "C.UTF-8")
+            .current_dir(workdir.path())
             .stdin(Stdio::null())
             .stdout(Stdio::from(
                 stdout
@@ -465,9 +496,6 @@ impl Sandbox {
                     .map_err(io_error("sharing the stderr file"))?,
             ))
             .process_group(0);
-        if let Some(dir) = &host_workdir {
-            command.current_dir(dir.path());
-        }
         // SAFETY: the closure runs in the forked child before exec, where only
         // async-signal-safe work is allowed. `Plan::enter` allocates nothing and makes only
         // raw system calls on data prepared before the fork (see the `child` module).
@@ -476,9 +504,11 @@ impl Sandbox {
         }
 
         let started = Instant::now();
-        let mut process = command
-            .spawn()
-            .map_err(io_error(format!("starting {}", self.python.display())))?;
+        let spawned = command.spawn();
+        // The plan (inside the command) holds the ruleset and the harness's ends of its
+        // descriptors: close ours now, so that only the child keeps them.
+        drop(command);
+        let mut process = spawned.map_err(io_error(format!("starting {}", self.python.display())))?;
         let status = wait_with_deadline(&mut process, started + self.limits.wall);
         let wall_s = started.elapsed().as_secs_f64();
         if let Some(lease) = &lease {
@@ -494,76 +524,19 @@ impl Sandbox {
             None => Outcome::TimedOut,
             Some(status) => outcome_of(status, stderr_tail),
         };
-        drop(host_workdir);
+        let verdict = verdict_read.and_then(verdict::read_verdict);
+        drop(workdir);
         drop(lease);
-        Ok(RunReport {
-            outcome,
-            stdout_tail,
-            wall_s,
-            isolation: self.isolation(),
-        })
+        Ok((
+            RunReport {
+                outcome,
+                stdout_tail,
+                wall_s,
+                isolation: self.isolation(),
+            },
+            verdict,
+        ))
     }
-}
-
-fn validate_limits(limits: &Limits) -> Result<(), SandboxError> {
-    let checks = [
-        ("wall", limits.wall.is_zero()),
-        ("cpu_seconds", limits.cpu_seconds == 0),
-        (
-            "address_space_bytes",
-            limits.address_space_bytes < (64 << 20),
-        ),
-        ("file_size_bytes", limits.file_size_bytes == 0),
-        ("processes", limits.processes < 2),
-        ("open_files", limits.open_files < 8),
-        ("tmpfs_bytes", limits.tmpfs_bytes < (1 << 20)),
-    ];
-    for (name, too_small) in checks {
-        if too_small {
-            return Err(SandboxError::Config(format!(
-                "limit {name} is too small for python to start"
-            )));
-        }
-    }
-    Ok(())
-}
-
-/// Every executable `python3` on `PATH`, in order.
-fn python_on_path() -> Vec<PathBuf> {
-    let Some(path) = std::env::var_os("PATH") else {
-        return Vec::new();
-    };
-    std::env::split_paths(&path)
-        .map(|dir| dir.join("python3"))
-        .filter(|candidate| {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::metadata(candidate)
-                .map(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0)
-                .unwrap_or(false)
-        })
-        .collect()
-}
-
-/// Asks the interpreter for its real executable (PATH entries are often shims that need
-/// our environment, which the sandbox clears).
-fn resolve_interpreter(candidate: &Path) -> Result<PathBuf, String> {
-    let output = Command::new(candidate)
-        .args(["-c", "import sys; sys.stdout.write(sys.executable or '')"])
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|error| error.to_string())?;
-    if !output.status.success() {
-        return Err(format!(
-            "exited with {}: {}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr).trim()
-        ));
-    }
-    let executable = PathBuf::from(std::ffi::OsStr::from_bytes(&output.stdout));
-    if executable.as_os_str().is_empty() {
-        return Ok(candidate.to_path_buf());
-    }
-    Ok(executable)
 }
 
 #[cfg(test)]
