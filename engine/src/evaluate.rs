@@ -214,6 +214,7 @@ pub fn run(
         adapter: options.adapter.clone(),
         records: evaluation.records,
         wall_s: started.elapsed().as_secs_f64(),
+        sandbox: evaluation.sandbox,
     })
 }
 
@@ -300,6 +301,8 @@ struct Evaluation {
     n: usize,
     metrics: BTreeMap<String, f64>,
     records: Vec<EvalRecord>,
+    /// The sandbox confinement (code evaluation only).
+    sandbox: Option<crate::eval::sandbox::Isolation>,
 }
 
 /// One generated sample: the prompt text, the generation and the seconds its batch took.
@@ -484,6 +487,7 @@ fn evaluate_math(
         n,
         metrics,
         records,
+        sandbox: None,
     })
 }
 
@@ -532,8 +536,7 @@ fn evaluate_code(
     tracing::info!(
         passed = scored.passed_samples,
         of = scored.samples,
-        network_isolated = isolation.network,
-        private_filesystem = isolation.filesystem,
+        isolation = %isolation,
         sandbox_s = format!("{sandbox_s:.1}"),
         "code executed"
     );
@@ -569,6 +572,7 @@ fn evaluate_code(
         n: scored.problems,
         metrics,
         records,
+        sandbox: Some(isolation),
     })
 }
 
@@ -635,6 +639,7 @@ fn evaluate_instruct(
         n: scored.prompts,
         metrics,
         records,
+        sandbox: None,
     })
 }
 
@@ -679,6 +684,7 @@ fn evaluate_reference(
         n,
         metrics,
         records,
+        sandbox: None,
     })
 }
 
@@ -809,6 +815,7 @@ fn evaluate_loss(
         n: scored,
         metrics,
         records,
+        sandbox: None,
     })
 }
 
