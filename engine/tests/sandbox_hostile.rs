@@ -35,6 +35,9 @@ const SECRET_ENV: &str = "LORASWEEP_HOSTILE_SECRET";
 /// Set in a child run: build the sandbox without namespaces, as in a container that refuses
 /// them (the shipped Kubernetes worker), so that Landlock, seccomp and the rlimits hold alone.
 const NO_NAMESPACES_ENV: &str = "LORASWEEP_HOSTILE_NO_NAMESPACES";
+/// `landlock` or `seccomp`: remove that layer (accepting the weak level) to watch the cases it
+/// holds fail. For proving the suite, never set in CI.
+const REMOVE_LAYER_ENV: &str = "LORASWEEP_HOSTILE_REMOVE_LAYER";
 
 fn limits() -> Limits {
     Limits {
@@ -51,10 +54,14 @@ fn limits() -> Limits {
 fn sandbox() -> &'static Sandbox {
     static SANDBOX: OnceLock<Sandbox> = OnceLock::new();
     SANDBOX.get_or_init(|| {
+        let removed = std::env::var(REMOVE_LAYER_ENV).ok();
         let sandbox = Sandbox::new(SandboxConfig {
             limits: limits(),
             parallelism: 2,
             use_namespaces: std::env::var_os(NO_NAMESPACES_ENV).is_none(),
+            landlock: removed.as_deref() != Some("landlock"),
+            seccomp: removed.as_deref() != Some("seccomp"),
+            allow_weak: removed.is_some(),
             ..SandboxConfig::default()
         })
         .unwrap_or_else(|error| panic!("the strong sandbox must be available: {error}"));
@@ -65,7 +72,10 @@ fn sandbox() -> &'static Sandbox {
             sandbox.python().display(),
             sandbox.isolation()
         );
-        assert!(sandbox.isolation().is_strong(), "{}", sandbox.isolation());
+        match removed {
+            Some(layer) => eprintln!("{layer} removed on purpose ({REMOVE_LAYER_ENV})"),
+            None => assert!(sandbox.isolation().is_strong(), "{}", sandbox.isolation()),
+        }
         sandbox
     })
 }
@@ -414,6 +424,20 @@ for fd in range(0, 256):
         pass
 os._exit(0)";
     assert_scored_as_failure("forged verdict at call", &escaping(attempt));
+    // Stop the judge, write, then kill it: a forged verdict would be the only one on the pipe.
+    let completion = "    return None
+import os, signal
+judge = os.getppid()
+os.kill(judge, signal.SIGSTOP)
+for fd in range(3, 256):
+    try:
+        os.write(fd, b'{\"passed\": true, \"error\": null}')
+    except OSError:
+        pass
+os.kill(judge, signal.SIGKILL)
+os._exit(0)
+";
+    assert_scored_as_failure("forged verdict with the judge stopped", completion);
 }
 
 #[test]
@@ -528,6 +552,9 @@ fn rerun_hostile_suite(uid: u32, namespaces: bool) {
         .current_dir(base.path());
     if !namespaces {
         command.env(NO_NAMESPACES_ENV, "1");
+    }
+    if let Some(layer) = std::env::var_os(REMOVE_LAYER_ENV) {
+        command.env(REMOVE_LAYER_ENV, layer);
     }
     if uid != 0 {
         command.uid(uid).gid(uid);
