@@ -22,11 +22,11 @@ mod probe;
 mod result;
 mod vocab;
 
+pub use isolation::{Identity, Isolation};
 pub use job::{
     from_wire, wire, EvalParams, JobKey, JobKind, JobParams, ProbeInputs, ProbeParams, TrainParams,
     WireError, SCHEMA,
 };
-pub use isolation::{Identity, Isolation};
 pub use named::UnknownName;
 pub use placement::{Placement, PlacementSyntaxError};
 pub use probe::{ModuleScore, ProbeResult, ProbeSettings};

@@ -195,7 +195,13 @@ fn assert_scored_as_failure(what: &str, completion: &str) -> SampleResult {
     eprintln!(
         "{what}: failed as it must ({:?}; {})",
         result.outcome,
-        result.note.as_deref().unwrap_or("").lines().last().unwrap_or("")
+        result
+            .note
+            .as_deref()
+            .unwrap_or("")
+            .lines()
+            .last()
+            .unwrap_or("")
     );
     result
 }
@@ -272,7 +278,9 @@ fn hostile_huge_allocation() {
     );
     assert_scored_as_failure(
         "growing allocation",
-        &escaping("chunks = []\nfor _ in range(64):\n    chunks.append(bytearray(64 << 20))\nreturn True"),
+        &escaping(
+            "chunks = []\nfor _ in range(64):\n    chunks.append(bytearray(64 << 20))\nreturn True",
+        ),
     );
     assert_sandbox_still_works();
 }
@@ -364,7 +372,10 @@ fn hostile_network() {
     let attempt = format!(
         "s = socket.create_connection(('127.0.0.1', {port}), timeout=2)\ns.sendall(b'hello')\nreturn True"
     );
-    assert_scored_as_failure("loopback connection to the coordinator port", &escaping(&attempt));
+    assert_scored_as_failure(
+        "loopback connection to the coordinator port",
+        &escaping(&attempt),
+    );
     assert!(
         listener.accept().is_err(),
         "the coordinator's port saw a connection"
@@ -444,7 +455,9 @@ os._exit(0)
 fn a_named_secret_under_etc_is_hidden() {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        eprintln!("not run: placing a secret under /etc needs root (landlock.rs unit-tests the carving)");
+        eprintln!(
+            "not run: placing a secret under /etc needs root (landlock.rs unit-tests the carving)"
+        );
         return;
     }
     // As the Kubernetes worker's token: a secret under a readable system directory.
@@ -474,9 +487,21 @@ fn a_named_secret_under_etc_is_hidden() {
     );
     let report = sandbox.run(&program).unwrap();
     assert!(report.outcome.passed(), "{report:?}");
-    assert!(!report.stdout_tail.contains(&secret), "{}", report.stdout_tail);
-    assert!(report.stdout_tail.contains("refused Permission denied"), "{}", report.stdout_tail);
-    assert!(report.stdout_tail.starts_with("public\n"), "{}", report.stdout_tail);
+    assert!(
+        !report.stdout_tail.contains(&secret),
+        "{}",
+        report.stdout_tail
+    );
+    assert!(
+        report.stdout_tail.contains("refused Permission denied"),
+        "{}",
+        report.stdout_tail
+    );
+    assert!(
+        report.stdout_tail.starts_with("public\n"),
+        "{}",
+        report.stdout_tail
+    );
 }
 
 #[test]
@@ -559,17 +584,22 @@ fn rerun_hostile_suite(uid: u32, namespaces: bool) {
     if uid != 0 {
         command.uid(uid).gid(uid);
     }
-    let output = command
-        .output()
-        .expect("re-executing the test binary");
+    let output = command.output().expect("re-executing the test binary");
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     let what = format!(
         "uid {uid}, {}",
-        if namespaces { "namespaces as granted" } else { "no namespaces" }
+        if namespaces {
+            "namespaces as granted"
+        } else {
+            "no namespaces"
+        }
     );
     eprintln!("--- the hostile suite as {what} ---\n{stdout}\n{stderr}");
-    assert!(output.status.success(), "the hostile suite failed as {what}");
+    assert!(
+        output.status.success(),
+        "the hostile suite failed as {what}"
+    );
     let passed = stdout
         .lines()
         .find_map(|line| line.strip_prefix("test result: ok. "))
@@ -577,6 +607,9 @@ fn rerun_hostile_suite(uid: u32, namespaces: bool) {
         .and_then(|count| count.parse::<usize>().ok())
         .unwrap_or(0);
     assert!(passed >= 10, "only {passed} hostile tests ran as {what}");
-    assert!(stderr.contains(&format!("hostile suite as uid {uid}:")), "{stderr}");
+    assert!(
+        stderr.contains(&format!("hostile suite as uid {uid}:")),
+        "{stderr}"
+    );
     assert!(!stdout.contains(&secret) && !stderr.contains(&secret));
 }

@@ -67,7 +67,9 @@ pub(super) fn probe() -> Result<u32, String> {
             }
             match std::fs::read_dir("/") {
                 Err(error) if error.kind() == std::io::ErrorKind::PermissionDenied => Ok(()),
-                Err(error) => Err(format!("unexpected error reading / under landlock: {error}")),
+                Err(error) => Err(format!(
+                    "unexpected error reading / under landlock: {error}"
+                )),
                 Ok(_) => Err("a ruleset granting nothing still let / be read".to_string()),
             }
         })

@@ -344,10 +344,7 @@ impl Sandbox {
 
     /// Tests many programs, at most [`parallelism`](Sandbox::parallelism) at once; results
     /// are in the order of `programs`.
-    pub fn run_all_tests(
-        &self,
-        programs: &[TestProgram],
-    ) -> Vec<Result<TestReport, SandboxError>> {
+    pub fn run_all_tests(&self, programs: &[TestProgram]) -> Vec<Result<TestReport, SandboxError>> {
         self.in_parallel(programs, |program| self.run_tests(program))
     }
 
@@ -508,7 +505,8 @@ impl Sandbox {
         // The plan (inside the command) holds the ruleset and the harness's ends of its
         // descriptors: close ours now, so that only the child keeps them.
         drop(command);
-        let mut process = spawned.map_err(io_error(format!("starting {}", self.python.display())))?;
+        let mut process =
+            spawned.map_err(io_error(format!("starting {}", self.python.display())))?;
         let status = wait_with_deadline(&mut process, started + self.limits.wall);
         let wall_s = started.elapsed().as_secs_f64();
         if let Some(lease) = &lease {

@@ -14,8 +14,8 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 
 use super::{
-    child, landlock, seccomp, with_causes, Identity, Isolation, Namespaces, Sandbox,
-    SandboxConfig, SandboxError, PRIVATE_DIRS, UID_SLOTS,
+    child, landlock, seccomp, with_causes, Identity, Isolation, Namespaces, Sandbox, SandboxConfig,
+    SandboxError, PRIVATE_DIRS, UID_SLOTS,
 };
 
 /// Builds a sandbox for `config` (see [`Sandbox::new`]).
@@ -263,9 +263,12 @@ fn resolve_interpreter(candidate: &Path) -> Result<(PathBuf, Vec<PathBuf>), Stri
         .unwrap_or_else(|| candidate.to_path_buf());
     let mut prefixes: Vec<PathBuf> = parts.filter(|path| path.is_absolute()).collect();
     // The executable's own folder (and, for a symlink, its target's), e.g. a venv's bin.
-    for path in [Some(executable.clone()), std::fs::canonicalize(&executable).ok()]
-        .into_iter()
-        .flatten()
+    for path in [
+        Some(executable.clone()),
+        std::fs::canonicalize(&executable).ok(),
+    ]
+    .into_iter()
+    .flatten()
     {
         if let Some(folder) = path.parent() {
             prefixes.push(folder.to_path_buf());
@@ -273,4 +276,3 @@ fn resolve_interpreter(candidate: &Path) -> Result<(PathBuf, Vec<PathBuf>), Stri
     }
     Ok((executable, prefixes))
 }
-

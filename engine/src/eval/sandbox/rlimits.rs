@@ -24,10 +24,7 @@ pub(super) fn table(limits: &Limits, nproc_base: u64) -> Vec<Rlimit> {
             libc::RLIMIT_FSIZE,
             rlimit(limits.file_size_bytes, limits.file_size_bytes),
         ),
-        (
-            libc::RLIMIT_NPROC,
-            rlimit(processes, processes),
-        ),
+        (libc::RLIMIT_NPROC, rlimit(processes, processes)),
         (
             libc::RLIMIT_NOFILE,
             rlimit(limits.open_files, limits.open_files),
@@ -50,7 +47,12 @@ pub(super) fn tasks_of_uid(uid: u32) -> u64 {
     };
     let mut tasks = 0;
     for entry in entries.flatten() {
-        if !entry.file_name().as_encoded_bytes().iter().all(u8::is_ascii_digit) {
+        if !entry
+            .file_name()
+            .as_encoded_bytes()
+            .iter()
+            .all(u8::is_ascii_digit)
+        {
             continue;
         }
         let Ok(status) = std::fs::read_to_string(entry.path().join("status")) else {

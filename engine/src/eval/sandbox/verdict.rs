@@ -136,8 +136,6 @@ pub(super) fn read_verdict(read: OwnedFd) -> Option<Verdict> {
         libc::fcntl(read.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK);
     }
     let mut bytes = Vec::new();
-    let _ = File::from(read)
-        .take(VERDICT_LIMIT)
-        .read_to_end(&mut bytes);
+    let _ = File::from(read).take(VERDICT_LIMIT).read_to_end(&mut bytes);
     serde_json::from_slice(&bytes).ok()
 }
