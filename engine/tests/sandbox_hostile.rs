@@ -38,6 +38,9 @@ const NO_NAMESPACES_ENV: &str = "LORASWEEP_HOSTILE_NO_NAMESPACES";
 /// `landlock` or `seccomp`: remove that layer (accepting the weak level) to watch the cases it
 /// holds fail. For proving the suite, never set in CI.
 const REMOVE_LAYER_ENV: &str = "LORASWEEP_HOSTILE_REMOVE_LAYER";
+/// Set in the child of [`a_kernel_without_landlock_is_detected_and_refused`], which runs
+/// under a seccomp filter that answers `ENOSYS` to the Landlock system calls.
+const NO_LANDLOCK_CHILD_ENV: &str = "LORASWEEP_HOSTILE_NO_LANDLOCK_CHILD";
 
 fn limits() -> Limits {
     Limits {
@@ -502,6 +505,79 @@ fn a_named_secret_under_etc_is_hidden() {
         "{}",
         report.stdout_tail
     );
+}
+
+#[test]
+fn a_kernel_without_landlock_is_detected_and_refused() {
+    if std::env::var_os(NO_LANDLOCK_CHILD_ENV).is_some() {
+        // Here the Landlock system calls fail with ENOSYS, as on a kernel without Landlock.
+        let config = SandboxConfig {
+            limits: limits(),
+            parallelism: 1,
+            ..SandboxConfig::default()
+        };
+        match Sandbox::new(config.clone()) {
+            Err(error @ SandboxError::WeakIsolation { .. }) => {
+                let text = error.to_string();
+                eprintln!("refusal without landlock: {text}");
+                assert!(text.contains("the kernel has no landlock"), "{text}");
+                assert!(text.contains("--allow-weak-sandbox"), "{text}");
+                let SandboxError::WeakIsolation { missing, .. } = error else {
+                    unreachable!()
+                };
+                assert_eq!(missing, ["landlock"]);
+            }
+            other => panic!("a kernel without landlock must be refused: {other:?}"),
+        }
+        let weak = Sandbox::new(SandboxConfig {
+            allow_weak: true,
+            ..config
+        })
+        .expect("the weak level, accepted, builds");
+        assert_eq!(weak.isolation().landlock_abi, 0);
+        assert!(weak.isolation().seccomp);
+        let report = weak.run("print('ran')\n").unwrap();
+        assert_eq!(report.stdout_tail, "ran\n", "{report:?}");
+        return;
+    }
+    let filter = seccompiler::SeccompFilter::new(
+        [
+            libc::SYS_landlock_create_ruleset,
+            libc::SYS_landlock_add_rule,
+            libc::SYS_landlock_restrict_self,
+        ]
+        .into_iter()
+        .map(|call| (call, Vec::new()))
+        .collect(),
+        seccompiler::SeccompAction::Allow,
+        seccompiler::SeccompAction::Errno(libc::ENOSYS as u32),
+        std::env::consts::ARCH.try_into().unwrap(),
+    )
+    .unwrap();
+    let program: seccompiler::BpfProgram = filter.try_into().unwrap();
+    let mut command = Command::new(std::env::current_exe().unwrap());
+    command
+        .args([
+            "a_kernel_without_landlock_is_detected_and_refused",
+            "--exact",
+            "--nocapture",
+        ])
+        .env(NO_LANDLOCK_CHILD_ENV, "1");
+    // SAFETY: apply_filter makes one prctl and one seccomp call on the program compiled
+    // before the fork; it allocates nothing.
+    unsafe {
+        command.pre_exec(move || {
+            seccompiler::apply_filter(&program)
+                .map_err(|error| std::io::Error::other(error.to_string()))
+        });
+    }
+    let output = command.output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    eprintln!("--- with the landlock system calls answering ENOSYS ---\n{stdout}\n{stderr}");
+    assert!(output.status.success());
+    assert!(stdout.contains("test result: ok. 1 passed"), "{stdout}");
+    assert!(stderr.contains("refusal without landlock"), "{stderr}");
 }
 
 #[test]
