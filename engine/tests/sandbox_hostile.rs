@@ -274,6 +274,36 @@ return made >= 200"
 }
 
 #[test]
+fn hostile_detached_child() {
+    let marker = format!(
+        "lorasweep-detached-{}-{:x}",
+        std::process::id(),
+        rand_u128()
+    );
+    // A child that leaves the process group would outlive the run where there is no PID
+    // namespace and no dedicated uid (the group kill is what ends the run there).
+    let attempt = format!(
+        "child = os.fork()
+if child == 0:
+    for leave in (os.setsid, lambda: os.setpgid(0, 0)):
+        try:
+            leave()
+        except OSError:
+            pass
+    os.execv(sys.executable, [sys.executable, '-c', 'import time; time.sleep(30)', {marker:?}])
+time.sleep(0.5)
+return os.getpgid(child) != os.getpgrp()"
+    );
+    assert_scored_as_failure("child leaving the process group", &escaping(&attempt));
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        processes_with_marker(&marker),
+        0,
+        "the detached child survived"
+    );
+}
+
+#[test]
 fn hostile_huge_allocation() {
     assert_scored_as_failure(
         "8 GiB allocation",
@@ -682,7 +712,7 @@ fn rerun_hostile_suite(uid: u32, namespaces: bool) {
         .and_then(|rest| rest.split_whitespace().next())
         .and_then(|count| count.parse::<usize>().ok())
         .unwrap_or(0);
-    assert!(passed >= 10, "only {passed} hostile tests ran as {what}");
+    assert!(passed >= 11, "only {passed} hostile tests ran as {what}");
     assert!(
         stderr.contains(&format!("hostile suite as uid {uid}:")),
         "{stderr}"

@@ -8,6 +8,8 @@
 //!   `pidfd_getfd`, `process_madvise`;
 //! - new namespaces and mounts: `unshare`, `setns`, `clone` with a namespace flag, `mount`,
 //!   `umount2`, `pivot_root`, `chroot` and the new mount API;
+//! - leaving its process group: `setsid`, `setpgid`, so that the group kill at the end of the
+//!   run reaches every process it started even without a PID namespace or a dedicated uid;
 //! - kernel surfaces an ordinary program never needs: `bpf`, `perf_event_open`, `keyctl`,
 //!   `add_key`, `request_key`, `userfaultfd`, `io_uring_*` (whose operations bypass this
 //!   filter), `open_by_handle_at`, module and kexec loading.
@@ -62,6 +64,8 @@ const DENIED: &[libc::c_long] = &[
     libc::SYS_delete_module,
     libc::SYS_kexec_load,
     libc::SYS_kexec_file_load,
+    libc::SYS_setsid,
+    libc::SYS_setpgid,
 ];
 
 /// `clone` flags that create namespaces.
