@@ -1,6 +1,6 @@
 //! The confinement a code evaluation ran under: which layers of the sandbox were in force.
-//! The engine's sandbox reports it, an eval job's result records it, and the report can read it
-//! back.
+//! The engine's sandbox reports it, and an eval job's result (`eval.json`, the stored result)
+//! records it.
 
 use std::fmt;
 
