@@ -63,7 +63,8 @@ use spawn::{outcome_of, read_tail, wait_with_deadline};
 use uid::UidLease;
 
 /// The command-line flag that accepts a sandbox weaker than Landlock + seccomp + rlimits
-/// (`lorasweep worker`, `eval`, `score` and `run` take it).
+/// (`lorasweep worker`, `eval` and `score` take it; `lorasweep run` passes [`ALLOW_WEAK_ENV`] on
+/// to its workers).
 pub const ALLOW_WEAK_FLAG: &str = "--allow-weak-sandbox";
 /// The environment variable that does the same as [`ALLOW_WEAK_FLAG`].
 pub const ALLOW_WEAK_ENV: &str = "LORASWEEP_ALLOW_WEAK_SANDBOX";
