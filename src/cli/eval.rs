@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::Args;
 use lorasweep_engine::eval::metrics::EvalReport;
-use lorasweep_engine::eval::sandbox::SandboxConfig;
+use lorasweep_engine::eval::sandbox::{SandboxConfig, ALLOW_WEAK_ENV};
 use lorasweep_engine::evaluate::{self, CodePrompt, EvalJob, EvalOptions};
 use lorasweep_engine::loader;
 use lorasweep_engine::tasks::Metric;
@@ -56,7 +56,7 @@ pub struct EvalArgs {
     parallel: Option<usize>,
     /// Accept a code sandbox weaker than Landlock + seccomp + resource limits (by default
     /// code evaluation refuses to run below that level; docs/security.md).
-    #[arg(long = "allow-weak-sandbox", env = "LORASWEEP_ALLOW_WEAK_SANDBOX")]
+    #[arg(long = "allow-weak-sandbox", env = ALLOW_WEAK_ENV)]
     allow_weak_sandbox: bool,
     /// Where to write the report JSON.
     #[arg(long)]

@@ -9,7 +9,7 @@ use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
 use lorasweep_engine::assets;
 use lorasweep_engine::eval::metrics::{EvalRecord, EvalReport};
-use lorasweep_engine::eval::sandbox::{Limits, Sandbox, SandboxConfig};
+use lorasweep_engine::eval::sandbox::{Limits, Sandbox, SandboxConfig, ALLOW_WEAK_ENV};
 use lorasweep_engine::eval::{code, instruct, math};
 use lorasweep_engine::tasks::Metric;
 
@@ -51,7 +51,7 @@ pub struct ScoreArgs {
     timeout: f64,
     /// Accept a code sandbox weaker than Landlock + seccomp + resource limits (by default
     /// code evaluation refuses to run below that level; docs/security.md).
-    #[arg(long = "allow-weak-sandbox", env = "LORASWEEP_ALLOW_WEAK_SANDBOX")]
+    #[arg(long = "allow-weak-sandbox", env = ALLOW_WEAK_ENV)]
     allow_weak_sandbox: bool,
 }
 

@@ -15,7 +15,7 @@ use lorasweep_coordinator::scheduler::SchedulerConfig;
 use lorasweep_coordinator::service::auth::token_from;
 use lorasweep_coordinator::service::{start, CoordinatorOptions, TlsIdentity};
 use lorasweep_coordinator::store::{SqliteStore, Store};
-use lorasweep_engine::eval::sandbox::{Sandbox, SandboxConfig};
+use lorasweep_engine::eval::sandbox::{Sandbox, SandboxConfig, ALLOW_WEAK_ENV};
 use lorasweep_worker::agent::{run_agent, AgentOptions, JobExecutor};
 
 use crate::cli::connect::{connect, ConnectArgs};
@@ -92,7 +92,7 @@ pub struct WorkerArgs {
     pub exit_on_stdin_eof: bool,
     /// Accept a code sandbox weaker than Landlock + seccomp + resource limits (by default
     /// code-evaluation jobs refuse to run below that level; docs/security.md).
-    #[arg(long = "allow-weak-sandbox", env = "LORASWEEP_ALLOW_WEAK_SANDBOX")]
+    #[arg(long = "allow-weak-sandbox", env = ALLOW_WEAK_ENV)]
     pub allow_weak_sandbox: bool,
 }
 
