@@ -5,7 +5,7 @@
 //! ([`JobParams::to_wire`]: a `schema` number and the parameters, unknown fields rejected);
 //! the worker reads them back once ([`JobParams::from_wire`]) and hands the typed values to the
 //! engine. Results come back the same way ([`ProbeSummary`], [`TrainSummary`],
-//! [`EvalSummary`]).
+//! [`EvalSummary`], which records the sandbox [`Isolation`] a code evaluation ran under).
 //!
 //! Every name of the vocabulary (variants, placements, schedules, estimators, A inits, task
 //! names, metrics, module kinds) is written here and only here: each type has one
@@ -15,12 +15,14 @@
 
 #[macro_use]
 mod named;
+mod isolation;
 mod job;
 mod placement;
 mod probe;
 mod result;
 mod vocab;
 
+pub use isolation::{Identity, Isolation};
 pub use job::{
     from_wire, wire, EvalParams, JobKey, JobKind, JobParams, ProbeInputs, ProbeParams, TrainParams,
     WireError, SCHEMA,

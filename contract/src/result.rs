@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::isolation::Isolation;
 use crate::vocab::{AInit, Estimator};
 
 /// The result of a probe job (the full scores are its `probe.json` artifact).
@@ -71,10 +72,51 @@ pub struct EvalSummary {
     pub metrics: BTreeMap<String, f64>,
     /// Samples evaluated.
     pub n: usize,
+    /// The sandbox confinement its programs ran under (code evaluation only; absent in
+    /// results written before it was recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandbox: Option<Isolation>,
     /// The task's headline metric.
     pub score: f64,
     /// The task.
     pub task: String,
     /// Wall time, seconds.
     pub wall_s: f64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::isolation::Identity;
+
+    #[test]
+    fn an_eval_result_records_its_sandbox_and_reads_older_results() {
+        let summary = EvalSummary {
+            adapter: None,
+            metrics: BTreeMap::from([("pass@1".to_string(), 0.5)]),
+            n: 2,
+            sandbox: Some(Isolation {
+                landlock_abi: 7,
+                seccomp: true,
+                network: false,
+                filesystem: false,
+                pid: false,
+                identity: Identity::Inherited,
+            }),
+            score: 0.5,
+            task: "code".into(),
+            wall_s: 1.0,
+        };
+        let json = serde_json::to_value(&summary).unwrap();
+        assert_eq!(json["sandbox"]["landlock_abi"], 7);
+        assert_eq!(json["sandbox"]["identity"], "inherited");
+        let back: EvalSummary = serde_json::from_value(json).unwrap();
+        assert_eq!(back, summary);
+
+        let older = serde_json::json!({
+            "adapter": null, "metrics": {}, "n": 1, "score": 0.0, "task": "math", "wall_s": 1.0
+        });
+        let older: EvalSummary = serde_json::from_value(older).unwrap();
+        assert_eq!(older.sandbox, None);
+    }
 }

@@ -195,6 +195,11 @@ for pod, container, what in ((coordinator_pod, coordinator, "coordinator"), (wor
 gpu = worker["resources"].get("limits", {}).get("nvidia.com/gpu")
 check(gpu == 1, f"a worker pod must request exactly one nvidia.com/gpu (found {gpu})")
 check(worker_flags.get("gpus") == "0", "a worker must offer its one GPU as --gpus=0")
+# Code evaluation runs at the strong sandbox level (Landlock + seccomp + rlimits, which need no
+# privilege): the shipped worker does not accept a weaker one (docs/security.md).
+check("--allow-weak-sandbox" not in worker.get("args", [])
+      and all(e.get("name") != "LORASWEEP_ALLOW_WEAK_SANDBOX" for e in worker.get("env", [])),
+      "the shipped worker must not accept a weak code sandbox (--allow-weak-sandbox)")
 
 # The images are the Dockerfiles'.
 dockerfiles = {

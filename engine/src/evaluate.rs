@@ -228,6 +228,7 @@ pub fn run(
         adapter: options.adapter.clone(),
         records: evaluation.records,
         wall_s: started.elapsed().as_secs_f64(),
+        sandbox: evaluation.sandbox,
     })
 }
 
@@ -314,6 +315,8 @@ struct Evaluation {
     n: usize,
     metrics: BTreeMap<String, f64>,
     records: Vec<EvalRecord>,
+    /// The sandbox confinement (code evaluation only).
+    sandbox: Option<crate::eval::sandbox::Isolation>,
 }
 
 /// One generated sample: the prompt text, the generation and the seconds its batch took.
@@ -547,6 +550,7 @@ fn evaluate_math(
         n,
         metrics,
         records,
+        sandbox: None,
     })
 }
 
@@ -595,8 +599,7 @@ fn evaluate_code(
     tracing::info!(
         passed = scored.passed_samples,
         of = scored.samples,
-        network_isolated = isolation.network,
-        private_filesystem = isolation.filesystem,
+        isolation = %isolation,
         sandbox_s = format!("{sandbox_s:.1}"),
         "code executed"
     );
@@ -632,6 +635,7 @@ fn evaluate_code(
         n: scored.problems,
         metrics,
         records,
+        sandbox: Some(isolation),
     })
 }
 
@@ -698,6 +702,7 @@ fn evaluate_instruct(
         n: scored.prompts,
         metrics,
         records,
+        sandbox: None,
     })
 }
 
@@ -742,6 +747,7 @@ fn evaluate_reference(
         n,
         metrics,
         records,
+        sandbox: None,
     })
 }
 
@@ -872,6 +878,7 @@ fn evaluate_loss(
         n: scored,
         metrics,
         records,
+        sandbox: None,
     })
 }
 

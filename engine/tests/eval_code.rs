@@ -73,10 +73,12 @@ fn correct_wrong_and_hostile_completions() {
     let scored = code::score_completions(sandbox(), &problems, &completions).unwrap();
     let passed: Vec<bool> = scored.results.iter().map(|r| r.passed).collect();
     assert_eq!(passed, [true, false, false, false, true, false]);
-    // exit(0) inside the function ends the program before `check` finishes: not a pass.
-    assert_eq!(
-        scored.results[2].note.as_deref(),
-        Some("the program exited before its tests finished")
+    // exit(0) inside the function ends the solution process before `check` finishes: not a
+    // pass, whatever its exit status.
+    let note = scored.results[2].note.as_deref().unwrap_or("");
+    assert!(
+        note.contains("the solution process ended during a call"),
+        "{note}"
     );
     // T/0: 1 of 4 samples passed; T/1: 1 of 2. pass@1 = (0.25 + 0.5) / 2.
     assert!(

@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::Args;
 use lorasweep_engine::eval::metrics::EvalReport;
+use lorasweep_engine::eval::sandbox::{SandboxConfig, ALLOW_WEAK_ENV};
 use lorasweep_engine::evaluate::{self, CodePrompt, EvalJob, EvalOptions};
 use lorasweep_engine::loader;
 use lorasweep_engine::tasks::Metric;
@@ -53,6 +54,10 @@ pub struct EvalArgs {
     /// Programs run at once in the sandbox (default: the number of cores).
     #[arg(long)]
     parallel: Option<usize>,
+    /// Accept a code sandbox weaker than Landlock + seccomp + resource limits (by default
+    /// code evaluation refuses to run below that level; docs/security.md).
+    #[arg(long = "allow-weak-sandbox", env = ALLOW_WEAK_ENV)]
+    allow_weak_sandbox: bool,
     /// Where to write the report JSON.
     #[arg(long)]
     out: PathBuf,
@@ -88,7 +93,10 @@ pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
             batch_size: args.batch_size,
             max_len: args.max_len,
             code_prompt: CodePrompt::parse(&args.code_prompt).expect("clap checked the value"),
-            sandbox: evaluate::sandbox_config(Duration::from_secs_f64(args.timeout), args.parallel),
+            sandbox: SandboxConfig {
+                allow_weak: args.allow_weak_sandbox,
+                ..evaluate::sandbox_config(Duration::from_secs_f64(args.timeout), args.parallel)
+            },
             generation_dump: args.dump_generations.clone(),
             ..EvalOptions::default()
         },

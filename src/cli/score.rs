@@ -9,7 +9,7 @@ use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
 use lorasweep_engine::assets;
 use lorasweep_engine::eval::metrics::{EvalRecord, EvalReport};
-use lorasweep_engine::eval::sandbox::{Limits, Sandbox, SandboxConfig};
+use lorasweep_engine::eval::sandbox::{Limits, Sandbox, SandboxConfig, ALLOW_WEAK_ENV};
 use lorasweep_engine::eval::{code, instruct, math};
 use lorasweep_engine::tasks::Metric;
 
@@ -49,6 +49,10 @@ pub struct ScoreArgs {
     /// Wall-clock seconds each program may run.
     #[arg(long, default_value_t = 10.0)]
     timeout: f64,
+    /// Accept a code sandbox weaker than Landlock + seccomp + resource limits (by default
+    /// code evaluation refuses to run below that level; docs/security.md).
+    #[arg(long = "allow-weak-sandbox", env = ALLOW_WEAK_ENV)]
+    allow_weak_sandbox: bool,
 }
 
 /// Runs `lorasweep score`.
@@ -98,6 +102,7 @@ fn report(
         adapter: None,
         records: Vec::new(),
         wall_s: 0.0,
+        sandbox: None,
     }
 }
 
@@ -114,6 +119,7 @@ fn score_code(args: &ScoreArgs) -> anyhow::Result<EvalReport> {
             cpu_seconds: args.timeout.ceil() as u64,
             ..Limits::default()
         },
+        allow_weak: args.allow_weak_sandbox,
         ..SandboxConfig::default()
     };
     if let Some(parallel) = args.parallel {
@@ -122,12 +128,8 @@ fn score_code(args: &ScoreArgs) -> anyhow::Result<EvalReport> {
     let sandbox = Sandbox::new(config).context("setting up the code sandbox")?;
     let isolation = sandbox.isolation();
     eprintln!(
-        "sandbox: {} · network isolated: {} · private filesystem: {} · pid namespace: {} · identity: {:?} · {} at once",
+        "sandbox: {} · {isolation} · {} at once",
         sandbox.python().display(),
-        isolation.network,
-        isolation.filesystem,
-        isolation.pid,
-        isolation.identity,
         sandbox.parallelism()
     );
     let scored = code::score_completions(&sandbox, &problems, &completions)?;
@@ -145,6 +147,7 @@ fn score_code(args: &ScoreArgs) -> anyhow::Result<EvalReport> {
     ]);
     let mut report = report("code", &args.completions, metrics, Metric::PassAt1.name());
     report.n = scored.problems;
+    report.sandbox = Some(isolation);
     report.records = scored
         .results
         .into_iter()

@@ -15,6 +15,7 @@ use lorasweep_coordinator::scheduler::SchedulerConfig;
 use lorasweep_coordinator::service::auth::token_from;
 use lorasweep_coordinator::service::{start, CoordinatorOptions, TlsIdentity};
 use lorasweep_coordinator::store::{SqliteStore, Store};
+use lorasweep_engine::eval::sandbox::{Sandbox, SandboxConfig, ALLOW_WEAK_ENV};
 use lorasweep_worker::agent::{run_agent, AgentOptions, JobExecutor};
 
 use crate::cli::connect::{connect, ConnectArgs};
@@ -89,6 +90,40 @@ pub struct WorkerArgs {
     /// Shut down when standard input closes (used by `lorasweep run`).
     #[arg(long, hide = true)]
     pub exit_on_stdin_eof: bool,
+    /// Accept a code sandbox weaker than Landlock + seccomp + resource limits (by default
+    /// code-evaluation jobs refuse to run below that level; docs/security.md).
+    #[arg(long = "allow-weak-sandbox", env = ALLOW_WEAK_ENV)]
+    pub allow_weak_sandbox: bool,
+}
+
+/// The code sandbox of a worker's eval jobs: the token file is hidden from the programs even
+/// when it lies under a readable system directory (a Kubernetes secret under `/etc`).
+fn sandbox_config(args: &WorkerArgs) -> SandboxConfig {
+    SandboxConfig {
+        allow_weak: args.allow_weak_sandbox,
+        hidden_paths: args.connect.token_file.iter().cloned().collect(),
+        ..SandboxConfig::default()
+    }
+}
+
+/// Probes the code sandbox once at start and logs the isolation level it obtained, or why
+/// code evaluation will refuse to run (the worker still serves other jobs).
+fn report_sandbox(config: &SandboxConfig) {
+    match Sandbox::new(config.clone()) {
+        Ok(sandbox) => {
+            let isolation = sandbox.isolation();
+            if isolation.is_strong() {
+                tracing::info!(%isolation, python = %sandbox.python().display(), "code sandbox ready");
+            } else {
+                tracing::warn!(
+                    %isolation,
+                    python = %sandbox.python().display(),
+                    "code sandbox below the strong level, accepted by --allow-weak-sandbox"
+                );
+            }
+        }
+        Err(error) => tracing::warn!(%error, "code evaluation will refuse to run on this worker"),
+    }
 }
 
 /// The engine executor the worker runs jobs with: each job on the device of its slot.
@@ -101,7 +136,9 @@ pub fn make_executor(args: &WorkerArgs) -> Result<Arc<dyn JobExecutor>> {
     } else {
         SlotDevices::Gpus
     };
-    Ok(Arc::new(EngineExecutor::new(slots)))
+    Ok(Arc::new(
+        EngineExecutor::new(slots).with_sandbox(sandbox_config(args)),
+    ))
 }
 
 /// The slots a worker offers the coordinator: its GPU indices, or `0..N` for `--cpu-slots N`
@@ -258,6 +295,7 @@ fn host_name() -> String {
 
 /// `lorasweep worker`: pulls and runs jobs until Ctrl-C or SIGTERM.
 pub fn worker(args: WorkerArgs) -> Result<()> {
+    report_sandbox(&sandbox_config(&args));
     let executor = make_executor(&args)?;
     let runtime = runtime()?;
     let _context = runtime.enter();

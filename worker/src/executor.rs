@@ -23,6 +23,7 @@ use lorasweep_contract::{
 use lorasweep_coordinator::domain::{JobAssignment, Progress};
 use lorasweep_engine::adapter::{AInit, AdapterSettings};
 use lorasweep_engine::error::{Classify, Retry};
+use lorasweep_engine::eval::sandbox::SandboxConfig;
 use lorasweep_engine::evaluate::{self, EvalJob, EvalOptions};
 use lorasweep_engine::jobs::{self, DataSource, LocalRank, TrainJob};
 use lorasweep_engine::probe::{ProbeResult, ProbeSettings};
@@ -53,6 +54,9 @@ pub struct EngineExecutor {
     /// CUDA devices already opened, by ordinal (one stream per device, reused by its jobs).
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     opened: Mutex<HashMap<u32, Device>>,
+    /// How code-evaluation jobs build their sandbox (its limits, the paths it hides, and
+    /// whether a level below Landlock + seccomp + rlimits is accepted).
+    sandbox: SandboxConfig,
 }
 
 impl EngineExecutor {
@@ -61,7 +65,13 @@ impl EngineExecutor {
         Self {
             slots,
             opened: Mutex::new(HashMap::new()),
+            sandbox: SandboxConfig::default(),
         }
+    }
+
+    /// The same executor, building code-evaluation sandboxes from `sandbox`.
+    pub fn with_sandbox(self, sandbox: SandboxConfig) -> Self {
+        Self { sandbox, ..self }
     }
 
     /// The device of slot `slot`.
@@ -532,6 +542,7 @@ impl EngineExecutor {
                 batch_size: params.batch_size as usize,
                 // Loss-scored conversations are cut here (the report counts the cut ones).
                 max_len: EVAL_MAX_LEN,
+                sandbox: self.sandbox.clone(),
                 ..EvalOptions::default()
             },
         };
@@ -548,6 +559,7 @@ impl EngineExecutor {
             score: report.score,
             task: report.task.clone(),
             wall_s: report.wall_s,
+            sandbox: report.sandbox,
         });
         Ok(JobOutput {
             result,

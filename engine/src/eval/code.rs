@@ -1,10 +1,12 @@
 //! HumanEval: reading problems and completions, turning a model's raw output into a
 //! completion, and pass@k scoring by running each program in the [`Sandbox`].
 //!
-//! A completion continues the problem's prompt (the function signature and docstring); the
-//! program run is `prompt + completion + "\n" + test + "\ncheck(entry_point)\n"`, followed by
-//! a line printing a random marker: exit status 0 alone does not count as a pass, so a
-//! completion that calls `exit(0)` before the tests run fails.
+//! A completion continues the problem's prompt (the function signature and docstring). The
+//! solution `prompt + completion` and the problem's tests run through the sandbox's test
+//! harness ([`Sandbox::run_tests`]): the tests run in a separate process that calls the
+//! solution's entry point across a pipe, and report on a channel the solution cannot write.
+//! Neither exit status nor anything printed counts, so a completion that prints a marker and
+//! calls `os._exit(0)` before the tests run fails.
 
 use std::collections::{BTreeMap, HashSet};
 use std::io::{BufRead, BufReader, Read};
@@ -12,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::sandbox::{Outcome, Sandbox, SandboxError};
+use super::sandbox::{Outcome, Sandbox, SandboxError, TestProgram};
 
 /// Where a raw continuation stops: the function is over when top-level code begins.
 pub const STOP_SEQUENCES: [&str; 5] = ["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#"];
@@ -54,9 +56,9 @@ pub struct SampleResult {
     pub completion: String,
     /// Whether every test passed.
     pub passed: bool,
-    /// How the program ended.
+    /// How the harness process ended.
     pub outcome: Outcome,
-    /// Why a program that exited cleanly still failed, if it did.
+    /// Why it failed: the end of the failing test's traceback, or what stopped the harness.
     pub note: Option<String>,
 }
 
@@ -255,13 +257,16 @@ pub fn read_completions(path: &Path, problems: &[Problem]) -> Result<Vec<Complet
     Ok(completions)
 }
 
-/// The program that tests `completion` on `problem`; it prints `marker` as its last line
-/// once the tests have passed.
-pub fn program(problem: &Problem, completion: &str, marker: &str) -> String {
-    format!(
-        "{}{}\n{}\ncheck({})\nprint({:?})\n",
-        problem.prompt, completion, problem.test, problem.entry_point, marker
-    )
+/// What the sandbox runs to test `completion` on `problem`: the solution is the prompt
+/// followed by the completion; the judge gets the prompt (for helpers such as HumanEval's
+/// `poly`) and the test code, and calls `check` with the solution's entry point.
+pub fn test_program(problem: &Problem, completion: &str) -> TestProgram {
+    TestProgram {
+        solution: format!("{}{}\n", problem.prompt, completion),
+        helpers: problem.prompt.clone(),
+        tests: problem.test.clone(),
+        entry_point: problem.entry_point.clone(),
+    }
 }
 
 /// Turns a model's raw output into a completion. When the output has a markdown code fence,
@@ -318,7 +323,6 @@ pub fn score_completions(
 ) -> Result<CodeScore, CodeError> {
     let by_id: BTreeMap<&str, &Problem> =
         problems.iter().map(|p| (p.task_id.as_str(), p)).collect();
-    let marker = format!("lorasweep-tests-done-{:016x}", rand::random::<u64>());
     let mut programs = Vec::with_capacity(completions.len());
     for completion in completions {
         let problem =
@@ -327,27 +331,26 @@ pub fn score_completions(
                 .ok_or_else(|| CodeError::MissingProblem {
                     task_id: completion.task_id.clone(),
                 })?;
-        programs.push(program(problem, &completion.completion, &marker));
+        programs.push(test_program(problem, &completion.completion));
     }
-    let reports = sandbox.run_all(&programs);
+    let reports = sandbox.run_all_tests(&programs);
 
     let mut results = Vec::with_capacity(completions.len());
     let mut per_problem: BTreeMap<&str, (usize, usize)> = BTreeMap::new();
     for (completion, report) in completions.iter().zip(reports) {
         let report = report?;
-        let finished = report
-            .stdout_tail
-            .trim_end()
-            .lines()
-            .last()
-            .is_some_and(|line| line == marker);
-        let (passed, note) = match (&report.outcome, finished) {
-            (Outcome::Passed, true) => (true, None),
-            (Outcome::Passed, false) => (
-                false,
-                Some("the program exited before its tests finished".to_string()),
-            ),
-            _ => (false, None),
+        let passed = report.passed();
+        let note = match &report.verdict {
+            Some(verdict) => verdict.error.clone(),
+            None => Some(format!(
+                "the test harness reported no verdict ({})",
+                match &report.run.outcome {
+                    Outcome::TimedOut => "stopped at the wall-clock limit".to_string(),
+                    Outcome::Crashed { signal, .. } => format!("killed by signal {signal}"),
+                    Outcome::Failed { exit_code, .. } => format!("exited with status {exit_code}"),
+                    Outcome::Passed => "exited with status 0".to_string(),
+                }
+            )),
         };
         let counts = per_problem
             .entry(completion.task_id.as_str())
@@ -358,7 +361,7 @@ pub fn score_completions(
             task_id: completion.task_id.clone(),
             completion: completion.completion.clone(),
             passed,
-            outcome: report.outcome,
+            outcome: report.run.outcome,
             note,
         });
     }
@@ -430,10 +433,10 @@ mod tests {
             test: "def check(c):\n    assert c() == 1\n".into(),
             entry_point: "f".into(),
         };
-        let text = program(&problem, "    return 1\n", "done");
-        assert_eq!(
-            text,
-            "def f():\n    return 1\n\ndef check(c):\n    assert c() == 1\n\ncheck(f)\nprint(\"done\")\n"
-        );
+        let program = test_program(&problem, "    return 1\n");
+        assert_eq!(program.solution, "def f():\n    return 1\n\n");
+        assert_eq!(program.helpers, "def f():\n");
+        assert_eq!(program.tests, "def check(c):\n    assert c() == 1\n");
+        assert_eq!(program.entry_point, "f");
     }
 }

@@ -64,6 +64,9 @@ pub struct EvalReport {
     pub records: Vec<EvalRecord>,
     /// Wall-clock seconds the evaluation took.
     pub wall_s: f64,
+    /// The sandbox confinement the programs ran under (code evaluation only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandbox: Option<lorasweep_contract::Isolation>,
 }
 
 /// Reading or writing a report failed.
@@ -205,6 +208,7 @@ mod tests {
                 verdict: serde_json::json!({"passed": true}),
             }],
             wall_s: 1.25,
+            sandbox: None,
         };
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("eval.json");
