@@ -205,6 +205,7 @@ fn probe_inputs(probe: &ProbeSettings) -> ProbeInputs {
         estimator: probe.estimator,
         a_init: probe.a_init,
         seeds: probe.seeds.clone(),
+        rule: lorasweep_contract::Rule::Page,
     }
 }
 

@@ -10,6 +10,7 @@ use lorasweep_engine::generate::{self, GenerationSettings};
 use lorasweep_engine::jobs::{self, DataSource, TrainJob};
 use lorasweep_engine::loader;
 use lorasweep_engine::probe::{Estimator, ProbeSettings};
+use lorasweep_engine::rules::Rule;
 use lorasweep_engine::train::{Schedule, TrainSettings};
 
 /// Where the conversations come from: `--data FILE.jsonl` or `--task NAME`.
@@ -51,6 +52,9 @@ pub struct ProbeOptions {
     /// Init of A: kaiming (PEFT default) or gaussian.
     #[arg(long = "a-init", default_value_t = AInit::default())]
     a_init: AInit,
+    /// How modules are scored: page, grad, grad-rank, act, kappa or random.
+    #[arg(long, default_value_t = Rule::default())]
+    rule: Rule,
 }
 
 impl ProbeOptions {
@@ -74,6 +78,7 @@ impl ProbeOptions {
             estimator: self.estimator,
             a_init: self.a_init,
             seed,
+            rule: self.rule,
         })
     }
 }
