@@ -322,7 +322,9 @@ fn every_rule_gets_its_own_probe_keeping_only_what_it_reads() {
         .map(|probe| (rule_of(probe), probe.params["rank"].as_u64().unwrap()))
         .collect();
     let expected = [("act", 16), ("grad-rank", 4), ("grad-rank", 32)];
-    let expected: BTreeSet<(String, u64)> =
-        expected.iter().map(|(rule, rank)| (rule.to_string(), *rank)).collect();
+    let expected: BTreeSet<(String, u64)> = expected
+        .iter()
+        .map(|(rule, rank)| (rule.to_string(), *rank))
+        .collect();
     assert_eq!(ranks, expected);
 }
