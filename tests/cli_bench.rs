@@ -103,6 +103,55 @@ fn a_short_cpu_training_bench_writes_its_numbers() {
 }
 
 #[test]
+fn every_rule_times_its_probe_and_reports_peak_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    for rule in ["page", "grad", "grad-rank", "act", "kappa", "random"] {
+        let json = dir.path().join(format!("{rule}.json"));
+        let out = lorasweep(&[
+            "bench",
+            "probe",
+            "--geometry",
+            "tiny",
+            "--device",
+            "cpu",
+            "--batch",
+            "2",
+            "--seq-len",
+            "16",
+            "--rank",
+            "4",
+            "--steps",
+            "2",
+            "--warmup",
+            "0",
+            "--rule",
+            rule,
+            "--json",
+            json.to_str().unwrap(),
+        ]);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{rule}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let result = read_json(&json);
+        assert_eq!(result["rule"], rule, "{result}");
+        assert!(result["step_ms_median"].as_f64().unwrap() > 0.0, "{result}");
+        assert!(result["peak_rss_gib"].as_f64().unwrap() > 0.0, "{result}");
+        let scores = result["probe_scores"].as_array().expect("scores");
+        assert_eq!(scores.len(), 2 * 7, "{rule}: one score per module");
+        assert!(
+            scores.iter().all(|s| s.as_f64().unwrap() >= 0.0),
+            "{result}"
+        );
+        if rule != "page" {
+            assert!(stdout.contains(&format!("probe@{rule}")), "{stdout}");
+        }
+    }
+}
+
+#[test]
 fn bad_bench_arguments_are_refused_by_name() {
     for (args, expected) in [
         (

@@ -264,6 +264,96 @@ fn probe_train_generate_on_a_tiny_hugging_face_model() {
     );
 }
 
+/// `probe --rule RULE` writes PAGE's file with the rule's scores; `train --placement
+/// dominant@RULE` reads it and refuses another rule's file; unknown rules are named.
+#[test]
+fn probe_and_train_by_another_rule() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(&dir.path().join("model"), "qwen2");
+    let chat = fixture("chat.jsonl");
+    let probe = |rule: &str| {
+        let out = dir.path().join(format!("{rule}.json"));
+        let stdout = succeeds(&[
+            "probe",
+            "--model",
+            &model,
+            "--data",
+            &chat,
+            "--batches",
+            "2",
+            "--probe-batch-size",
+            "2",
+            "--probe-max-len",
+            "64",
+            "--rule",
+            rule,
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        let json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+        (out, stdout, json)
+    };
+    let (act, stdout, json) = probe("act");
+    assert!(
+        stdout.contains("dominant module by act: layers."),
+        "{stdout}"
+    );
+    assert_eq!(json["settings"]["rule"], "act");
+    assert_eq!(json["modules"].as_array().unwrap().len(), 2 * 7);
+    let (page, _, page_json) = probe("page");
+    assert!(page_json["settings"].get("rule").is_none());
+    let train = |placement: &str, probe: &Path, extra: &[&str]| {
+        let run = dir.path().join("run");
+        let mut args = vec![
+            "train",
+            "--model",
+            &model,
+            "--data",
+            &chat,
+            "--placement",
+            placement,
+            "--probe",
+            probe.to_str().unwrap(),
+            "--steps",
+            "1",
+            "--batch-size",
+            "2",
+            "--max-len",
+            "64",
+            "--out",
+            run.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        args.iter().map(|a| a.to_string()).collect::<Vec<String>>()
+    };
+    let args = train("dominant@act", &act, &[]);
+    let stdout = succeeds(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let dominant = json["dominant"].as_str().unwrap();
+    assert!(
+        stdout.contains(&format!("act dominant module: {dominant}")),
+        "{stdout}"
+    );
+    let args = train("dominant@grad", &page, &[]);
+    let err = fails(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(
+        err.contains(
+            "placement dominant@grad reads a grad probe, but was given a page probe result"
+        ),
+        "{err}"
+    );
+    let args = train("dominant@fisher", &page, &[]);
+    let err = fails(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(err.contains("not `fisher`"), "{err}");
+    let args = train("dominant", &page, &["--rule", "kappa"]);
+    let err = fails(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(err.contains("reads the rule after `@`"), "{err}");
+    let err = fails(&[
+        "probe", "--model", &model, "--data", &chat, "--rule", "fisher",
+    ]);
+    assert!(err.contains("fisher"), "{err}");
+}
+
 fn real_model(var: &str) -> Option<PathBuf> {
     match std::env::var_os(var) {
         Some(path) => Some(PathBuf::from(path)),

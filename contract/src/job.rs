@@ -7,7 +7,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::placement::Placement;
-use crate::vocab::{AInit, Estimator, Metric, Schedule, Variant};
+use crate::probe::ProbeSettings;
+use crate::vocab::{AInit, Estimator, Metric, Rule, Schedule, Variant};
 
 /// The version of the parameter schema this build writes and reads on the wire.
 pub const SCHEMA: u32 = 1;
@@ -16,7 +17,7 @@ pub const SCHEMA: u32 = 1;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum JobKind {
-    /// A PAGE probe of one model on one task with one seed.
+    /// A probe (PAGE or another placement rule) of one model on one task with one seed.
     Probe,
     /// One adapter training run.
     Train,
@@ -52,7 +53,9 @@ impl fmt::Display for JobKey {
     }
 }
 
-/// Parameters of a probe job: the probe settings and its seed. `alpha` is the one in effect.
+/// Parameters of a probe job: the probe settings, its seed and its rule. `alpha` is the one in
+/// effect. The rule is left out when it is PAGE, so PAGE probes keep the parameters (and the
+/// job keys) they had before rules existed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProbeParams {
@@ -72,6 +75,9 @@ pub struct ProbeParams {
     pub a_init: AInit,
     /// Seed of the probe's A draws and batches.
     pub seed: u64,
+    /// How modules are scored.
+    #[serde(default, skip_serializing_if = "Rule::is_page")]
+    pub rule: Rule,
 }
 
 /// The probe settings a train job's placement reads, and the seeds whose probes it averages.
@@ -94,6 +100,9 @@ pub struct ProbeInputs {
     pub a_init: AInit,
     /// The probe seeds (one probe dependency each).
     pub seeds: Vec<u64>,
+    /// How the probes score modules (left out when PAGE).
+    #[serde(default, skip_serializing_if = "Rule::is_page")]
+    pub rule: Rule,
 }
 
 impl ProbeInputs {
@@ -108,7 +117,34 @@ impl ProbeInputs {
             estimator: self.estimator,
             a_init: self.a_init,
             seed,
+            rule: self.rule,
         }
+    }
+
+    /// These inputs with every setting the rule does not read set to its default (see
+    /// [`ProbeSettings::default`]), and a single seed 0 for a rule the seed does not change:
+    /// probes of one rule that differ only in what it ignores are then one job. PAGE reads
+    /// everything and is returned as it is.
+    pub fn normalized(mut self) -> ProbeInputs {
+        let defaults = ProbeSettings::default();
+        let to_u32 = |value: usize| u32::try_from(value).unwrap_or(u32::MAX);
+        if !self.rule.reads_data() {
+            self.batches = to_u32(defaults.batches);
+            self.batch_size = to_u32(defaults.batch_size);
+            self.max_len = to_u32(defaults.max_len);
+        }
+        if !self.rule.reads_rank() {
+            self.rank = to_u32(defaults.rank);
+        }
+        if !self.rule.reads_adapter() {
+            self.alpha = defaults.alpha;
+            self.estimator = defaults.estimator;
+            self.a_init = defaults.a_init;
+        }
+        if !self.rule.reads_seed() {
+            self.seeds = vec![0];
+        }
+        self
     }
 }
 
@@ -151,7 +187,7 @@ pub struct TrainParams {
     pub loraplus_ratio: Option<f64>,
     /// Steps between checkpoints.
     pub checkpoint_every: u32,
-    /// The probes a PAGE placement reads (none for the others).
+    /// The probes a placement that reads a probe reads (none for the others).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub probe: Option<ProbeInputs>,
 }
@@ -306,6 +342,68 @@ mod tests {
             r#"{"params":{"adapter":null,"batch_size":2,"limit":4,"max_new_tokens":16},"schema":1}"#
         );
         assert_eq!(JobParams::from_wire(JobKind::Eval, &wire).unwrap(), eval());
+    }
+
+    fn inputs(rule: Rule) -> ProbeInputs {
+        ProbeInputs {
+            batches: 2,
+            batch_size: 4,
+            max_len: 64,
+            rank: 4,
+            alpha: 8.0,
+            estimator: Estimator::Expected,
+            a_init: AInit::Gaussian,
+            seeds: vec![3, 5],
+            rule,
+        }
+    }
+
+    #[test]
+    fn page_probes_are_written_without_a_rule_and_other_rules_with_theirs() {
+        let page = JobParams::Probe(inputs(Rule::Page).probe(3)).to_value();
+        assert!(page.get("rule").is_none(), "{page}");
+        assert_eq!(
+            page,
+            serde_json::json!({"a_init": "gaussian", "alpha": 8.0, "batch_size": 4, "batches": 2,
+                "estimator": "expected", "max_len": 64, "rank": 4, "seed": 3})
+        );
+        let grad = JobParams::Probe(inputs(Rule::GradRank).probe(3));
+        assert_eq!(grad.to_value()["rule"], "grad-rank");
+        assert_eq!(
+            JobParams::from_wire(JobKind::Probe, &grad.to_wire()).unwrap(),
+            grad
+        );
+        let bad = r#"{"schema":1,"params":{"a_init":"kaiming","alpha":8.0,"batch_size":4,"batches":2,"estimator":"sample","max_len":64,"rank":4,"seed":3,"rule":"fisher"}}"#;
+        let error = JobParams::from_wire(JobKind::Probe, bad)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("unknown placement rule \"fisher\""),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn normalizing_keeps_only_what_the_rule_reads() {
+        assert_eq!(inputs(Rule::Page).normalized(), inputs(Rule::Page));
+        let grad_rank = inputs(Rule::GradRank).normalized();
+        assert_eq!(
+            (grad_rank.batches, grad_rank.rank, grad_rank.seeds.clone()),
+            (2, 4, vec![3, 5])
+        );
+        assert_eq!(
+            (grad_rank.alpha, grad_rank.estimator, grad_rank.a_init),
+            (32.0, Estimator::Sample, AInit::Kaiming)
+        );
+        assert_eq!(inputs(Rule::Act).normalized().rank, 16);
+        let kappa = inputs(Rule::Kappa).normalized();
+        assert_eq!(
+            (kappa.batches, kappa.batch_size, kappa.max_len, kappa.rank),
+            (8, 8, 256, 16)
+        );
+        assert_eq!(kappa.seeds, vec![0]);
+        let random = inputs(Rule::Random).normalized();
+        assert_eq!((random.batches, random.seeds), (8, vec![3, 5]));
     }
 
     #[test]

@@ -7,8 +7,8 @@
 //! engine. Results come back the same way ([`ProbeSummary`], [`TrainSummary`],
 //! [`EvalSummary`], which records the sandbox [`Isolation`] a code evaluation ran under).
 //!
-//! Every name of the vocabulary (variants, placements, schedules, estimators, A inits, task
-//! names, metrics, module kinds) is written here and only here: each type has one
+//! Every name of the vocabulary (variants, placements, placement rules, schedules, estimators,
+//! A inits, task names, metrics, module kinds) is written here and only here: each type has one
 //! [`std::str::FromStr`] and one [`std::fmt::Display`], and serializes as that name.
 //!
 //! This crate depends on neither candle nor tonic.
@@ -31,4 +31,6 @@ pub use named::UnknownName;
 pub use placement::{Placement, PlacementSyntaxError};
 pub use probe::{ModuleScore, ProbeResult, ProbeSettings};
 pub use result::{EvalSummary, ModuleRank, ProbeSummary, TrainSummary};
-pub use vocab::{AInit, Estimator, Metric, ModuleId, ModuleKind, NamedTask, Schedule, Variant};
+pub use vocab::{
+    AInit, Estimator, Metric, ModuleId, ModuleKind, NamedTask, Rule, Schedule, Variant,
+};

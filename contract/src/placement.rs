@@ -1,48 +1,55 @@
 //! Placements: which modules get an adapter, and their one grammar.
 //!
 //! ```text
-//! all | dominant | dominant:KIND | top_k:N | random:N | kind:KIND
-//!     | explicit:NAME[,NAME…] | budget_matched:PARAMS
+//! all | dominant[@RULE] | dominant:KIND[@RULE] | top_k:N[@RULE] | random:N | kind:KIND
+//!     | explicit:NAME[,NAME…] | budget_matched:PARAMS[@RULE]
 //! KIND   = q_proj | k_proj | v_proj | o_proj | gate_proj | up_proj | down_proj
 //! NAME   = layers.L.self_attn.{q,k,v,o}_proj | layers.L.mlp.{gate,up,down}_proj
 //! PARAMS = an integer, optionally with a k or M suffix (50k, 1.5M)
+//! RULE   = page | grad | grad-rank | act | kappa | random      (page when left out)
 //! ```
 //!
 //! | placement | modules |
 //! |---|---|
 //! | `all` | every projection of every layer (vanilla LoRA) |
-//! | `dominant` | the PAGE argmax (DomLoRA) |
-//! | `dominant:KIND` | the PAGE argmax among one kind, e.g. `dominant:down_proj` |
-//! | `top_k:N` | the N highest PAGE scores |
+//! | `dominant` | the argmax of the rule's score, PAGE by default (DomLoRA) |
+//! | `dominant:KIND` | the argmax among one kind, e.g. `dominant:down_proj` |
+//! | `top_k:N` | the N highest scores |
 //! | `random:N` | N modules drawn uniformly, seeded (the control) |
 //! | `kind:KIND` | one kind in every layer |
 //! | `explicit:NAME[,NAME…]` | the listed modules, e.g. `layers.3.mlp.down_proj` |
-//! | `budget_matched:PARAMS` | the PAGE argmax, at the rank whose trainable parameters come closest to PARAMS |
+//! | `budget_matched:PARAMS` | the argmax, at the rank whose trainable parameters come closest to PARAMS |
+//!
+//! The four placements that read a probe take the rule that scores the modules after `@`
+//! (`dominant@grad`, `top_k:4@act`, `dominant:down_proj@page`); without it they read PAGE, and
+//! a PAGE placement prints without `@page`, so the forms written before rules existed keep
+//! their text (and their job keys).
 
 use std::fmt;
 use std::str::FromStr;
 
-use crate::vocab::{ModuleId, ModuleKind};
+use crate::vocab::{ModuleId, ModuleKind, Rule};
 
 /// Which modules get an adapter.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Placement {
     /// Every module kind in every layer (vanilla LoRA).
     All,
-    /// The PAGE argmax module (DomLoRA).
-    Dominant,
-    /// The PAGE argmax among modules of one kind.
-    DominantKind(ModuleKind),
-    /// The N modules with the highest PAGE.
-    TopK(usize),
+    /// The argmax of the rule's score (DomLoRA with PAGE).
+    Dominant(Rule),
+    /// The argmax among modules of one kind.
+    DominantKind(ModuleKind, Rule),
+    /// The N modules with the highest scores.
+    TopK(usize, Rule),
     /// N modules drawn at random with the train seed (the control).
     Random(usize),
     /// One module kind in every layer.
     Kind(ModuleKind),
     /// The listed modules (no repeats, order kept).
     Explicit(Vec<ModuleId>),
-    /// The PAGE argmax, at the rank whose trainable parameters come closest to this target.
-    BudgetMatched(u64),
+    /// The argmax of the rule's score, at the rank whose trainable parameters come closest
+    /// to this target.
+    BudgetMatched(u64, Rule),
 }
 
 /// Why a text is not a placement. [`fmt::Display`] says what was expected there.
@@ -79,10 +86,21 @@ pub enum PlacementSyntaxError {
     },
     /// `budget_matched:` with something that is not a parameter count.
     BadBudget,
+    /// `@` followed by something that is not a rule.
+    UnknownRule {
+        /// The text after `@`.
+        found: String,
+    },
+    /// `@RULE` after a placement that reads no probe.
+    RuleWithoutProbe {
+        /// The placement before `@`.
+        placement: String,
+    },
 }
 
 const GRAMMAR: &str = "a placement: all, dominant, dominant:KIND, top_k:N, random:N, kind:KIND, \
-                       explicit:NAME[,NAME…] or budget_matched:PARAMS";
+                       explicit:NAME[,NAME…] or budget_matched:PARAMS (the ones that read a \
+                       probe optionally followed by @RULE)";
 
 impl fmt::Display for PlacementSyntaxError {
     fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -112,6 +130,16 @@ impl fmt::Display for PlacementSyntaxError {
             Self::BadBudget => formatter.write_str(
                 "a trainable-parameter target after `budget_matched:` (e.g. 50000, 50k or 1.5M)",
             ),
+            Self::UnknownRule { found } => write!(
+                formatter,
+                "a placement rule after `@` ({}), not `{found}`",
+                Rule::names_list()
+            ),
+            Self::RuleWithoutProbe { placement } => write!(
+                formatter,
+                "`@RULE` only after a placement that reads a probe (dominant, dominant:KIND, \
+                 top_k:N, budget_matched:PARAMS), not after `{placement}`"
+            ),
         }
     }
 }
@@ -122,9 +150,9 @@ impl fmt::Display for Placement {
     fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Placement::All => write!(formatter, "all"),
-            Placement::Dominant => write!(formatter, "dominant"),
-            Placement::DominantKind(kind) => write!(formatter, "dominant:{kind}"),
-            Placement::TopK(count) => write!(formatter, "top_k:{count}"),
+            Placement::Dominant(_) => write!(formatter, "dominant"),
+            Placement::DominantKind(kind, _) => write!(formatter, "dominant:{kind}"),
+            Placement::TopK(count, _) => write!(formatter, "top_k:{count}"),
             Placement::Random(count) => write!(formatter, "random:{count}"),
             Placement::Kind(kind) => write!(formatter, "kind:{kind}"),
             Placement::Explicit(names) => {
@@ -137,7 +165,11 @@ impl fmt::Display for Placement {
                 }
                 Ok(())
             }
-            Placement::BudgetMatched(params) => write!(formatter, "budget_matched:{params}"),
+            Placement::BudgetMatched(params, _) => write!(formatter, "budget_matched:{params}"),
+        }?;
+        match self.rule() {
+            Some(rule) if !rule.is_page() => write!(formatter, "@{rule}"),
+            _ => Ok(()),
         }
     }
 }
@@ -176,6 +208,25 @@ impl FromStr for Placement {
     type Err = PlacementSyntaxError;
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let Some((body, rule)) = text.split_once('@') else {
+            return Self::parse_body(text, Rule::Page);
+        };
+        let rule = Rule::from_name(rule).ok_or_else(|| PlacementSyntaxError::UnknownRule {
+            found: rule.to_string(),
+        })?;
+        let placement = Self::parse_body(body, rule)?;
+        if placement.rule().is_none() {
+            return Err(PlacementSyntaxError::RuleWithoutProbe {
+                placement: body.to_string(),
+            });
+        }
+        Ok(placement)
+    }
+}
+
+impl Placement {
+    /// The grammar before `@`: the probe-reading placements read `rule`.
+    fn parse_body(text: &str, rule: Rule) -> Result<Placement, PlacementSyntaxError> {
         let (head, argument) = match text.split_once(':') {
             Some((head, argument)) => (head, Some(argument)),
             None => (text, None),
@@ -193,9 +244,9 @@ impl FromStr for Placement {
         };
         match (head, argument) {
             ("all", None) => Ok(Placement::All),
-            ("dominant", None) => Ok(Placement::Dominant),
-            ("dominant", Some(argument)) => Ok(Placement::DominantKind(kind_of(argument)?)),
-            ("top_k", Some(argument)) => Ok(Placement::TopK(count_of(argument)?)),
+            ("dominant", None) => Ok(Placement::Dominant(rule)),
+            ("dominant", Some(argument)) => Ok(Placement::DominantKind(kind_of(argument)?, rule)),
+            ("top_k", Some(argument)) => Ok(Placement::TopK(count_of(argument)?, rule)),
             ("random", Some(argument)) => Ok(Placement::Random(count_of(argument)?)),
             ("kind", Some(argument)) => Ok(Placement::Kind(kind_of(argument)?)),
             ("explicit", Some(argument)) => {
@@ -215,7 +266,7 @@ impl FromStr for Placement {
                 Ok(Placement::Explicit(names))
             }
             ("budget_matched", Some(argument)) => match parse_param_count(argument) {
-                Some(count) if count >= 1 => Ok(Placement::BudgetMatched(count)),
+                Some(count) if count >= 1 => Ok(Placement::BudgetMatched(count, rule)),
                 _ => Err(PlacementSyntaxError::BadBudget),
             },
             ("top_k" | "random" | "kind" | "explicit" | "budget_matched", None) => {
@@ -226,40 +277,46 @@ impl FromStr for Placement {
             _ => Err(PlacementSyntaxError::Unknown),
         }
     }
-}
 
-impl Placement {
     /// Parses the placement grammar; the error says what was expected.
     pub fn parse(text: &str) -> Result<Placement, PlacementSyntaxError> {
         text.parse()
     }
 
-    /// Whether resolving it reads a PAGE probe result.
+    /// Whether resolving it reads a probe result.
     pub fn needs_probe(&self) -> bool {
-        matches!(
-            self,
-            Placement::Dominant
-                | Placement::DominantKind(_)
-                | Placement::TopK(_)
-                | Placement::BudgetMatched(_)
-        )
+        self.rule().is_some()
+    }
+
+    /// The rule whose probe it reads; `None` for the placements that read no probe.
+    pub fn rule(&self) -> Option<Rule> {
+        match self {
+            Placement::Dominant(rule)
+            | Placement::DominantKind(_, rule)
+            | Placement::TopK(_, rule)
+            | Placement::BudgetMatched(_, rule) => Some(*rule),
+            Placement::All | Placement::Random(_) | Placement::Kind(_) | Placement::Explicit(_) => {
+                None
+            }
+        }
     }
 
     /// The module kinds this placement may put an adapter on (for rank checks); `None` when
     /// ranks are not the user's (budget matched).
     pub fn candidate_kinds(&self) -> Option<Vec<ModuleKind>> {
         match self {
-            Placement::All | Placement::Dominant | Placement::TopK(_) | Placement::Random(_) => {
-                Some(ModuleKind::ALL.to_vec())
-            }
-            Placement::DominantKind(kind) | Placement::Kind(kind) => Some(vec![*kind]),
+            Placement::All
+            | Placement::Dominant(_)
+            | Placement::TopK(..)
+            | Placement::Random(_) => Some(ModuleKind::ALL.to_vec()),
+            Placement::DominantKind(kind, _) | Placement::Kind(kind) => Some(vec![*kind]),
             Placement::Explicit(names) => {
                 let mut kinds: Vec<ModuleKind> = names.iter().map(|name| name.kind).collect();
                 kinds.sort();
                 kinds.dedup();
                 Some(kinds)
             }
-            Placement::BudgetMatched(_) => None,
+            Placement::BudgetMatched(..) => None,
         }
     }
 }
@@ -294,6 +351,11 @@ mod tests {
             "kind:q_proj",
             "explicit:layers.3.mlp.down_proj,layers.0.self_attn.q_proj",
             "budget_matched:50000",
+            "dominant@grad",
+            "dominant:down_proj@kappa",
+            "top_k:4@act",
+            "top_k:2@grad-rank",
+            "budget_matched:50000@random",
         ] {
             let placement = Placement::parse(text).unwrap();
             assert_eq!(placement.to_string(), text);
@@ -301,14 +363,43 @@ mod tests {
     }
 
     #[test]
+    fn rules_after_at_and_page_by_default() {
+        assert_eq!(
+            Placement::parse("dominant@grad").unwrap(),
+            Placement::Dominant(Rule::Grad)
+        );
+        assert_eq!(
+            Placement::parse("top_k:4@act").unwrap(),
+            Placement::TopK(4, Rule::Act)
+        );
+        // Today's forms read PAGE, and `@page` is the same placement, printed without it.
+        assert_eq!(
+            Placement::parse("dominant").unwrap(),
+            Placement::Dominant(Rule::Page)
+        );
+        let explicit_page = Placement::parse("dominant:down_proj@page").unwrap();
+        assert_eq!(
+            explicit_page,
+            Placement::DominantKind(ModuleKind::DownProj, Rule::Page)
+        );
+        assert_eq!(explicit_page.to_string(), "dominant:down_proj");
+        assert_eq!(
+            Placement::parse("budget_matched:50k@page").unwrap(),
+            Placement::parse("budget_matched:50000").unwrap()
+        );
+        assert_eq!(Placement::TopK(3, Rule::Kappa).rule(), Some(Rule::Kappa));
+        assert_eq!(Placement::Random(3).rule(), None);
+    }
+
+    #[test]
     fn suffixed_budgets_and_spaces_in_lists() {
         assert_eq!(
             Placement::parse("budget_matched:1.5M").unwrap(),
-            Placement::BudgetMatched(1_500_000)
+            Placement::BudgetMatched(1_500_000, Rule::Page)
         );
         assert_eq!(
             Placement::parse("budget_matched:50k").unwrap(),
-            Placement::BudgetMatched(50_000)
+            Placement::BudgetMatched(50_000, Rule::Page)
         );
         assert_eq!(
             Placement::parse("explicit:layers.1.mlp.up_proj, layers.2.mlp.up_proj")
@@ -340,6 +431,16 @@ mod tests {
             ("budget_matched:0", "a trainable-parameter target"),
             ("top_k", "`top_k:N`"),
             ("all:3", "a placement: all"),
+            (
+                "dominant@fisher",
+                "a placement rule after `@` (page, grad, grad-rank, act, kappa, random), not `fisher`",
+            ),
+            ("top_k:4@", "not ``"),
+            ("all@grad", "not after `all`"),
+            ("random:2@grad", "not after `random:2`"),
+            ("kind:q_proj@act", "`@RULE` only after a placement that reads a probe"),
+            ("top_k:0@grad", "a module count ≥ 1 after `top_k:`"),
+            ("dominant@grad@act", "not `grad@act`"),
         ];
         for (text, expected) in cases {
             let error = Placement::parse(text).unwrap_err().to_string();
@@ -349,10 +450,10 @@ mod tests {
 
     #[test]
     fn probe_needs() {
-        assert!(Placement::Dominant.needs_probe());
-        assert!(Placement::DominantKind(ModuleKind::DownProj).needs_probe());
-        assert!(Placement::TopK(2).needs_probe());
-        assert!(Placement::BudgetMatched(10_000).needs_probe());
+        assert!(Placement::Dominant(Rule::Page).needs_probe());
+        assert!(Placement::DominantKind(ModuleKind::DownProj, Rule::Grad).needs_probe());
+        assert!(Placement::TopK(2, Rule::Act).needs_probe());
+        assert!(Placement::BudgetMatched(10_000, Rule::Kappa).needs_probe());
         assert!(!Placement::All.needs_probe());
         assert!(!Placement::Random(1).needs_probe());
         assert!(!Placement::Kind(ModuleKind::QProj).needs_probe());

@@ -1,12 +1,15 @@
 //! The probe's output file (`probe.json`): the settings it ran with and every candidate
-//! module's score, rank order and share. One schema for every rule that scores modules, read
-//! by the placement, the report and the user.
+//! module's score, rank order and share. One schema for every rule that scores modules
+//! ([`Rule`]: PAGE, grad, grad-rank, act, kappa, random), read by the placement, the report and
+//! the user. A higher score is better for every rule ([`ProbeResult::ranking`] puts the best
+//! first); PAGE files are written exactly as before rules existed (the rule and the rank-r
+//! share are left out when they are PAGE's).
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::vocab::{AInit, Estimator, ModuleId, ModuleKind};
+use crate::vocab::{AInit, Estimator, ModuleId, ModuleKind, Rule};
 
 /// Probe settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -27,6 +30,9 @@ pub struct ProbeSettings {
     pub a_init: AInit,
     /// Seed for A and for which examples form the batches.
     pub seed: u64,
+    /// How modules are scored (`page` when absent: files written before rules existed).
+    #[serde(default, skip_serializing_if = "Rule::is_page")]
+    pub rule: Rule,
 }
 
 impl Default for ProbeSettings {
@@ -40,11 +46,12 @@ impl Default for ProbeSettings {
             estimator: Estimator::Sample,
             a_init: AInit::Kaiming,
             seed: 0,
+            rule: Rule::Page,
         }
     }
 }
 
-/// PAGE of one candidate module.
+/// The score of one candidate module under the probe's rule.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModuleScore {
     /// Module path, e.g. `layers.3.mlp.down_proj`.
@@ -53,10 +60,16 @@ pub struct ModuleScore {
     pub layer: usize,
     /// Projection kind.
     pub kind: ModuleKind,
-    /// Mean PAGE over batches (the chosen estimator).
+    /// The rule's score, higher better: mean PAGE over batches (the chosen estimator), mean
+    /// ‖∂L/∂W‖²_F (`grad`), mean top-r energy of ∂L/∂W (`grad-rank`), mean ‖x‖² × ‖W‖²_F
+    /// (`act`), σ_min/σ_max = 1/κ (`kappa`), a uniform draw (`random`).
     pub score: f64,
     /// `score / Σ score`.
     pub share: f64,
+    /// `grad-rank` only: the share of the gradient's energy in its top-r singular values
+    /// (energy-weighted over batches), so `score` = mean ‖∂L/∂W‖²_F × this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_r_share: Option<f64>,
 }
 
 /// The probe's output file.

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::isolation::Isolation;
-use crate::vocab::{AInit, Estimator};
+use crate::vocab::{AInit, Estimator, Rule};
 
 /// The result of a probe job (the full scores are its `probe.json` artifact).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -19,7 +19,10 @@ pub struct ProbeSummary {
     pub dominant: String,
     /// The estimator.
     pub estimator: Estimator,
-    /// Share of PAGE per module kind.
+    /// How modules were scored (left out when PAGE).
+    #[serde(default, skip_serializing_if = "Rule::is_page")]
+    pub rule: Rule,
+    /// Share of the score per module kind.
     pub share_by_kind: BTreeMap<String, f64>,
     /// Response tokens probed.
     pub tokens: usize,
@@ -41,7 +44,7 @@ pub struct ModuleRank {
 /// The result of a train job (the adapter and `metrics.json` are its artifacts).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainSummary {
-    /// The PAGE argmax module the placement read, if it read one.
+    /// The argmax module of the probe the placement read, if it read one.
     pub dominant: Option<String>,
     /// Loss of the last step.
     pub final_loss: Option<f64>,

@@ -191,6 +191,62 @@ named_enum! {
 }
 
 named_enum! {
+    /// How a probe scores every candidate module, and so which module a placement reading
+    /// the probe chooses. Every rule writes the same probe file (module, score, share), with
+    /// a higher score better, so placements, heatmaps and concentration statistics read
+    /// every rule alike.
+    #[derive(Default)]
+    Rule ("placement rule") {
+        /// PAGE: the projected adapter gradient energy ‖s·G·Aᵀ‖² (its estimator and init of A
+        /// are the probe's `estimator` and `a_init`).
+        #[default]
+        Page => "page",
+        /// The energy of the full frozen-weight gradient, ‖∂L/∂W‖²_F (no adapter involved):
+        /// what full fine-tuning would move most.
+        Grad => "grad",
+        /// The part of that energy a rank-r update can hold: ‖∂L/∂W‖²_F times the share of it
+        /// in the top-r singular values (r = the probe's rank).
+        GradRank => "grad-rank",
+        /// Forward only: the mean squared norm of the module's input activations times
+        /// ‖W‖²_F.
+        Act => "act",
+        /// Data-free: the inverse condition number σ_min/σ_max of W, so the best-conditioned
+        /// module (lowest κ) scores highest.
+        Kappa => "kappa",
+        /// A seeded uniform draw per module (the control).
+        Random => "random",
+    }
+}
+
+impl Rule {
+    /// Whether it is PAGE (the rule a placement without `@RULE` reads).
+    pub fn is_page(&self) -> bool {
+        *self == Rule::Page
+    }
+
+    /// Whether it reads the task's conversations (probe batches); `kappa` and `random` do not.
+    pub fn reads_data(self) -> bool {
+        matches!(self, Rule::Page | Rule::Grad | Rule::GradRank | Rule::Act)
+    }
+
+    /// Whether it reads the probe's rank `r` (PAGE's adapter, grad-rank's top r).
+    pub fn reads_rank(self) -> bool {
+        matches!(self, Rule::Page | Rule::GradRank)
+    }
+
+    /// Whether it reads the probe adapter's alpha, estimator and init of A (PAGE only).
+    pub fn reads_adapter(self) -> bool {
+        self == Rule::Page
+    }
+
+    /// Whether the probe seed changes its scores: the batches drawn (data rules), A (PAGE),
+    /// the draw (`random`); not `kappa`, a function of the weights alone.
+    pub fn reads_seed(self) -> bool {
+        self != Rule::Kappa
+    }
+}
+
+named_enum! {
     /// The learning-rate decay after warmup.
     #[derive(Default)]
     Schedule ("schedule") {
@@ -306,6 +362,25 @@ mod tests {
             .contains("unknown schedule \"step\""));
         assert!(Metric::parse_user("pass@1").is_err());
         assert_eq!(Metric::parse_user("loss").unwrap(), Metric::Loss);
+    }
+
+    #[test]
+    fn rules_have_one_name_each_and_page_is_the_default() {
+        assert_eq!(Rule::default(), Rule::Page);
+        assert_eq!(
+            Rule::names_list(),
+            "page, grad, grad-rank, act, kappa, random"
+        );
+        assert_eq!("grad-rank".parse::<Rule>().unwrap(), Rule::GradRank);
+        let error = "fisher".parse::<Rule>().unwrap_err().to_string();
+        assert!(
+            error.starts_with("unknown placement rule \"fisher\""),
+            "{error}"
+        );
+        assert!(!Rule::Kappa.reads_data() && !Rule::Random.reads_data());
+        assert!(Rule::Act.reads_data() && !Rule::Act.reads_rank());
+        assert!(Rule::GradRank.reads_rank() && !Rule::GradRank.reads_adapter());
+        assert!(!Rule::Kappa.reads_seed() && Rule::Random.reads_seed());
     }
 
     #[test]

@@ -1,11 +1,14 @@
 //! The job graph: a validated [`Sweep`] expanded into probe → train → eval jobs.
 //!
 //! For every (model, task):
-//! - one probe job per probe seed and distinct probe settings, when some train point needs
-//!   PAGE (placements `dominant`, `dominant:KIND`, `top_k`, `budget_matched`) or the sweep
-//!   asks for probes anyway (`probe.always`, the default);
-//! - one train job per sweep point, depending on the probes of its probe settings (every
-//!   seed: the engine uses their mean PAGE) when its placement needs PAGE;
+//! - one probe job per probe seed, distinct probe settings and placement rule, when some
+//!   train point reads a probe (placements `dominant`, `dominant:KIND`, `top_k`,
+//!   `budget_matched`, each with its `@RULE`, PAGE by default), and a PAGE probe when the
+//!   sweep asks for probes anyway (`probe.always`, the default); a rule's probe keeps only
+//!   the settings it reads (see [`placement_probe`]): `kappa`, a function of the weights, has
+//!   one seed;
+//! - one train job per sweep point, depending on the probes of its rule and probe settings
+//!   (every seed: the engine uses their mean score) when its placement reads a probe;
 //! - one eval job per train job, and one eval of the base model.
 //!
 //! A job's key is a content hash of its kind, model, task and parameters, so the same sweep
@@ -13,7 +16,7 @@
 //! Jobs come out probes first, then trains, then evals, so every job's dependencies come
 //! before it.
 
-use lorasweep_contract::{EvalParams, JobParams, ProbeInputs, ProbeParams, TrainParams};
+use lorasweep_contract::{EvalParams, JobParams, ProbeInputs, ProbeParams, Rule, TrainParams};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use std::collections::{HashMap, HashSet};
@@ -112,13 +115,9 @@ impl JobGraph {
                 }
                 for point in &points {
                     let mut probe_keys = Vec::new();
-                    if point.train.placement.needs_probe() {
-                        for &seed in &sweep.probe.seeds {
-                            let probe = job(
-                                JobParams::Probe(probe_params(&point.probe, seed)),
-                                Vec::new(),
-                                1,
-                            );
+                    if let Some(inputs) = placement_probe(point) {
+                        for &seed in &inputs.seeds {
+                            let probe = job(JobParams::Probe(inputs.probe(seed)), Vec::new(), 1);
                             probe_keys.push(probe.key.clone());
                             probes.add(probe);
                         }
@@ -193,8 +192,8 @@ impl Collector {
     }
 }
 
-/// The probe settings a train job reads: every probe setting (alpha: the one in effect) and
-/// the seeds whose probes it averages.
+/// The PAGE probe settings: every probe setting (alpha: the one in effect) and the seeds
+/// whose probes a train job averages.
 fn probe_inputs(probe: &ProbeSettings) -> ProbeInputs {
     ProbeInputs {
         batches: probe.batches,
@@ -205,7 +204,24 @@ fn probe_inputs(probe: &ProbeSettings) -> ProbeInputs {
         estimator: probe.estimator,
         a_init: probe.a_init,
         seeds: probe.seeds.clone(),
+        rule: Rule::Page,
     }
+}
+
+/// The probe a point's placement reads, if it reads one: the sweep's probe settings under the
+/// placement's rule, with `grad-rank`'s r the point's train rank (the rank of the adapter it
+/// places), and every setting the rule does not read at its default
+/// ([`ProbeInputs::normalized`]), so points that differ only there share their probes.
+pub fn placement_probe(point: &SweepPoint) -> Option<ProbeInputs> {
+    let rule = point.train.placement.rule()?;
+    let mut inputs = ProbeInputs {
+        rule,
+        ..probe_inputs(&point.probe)
+    };
+    if rule == Rule::GradRank {
+        inputs.rank = point.train.rank;
+    }
+    Some(inputs.normalized())
 }
 
 /// Parameters of a probe job: every probe setting (alpha: the one in effect), and its seed.
@@ -214,8 +230,8 @@ pub fn probe_params(probe: &ProbeSettings, seed: u64) -> ProbeParams {
 }
 
 /// Parameters of a train job: every train setting (alpha: the one in effect;
-/// `loraplus_ratio` only for `loraplus`), and for a placement that needs PAGE, the probe
-/// settings and seeds it reads under `probe`.
+/// `loraplus_ratio` only for `loraplus`), and for a placement that reads a probe, the probe
+/// settings, rule and seeds it reads under `probe` ([`placement_probe`]).
 pub fn train_params(point: &SweepPoint) -> TrainParams {
     let train = &point.train;
     TrainParams {
@@ -235,10 +251,7 @@ pub fn train_params(point: &SweepPoint) -> TrainParams {
         seed: train.seed,
         loraplus_ratio: (train.variant == Variant::LoraPlus).then_some(train.loraplus_ratio),
         checkpoint_every: train.checkpoint_every,
-        probe: train
-            .placement
-            .needs_probe()
-            .then(|| probe_inputs(&point.probe)),
+        probe: placement_probe(point),
     }
 }
 

@@ -176,6 +176,28 @@ bad_file!(
 );
 
 bad_file!(
+    unknown_rule,
+    (
+        5,
+        29,
+        "train.placement",
+        "a placement rule after `@` (page, grad, grad-rank, act, kappa, random), not `fisher`",
+        "string \"top_k:4@fisher\""
+    )
+);
+
+bad_file!(
+    rule_without_probe,
+    (
+        7,
+        44,
+        "sweep.grid.placement[2]",
+        "`@RULE` only after a placement that reads a probe",
+        "string \"random:2@act\""
+    )
+);
+
+bad_file!(
     explicit_layer_missing,
     (
         6,

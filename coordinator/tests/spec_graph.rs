@@ -248,3 +248,83 @@ fn a_changed_setting_changes_only_the_jobs_it_reaches() {
     // ...but the base-model evals stay the same.
     assert_eq!(before_evals.intersection(&after_evals).count(), 2);
 }
+
+#[test]
+fn every_rule_gets_its_own_probe_keeping_only_what_it_reads() {
+    let path =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../experiments/placement-rules.yaml");
+    let sweep = Sweep::from_file(&path).unwrap();
+    let graph = JobGraph::plan(&sweep);
+    let probes: HashMap<&JobKey, &PlannedJob> = by_kind(&graph, JobKind::Probe)
+        .into_iter()
+        .map(|job| (&job.key, job))
+        .collect();
+    let rule_of = |probe: &PlannedJob| {
+        probe
+            .params
+            .get("rule")
+            .map_or("page".to_string(), |r| r.as_str().unwrap().to_string())
+    };
+    // Per task: page (probe.always and `dominant`), grad, grad-rank, act, kappa, random.
+    assert_eq!(probes.len(), 4 * 6, "{:#?}", probes.values());
+    let trains = by_kind(&graph, JobKind::Train);
+    assert_eq!(trains.len(), 4 * 8 * 2);
+    for train in trains {
+        let placement = train.params["placement"].as_str().unwrap();
+        let wanted = match placement.split_once('@') {
+            Some((_, rule)) => rule,
+            None if placement == "dominant" => "page",
+            None => {
+                assert!(train.deps.is_empty() && train.params.get("probe").is_none());
+                continue;
+            }
+        };
+        assert_eq!(train.deps.len(), 1, "{placement}: one probe seed");
+        let probe = probes[&train.deps[0]];
+        assert_eq!(rule_of(probe), wanted, "{placement}");
+        assert_eq!(probe.task, train.task);
+        assert_eq!(
+            train.params["probe"].get("rule").is_some(),
+            wanted != "page"
+        );
+        let params = &probe.params;
+        match wanted {
+            // The PAGE probe is the one `probe.always` adds: the sweep's settings, as before.
+            "page" => assert_eq!(params["alpha"], 32.0),
+            // grad-rank's r is the train rank; the rules without an adapter keep the defaults.
+            "grad-rank" => {
+                assert_eq!(params["rank"], train.params["rank"]);
+                assert_eq!(
+                    (&params["batches"], &params["max_len"]),
+                    (&8.into(), &256.into())
+                );
+            }
+            "grad" | "act" | "random" => {
+                assert_eq!(params["rank"], 16);
+                assert_eq!(params["batch_size"], 8);
+            }
+            // kappa reads neither data nor seed: seed 0 and the default settings.
+            "kappa" => {
+                assert_eq!(params["seed"], 0);
+                assert_eq!(params["batches"], 8);
+            }
+            other => panic!("unexpected rule {other}"),
+        }
+    }
+    // grad-rank's r follows the train rank, not the probe's: two ranks, two probes.
+    let text = "version: 1\nname: ranks\nmodels: [smollm2-135m]\ntasks: [math]\n\
+                probe: {rank: 8, always: false}\n\
+                sweep: {grid: {placement: [\"dominant@grad-rank\", \"top_k:2@act\"], rank: [4, 32]}}\n";
+    let sweep = Sweep::from_yaml_str(text, "ranks.yaml", None).unwrap();
+    let graph = JobGraph::plan(&sweep);
+    let ranks: BTreeSet<(String, u64)> = by_kind(&graph, JobKind::Probe)
+        .iter()
+        .map(|probe| (rule_of(probe), probe.params["rank"].as_u64().unwrap()))
+        .collect();
+    let expected = [("act", 16), ("grad-rank", 4), ("grad-rank", 32)];
+    let expected: BTreeSet<(String, u64)> = expected
+        .iter()
+        .map(|(rule, rank)| (rule.to_string(), *rank))
+        .collect();
+    assert_eq!(ranks, expected);
+}

@@ -112,6 +112,9 @@ pub struct Adapter {
     b: Var,
     magnitude: Option<Var>,
     capture: Option<Mutex<Option<Captured>>>,
+    /// Observer mode (the `act` rule): the forward adds nothing and records here the squared
+    /// norm of its input at every position.
+    input_norms: Option<Mutex<Option<Tensor>>>,
 }
 
 impl Adapter {
@@ -155,6 +158,7 @@ impl Adapter {
             b: Var::from_tensor(&b)?,
             magnitude,
             capture: None,
+            input_norms: None,
         };
         Ok((adapter, residual))
     }
@@ -178,6 +182,7 @@ impl Adapter {
                 .map(|m| Var::from_tensor(&m.to_dtype(DType::F32)?))
                 .transpose()?,
             capture: None,
+            input_norms: None,
         })
     }
 
@@ -238,10 +243,24 @@ impl Adapter {
             .and_then(|c| c.lock().ok().and_then(|guard| guard.clone()))
     }
 
+    /// Makes the adapter an observer: from now on its forward adds nothing to the base (no
+    /// branch, so no graph is built through it) and records the squared norm of its input at
+    /// every position, detached (for the `act` placement rule, which needs no backward).
+    pub fn enable_input_norms(&mut self) {
+        self.input_norms = Some(Mutex::new(None));
+    }
+
+    /// The squared input norms of the last forward pass, `(batch, seq)` in f32, if observing.
+    pub fn input_norms(&self) -> Option<Tensor> {
+        self.input_norms
+            .as_ref()
+            .and_then(|slot| slot.lock().ok().and_then(|guard| guard.clone()))
+    }
+
     /// Whether the forward is the plain low-rank branch added to the base (every variant but
-    /// DoRA), and the probe is not capturing it.
+    /// DoRA), and the probe is neither capturing nor observing it.
     pub fn plain_branch(&self) -> bool {
-        self.capture.is_none() && self.magnitude.is_none()
+        self.capture.is_none() && self.input_norms.is_none() && self.magnitude.is_none()
     }
 
     /// [`forward`](Self::forward) with the low-rank branch as one fused op
@@ -269,6 +288,17 @@ impl Adapter {
         base: &Tensor,
         weight: &Tensor,
     ) -> candle_core::Result<Tensor> {
+        if let Some(slot) = &self.input_norms {
+            let norms = x
+                .detach()
+                .to_dtype(DType::F32)?
+                .sqr()?
+                .sum(candle_core::D::Minus1)?;
+            if let Ok(mut slot) = slot.lock() {
+                *slot = Some(norms);
+            }
+            return Ok(base.clone());
+        }
         let dtype = x.dtype();
         let a = self.a.as_tensor().to_dtype(dtype)?;
         let b = self.b.as_tensor().to_dtype(dtype)?;

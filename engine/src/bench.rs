@@ -1,6 +1,10 @@
 //! Throughput benchmarks of a training step and a probe batch on a named geometry with random
 //! weights (throughput does not depend on weight values), reporting the same fields as
-//! `bench/peft_baseline.py` so the two can be compared side by side.
+//! `bench/peft_baseline.py` so the two can be compared side by side. A probe batch is PAGE's
+//! by default, or another placement rule's ([`BenchOptions::rule`]: one batch of `grad`,
+//! `grad-rank` or `act`; the whole model for the data-free `kappa` and `random`), with the peak
+//! memory of the steps (live device allocations on CUDA, the process's resident set on the
+//! CPU).
 
 use std::collections::BTreeMap;
 use std::collections::HashMap;
@@ -10,10 +14,12 @@ use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::adapter::{AInit, Adapter, AdapterSettings, Variant};
+use crate::data::Collated;
 use crate::loader;
 use crate::model::{Architecture, ModelConfig, ModuleKind, Transformer};
 use crate::placement::Resolve;
 use crate::probe::{self, ProbeSettings};
+use crate::rules::{self, Rule};
 use crate::train::{self, TrainSettings};
 
 /// A named model geometry: `smollm2-135m`, `qwen2.5-0.5b` or `tiny`.
@@ -141,6 +147,9 @@ pub struct BenchOptions {
     /// device synchronisation between them (which slows the step a little).
     #[serde(default)]
     pub profile: bool,
+    /// Probe mode: the placement rule whose batch is timed (PAGE by default).
+    #[serde(default)]
+    pub rule: Rule,
 }
 
 /// The benchmark's result (field names shared with the PEFT baseline).
@@ -177,10 +186,18 @@ pub struct BenchResult {
     /// measure of PyTorch's `max_memory_allocated` (CUDA only).
     #[serde(default)]
     pub peak_alloc_gib: Option<f64>,
-    /// Model TFLOP/s at the median (formula of `bench/peft_baseline.py`).
+    /// Peak resident memory of the process over warm-up and timed steps, weights included
+    /// (the CPU, on Linux: the kernel's high-water mark, reset before the steps).
+    #[serde(default)]
+    pub peak_rss_gib: Option<f64>,
+    /// Model TFLOP/s at the median (formula of `bench/peft_baseline.py`; 0 for the probe
+    /// rules other than PAGE, whose work is not the model's forward and backward).
     pub tflops: f64,
-    /// Model FLOPs of one step.
+    /// Model FLOPs of one step (0 for the probe rules other than PAGE).
     pub flops_per_step: f64,
+    /// Probe mode: the rule timed.
+    #[serde(default)]
+    pub rule: Rule,
     /// Timed steps.
     pub steps: usize,
     /// Warm-up steps.
@@ -235,8 +252,13 @@ pub fn run(options: &BenchOptions, device: &Device) -> Result<BenchResult, Strin
         alpha: options.alpha,
         batch_size: options.batch,
         max_len: options.seq_len + 1,
+        seed: options.seed,
+        rule: options.rule,
         ..Default::default()
     };
+    if options.mode == "probe" && options.rule != Rule::Page {
+        return rule_probe(options, &config, model, &probe_settings, device);
+    }
     if options.mode == "probe" {
         probe::attach_probe_adapters(&mut model, &probe_settings).map_err(|e| e.to_string())?;
     } else {
@@ -296,6 +318,7 @@ pub fn run(options: &BenchOptions, device: &Device) -> Result<BenchResult, Strin
             false
         }
     };
+    let rss_ok = device.is_cpu() && reset_peak_rss();
     for step in 0..total {
         let (input, target) = &batches[step % batches.len()];
         device.synchronize().map_err(err)?;
@@ -415,8 +438,10 @@ pub fn run(options: &BenchOptions, device: &Device) -> Result<BenchResult, Strin
         tokens_per_s: (options.batch * options.seq_len) as f64 / (median / 1e3),
         peak_mem_gib: None,
         peak_alloc_gib,
+        peak_rss_gib: if rss_ok { peak_rss_gib() } else { None },
         tflops: flops / (median / 1e3) / 1e12,
         flops_per_step: flops,
+        rule: options.rule,
         steps: options.steps,
         warmup: options.warmup,
         losses,
@@ -431,6 +456,124 @@ pub fn run(options: &BenchOptions, device: &Device) -> Result<BenchResult, Strin
             })
             .collect(),
     })
+}
+
+/// The probe batch of a placement rule other than PAGE: `grad`, `grad-rank` and `act` score
+/// one batch of random tokens (every token a response token) per step, `kappa` and `random`
+/// score the whole model per step (their cost per model; `kappa` without its cache).
+fn rule_probe(
+    options: &BenchOptions,
+    config: &ModelConfig,
+    mut model: Transformer,
+    settings: &ProbeSettings,
+    device: &Device,
+) -> Result<BenchResult, String> {
+    let err = |e: candle_core::Error| e.to_string();
+    let prepared = if options.rule.reads_data() {
+        Some(rules::prepare(&mut model, settings).map_err(|e| e.to_string())?)
+    } else {
+        None
+    };
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(options.seed);
+    let batches: Vec<Collated> = (0..(options.warmup + options.steps).min(4))
+        .map(|_| {
+            let tokens: Vec<u32> = (0..options.batch * (options.seq_len + 1))
+                .map(|_| rand::Rng::random_range(&mut rng, 0..config.vocab_size as u32))
+                .collect();
+            let rows: Vec<&[u32]> = tokens.chunks(options.seq_len + 1).collect();
+            Collated {
+                batch: options.batch,
+                seq_len: options.seq_len,
+                ids: rows
+                    .iter()
+                    .flat_map(|row| &row[..options.seq_len])
+                    .copied()
+                    .collect(),
+                targets: rows.iter().flat_map(|row| &row[1..]).copied().collect(),
+                weights: vec![1.0; options.batch * options.seq_len],
+            }
+        })
+        .collect();
+    let peak_alloc_ok = loader::reset_peak_allocated(device).is_ok();
+    let rss_ok = device.is_cpu() && reset_peak_rss();
+    let mut times = Vec::new();
+    let mut probe_scores = Vec::new();
+    for step in 0..options.warmup + options.steps {
+        device.synchronize().map_err(err)?;
+        let started = Instant::now();
+        probe_scores = match &prepared {
+            Some(prepared) => {
+                let batch = &batches[step % batches.len()];
+                prepared
+                    .score_batch(&model, batch, settings, step)
+                    .map_err(|e| e.to_string())?
+                    .scores
+            }
+            None => rules::data_free_scores(&model, settings, "bench", None)
+                .map_err(|e| e.to_string())?,
+        };
+        device.synchronize().map_err(err)?;
+        if step >= options.warmup {
+            times.push(started.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    let peak_alloc_gib = match loader::peak_allocated_bytes(device) {
+        Ok(bytes) if peak_alloc_ok => bytes.map(|b| b as f64 / (1u64 << 30) as f64),
+        _ => None,
+    };
+    times.sort_by(f64::total_cmp);
+    let pick = |q: f64| times[((times.len() - 1) as f64 * q).round() as usize];
+    let median = pick(0.5);
+    let tokens = if options.rule.reads_data() {
+        (options.batch * options.seq_len) as f64
+    } else {
+        0.0
+    };
+    Ok(BenchResult {
+        geometry: options.geometry.clone(),
+        mode: options.mode.clone(),
+        placement: options.placement.clone(),
+        batch: options.batch,
+        seq_len: options.seq_len,
+        rank: options.rank,
+        alpha: options.alpha,
+        dtype: if model.dtype() == DType::BF16 {
+            "bf16".into()
+        } else {
+            "f32".into()
+        },
+        step_ms_median: median,
+        step_ms_p10: pick(0.1),
+        step_ms_p90: pick(0.9),
+        tokens_per_s: tokens / (median / 1e3),
+        peak_mem_gib: None,
+        peak_alloc_gib,
+        peak_rss_gib: if rss_ok { peak_rss_gib() } else { None },
+        tflops: 0.0,
+        flops_per_step: 0.0,
+        steps: options.steps,
+        warmup: options.warmup,
+        losses: Vec::new(),
+        probe_scores,
+        framework: "lorasweep".into(),
+        device: format!("{device:?}"),
+        phases_ms: BTreeMap::new(),
+        rule: options.rule,
+    })
+}
+
+/// Resets the process's resident-set high-water mark (Linux: `5` into `/proc/self/clear_refs`);
+/// false where that is not possible.
+fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+/// The process's resident-set high-water mark since the last reset (`VmHWM`), in GiB.
+fn peak_rss_gib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|line| line.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / (1u64 << 20) as f64)
 }
 
 /// Times the phases of one step when profiling: each lap synchronises the device first, so

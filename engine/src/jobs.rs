@@ -15,6 +15,7 @@ use crate::parallel::{GradReducer, ReduceError, ThreadReducer};
 use crate::peft::{self, AdapterRecord};
 use crate::placement::{Placement, Resolve};
 use crate::probe::{self, ProbeResult, ProbeSettings};
+use crate::rules::{self, Rule};
 use crate::train::{self, StepRecord, TrainMetrics, TrainSettings};
 
 /// Where a job's conversations come from.
@@ -149,8 +150,10 @@ pub fn encode_all(
     Ok((examples, dropped))
 }
 
-/// Runs the PAGE probe of `model_spec` on `data` (the model is loaded fresh and left with probe
-/// adapters, so it is consumed).
+/// Runs the probe of `model_spec` on `data` under `settings.rule` (PAGE or another placement
+/// rule, see [`crate::rules`]); the model is loaded fresh and left with probe adapters, so it
+/// is consumed. A rule that reads no data (`kappa`, `random`) does not read `data` either: its
+/// file names no data set, so it is the same for every task.
 pub fn probe(
     model_spec: &str,
     data: &DataSource,
@@ -159,24 +162,28 @@ pub fn probe(
 ) -> Result<ProbeResult, JobError> {
     let started = Instant::now();
     let mut model = load_model(model_spec, device)?;
-    let conversations = data.conversations()?;
-    let data_digest = data::digest_conversations(&conversations);
-    let (examples, _) = encode_all(&model, &conversations, settings.max_len)?;
-    let batches = probe_batches(&examples, settings, model.tokenizer.pad_token_id());
-    probe::attach_probe_adapters(&mut model.transformer, settings)?;
-    let mut per_batch = Vec::with_capacity(batches.len());
-    let mut tokens = 0;
-    for (index, batch) in batches.iter().enumerate() {
-        let scores = probe::score_batch(&model.transformer, batch, settings, index)?;
-        tokens += scores.tokens;
-        tracing::info!(batch = index + 1, of = batches.len(), "probe batch done");
-        per_batch.push(match settings.estimator {
-            probe::Estimator::Sample => scores.sample,
-            probe::Estimator::Expected => scores.expected.expect("expected scores requested"),
-        });
-    }
+    let (data_label, data_digest, per_batch, top_r_share, tokens) = if settings.rule.reads_data() {
+        let conversations = data.conversations()?;
+        let data_digest = data::digest_conversations(&conversations);
+        let (examples, _) = encode_all(&model, &conversations, settings.max_len)?;
+        let batches = probe_batches(&examples, settings, model.tokenizer.pad_token_id());
+        let (per_batch, top_r_share, tokens) =
+            score_batches(&mut model.transformer, &batches, settings)?;
+        (data.label(), data_digest, per_batch, top_r_share, tokens)
+    } else {
+        let cache_dir = crate::assets::Cache::from_env()
+            .ok()
+            .map(|cache| cache.home().join("probe-cache"));
+        let scores = rules::data_free_scores(
+            &model.transformer,
+            settings,
+            &model.digest,
+            cache_dir.as_deref(),
+        )?;
+        (NO_DATA.to_string(), String::new(), vec![scores], None, 0)
+    };
     let probe::Summary {
-        modules,
+        mut modules,
         dominant,
         top1_share,
         share_by_kind,
@@ -184,10 +191,15 @@ pub fn probe(
         batch_argmax,
         argmax_stability,
     } = probe::summarise(model.config(), &per_batch);
+    if let Some(shares) = top_r_share {
+        for (module, share) in modules.iter_mut().zip(shares) {
+            module.top_r_share = Some(share);
+        }
+    }
     Ok(ProbeResult {
         model: model_spec.to_string(),
         model_digest: model.digest.clone(),
-        data: data.label(),
+        data: data_label,
         data_digest,
         settings: settings.clone(),
         modules,
@@ -240,6 +252,46 @@ pub fn probe_batches_of(
     ))
 }
 
+/// What a probe file of a rule that reads no data names as its data set.
+pub const NO_DATA: &str = "none (the rule reads no data)";
+
+/// Per-batch scores of a data rule on the probe batches, its grad-rank shares, and the
+/// response tokens seen.
+type BatchScores = (Vec<Vec<f64>>, Option<Vec<f64>>, usize);
+
+fn score_batches(
+    model: &mut crate::model::Transformer,
+    batches: &[Collated],
+    settings: &ProbeSettings,
+) -> Result<BatchScores, JobError> {
+    let mut per_batch = Vec::with_capacity(batches.len());
+    let mut tokens = 0;
+    if settings.rule == Rule::Page {
+        probe::attach_probe_adapters(model, settings)?;
+        for (index, batch) in batches.iter().enumerate() {
+            let scores = probe::score_batch(model, batch, settings, index)?;
+            tokens += scores.tokens;
+            tracing::info!(batch = index + 1, of = batches.len(), "probe batch done");
+            per_batch.push(match settings.estimator {
+                probe::Estimator::Sample => scores.sample,
+                probe::Estimator::Expected => scores.expected.expect("expected scores requested"),
+            });
+        }
+        return Ok((per_batch, None, tokens));
+    }
+    let prepared = rules::prepare(model, settings)?;
+    let mut scored = Vec::with_capacity(batches.len());
+    for (index, batch) in batches.iter().enumerate() {
+        let scores = prepared.score_batch(model, batch, settings, index)?;
+        tokens += scores.tokens;
+        tracing::info!(batch = index + 1, of = batches.len(), rule = %settings.rule, "probe batch done");
+        scored.push(scores);
+    }
+    let top_r_share = rules::top_r_shares(&scored);
+    per_batch.extend(scored.into_iter().map(|batch| batch.scores));
+    Ok((per_batch, top_r_share, tokens))
+}
+
 /// The probe's batches: `batches × batch_size` examples in a seeded order (wrapping around a
 /// small data set).
 fn probe_batches(examples: &[Example], settings: &ProbeSettings, pad_id: u32) -> Vec<Collated> {
@@ -268,7 +320,7 @@ pub struct TrainJob {
     pub data: DataSource,
     /// Where adapters go.
     pub placement: Placement,
-    /// A probe result file for PAGE placements (otherwise the probe runs first).
+    /// A probe result file for placements that read one (otherwise the probe runs first).
     pub probe: Option<PathBuf>,
     /// Probe settings when the probe must run first.
     pub probe_settings: ProbeSettings,
@@ -503,7 +555,8 @@ pub fn train_ranks(
     Err(errors.swap_remove(cause))
 }
 
-/// The probe result a job's placement needs: read from `job.probe`, or run first.
+/// The probe result a job's placement needs (of the placement's rule): read from `job.probe`,
+/// or run first.
 fn job_probe(job: &TrainJob, device: &Device) -> Result<Option<ProbeResult>, JobError> {
     if !job.placement.needs_probe() {
         return Ok(None);
@@ -511,11 +564,16 @@ fn job_probe(job: &TrainJob, device: &Device) -> Result<Option<ProbeResult>, Job
     Ok(Some(match &job.probe {
         Some(path) => read_probe(path)?,
         None => {
+            let settings = ProbeSettings {
+                rule: job.placement.rule().unwrap_or_default(),
+                ..job.probe_settings.clone()
+            };
             tracing::info!(
-                "placement {} needs PAGE: running the probe first",
-                job.placement
+                "placement {} needs a {} probe: running it first",
+                job.placement,
+                settings.rule
             );
-            probe(&job.model, &job.data, &job.probe_settings, device)?
+            probe(&job.model, &job.data, &settings, device)?
         }
     }))
 }

@@ -1,4 +1,5 @@
-//! The lorasweep engine: models, adapters, the PAGE probe, training, generation and evaluation.
+//! The lorasweep engine: models, adapters, the PAGE probe and the other placement rules,
+//! training, generation and evaluation.
 //!
 //! This crate knows nothing of gRPC: the coordinator and the worker agent call into it.
 
@@ -21,6 +22,7 @@ mod param;
 pub mod peft;
 pub mod placement;
 pub mod probe;
+pub mod rules;
 pub mod tasks;
 pub mod tokenizer;
 pub mod train;

@@ -3,13 +3,16 @@
 //! | placement | modules |
 //! |---|---|
 //! | `all` | every projection of every layer (vanilla LoRA) |
-//! | `dominant` | the PAGE argmax (DomLoRA) |
-//! | `dominant:KIND` | the PAGE argmax among one kind, e.g. `dominant:down_proj` |
-//! | `top_k:N` | the N highest PAGE scores |
+//! | `dominant` | the argmax of the rule's score, PAGE by default (DomLoRA) |
+//! | `dominant:KIND` | the argmax among one kind, e.g. `dominant:down_proj` |
+//! | `top_k:N` | the N highest scores |
 //! | `random:N` | N modules drawn uniformly, seeded (the control) |
 //! | `kind:KIND` | one kind in every layer |
 //! | `explicit:NAME[,NAME…]` | the listed modules, e.g. `layers.3.mlp.down_proj` |
-//! | `budget_matched:PARAMS` | the PAGE argmax, with the rank whose trainable parameters come closest to PARAMS |
+//! | `budget_matched:PARAMS` | the argmax, with the rank whose trainable parameters come closest to PARAMS |
+//!
+//! The placements that read a probe take the rule whose probe they read after `@`
+//! (`dominant@grad`; PAGE without it): the probe result they are given must be that rule's.
 
 use rand::seq::IndexedRandom;
 use rand::SeedableRng;
@@ -18,14 +21,14 @@ use crate::adapter::{adapter_parameter_count, check_rank, AdapterError, Variant}
 use crate::model::{ModelConfig, ModuleId, ModuleKind};
 use crate::probe::ProbeResult;
 
-pub use lorasweep_contract::Placement;
 use lorasweep_contract::PlacementSyntaxError;
+pub use lorasweep_contract::{Placement, Rule};
 
 /// Errors parsing or resolving a placement.
 #[derive(Debug, thiserror::Error)]
 pub enum PlacementError {
     /// Not in the grammar.
-    #[error("invalid placement {found:?}: {reason} (expected all, dominant, dominant:KIND, top_k:N, random:N, kind:KIND, explicit:NAME[,NAME…] or budget_matched:PARAMS)")]
+    #[error("invalid placement {found:?}: {reason} (expected all, dominant, dominant:KIND, top_k:N, random:N, kind:KIND, explicit:NAME[,NAME…] or budget_matched:PARAMS, those that read a probe optionally followed by @RULE)")]
     Syntax {
         /// The text given.
         found: String,
@@ -48,9 +51,24 @@ pub enum PlacementError {
         /// Available.
         available: usize,
     },
-    /// A PAGE placement without a probe result.
-    #[error("placement {0} needs a PAGE probe result")]
-    NeedsProbe(String),
+    /// A placement that reads a probe, without a probe result.
+    #[error("placement {placement} needs a {rule} probe result")]
+    NeedsProbe {
+        /// The placement.
+        placement: String,
+        /// The rule whose probe it reads.
+        rule: Rule,
+    },
+    /// A probe result of another rule than the placement's.
+    #[error("placement {placement} reads a {wanted} probe, but was given a {given} probe result")]
+    WrongRule {
+        /// The placement.
+        placement: String,
+        /// The rule it reads.
+        wanted: Rule,
+        /// The rule of the probe given.
+        given: Rule,
+    },
     /// A budget no rank can meet.
     #[error("budget_matched:{budget}: {module} needs at least {per_rank} parameters per rank and allows rank ≤ {max_rank}")]
     Budget {
@@ -84,9 +102,10 @@ pub fn parse(text: &str) -> Result<Placement, PlacementError> {
             PlacementSyntaxError::BadModule { name, .. } => {
                 format!("{name:?} is not a module path like layers.3.mlp.down_proj")
             }
-            PlacementSyntaxError::Repeated { .. } | PlacementSyntaxError::BadBudget => {
-                error.to_string()
-            }
+            PlacementSyntaxError::Repeated { .. }
+            | PlacementSyntaxError::BadBudget
+            | PlacementSyntaxError::UnknownRule { .. }
+            | PlacementSyntaxError::RuleWithoutProbe { .. } => error.to_string(),
         };
         PlacementError::Syntax {
             found: text.to_string(),
@@ -119,20 +138,31 @@ impl Resolve for Placement {
         seed: u64,
     ) -> Result<Vec<(ModuleId, usize)>, PlacementError> {
         let all = config.all_modules();
+        let needs_probe = || PlacementError::NeedsProbe {
+            placement: self.to_string(),
+            rule: self.rule().unwrap_or_default(),
+        };
         let ranking = || -> Result<Vec<ModuleId>, PlacementError> {
-            probe
-                .map(|p| p.ranking())
-                .ok_or_else(|| PlacementError::NeedsProbe(self.to_string()))
+            let probe = probe.ok_or_else(needs_probe)?;
+            let wanted = self.rule().unwrap_or_default();
+            if probe.settings.rule != wanted {
+                return Err(PlacementError::WrongRule {
+                    placement: self.to_string(),
+                    wanted,
+                    given: probe.settings.rule,
+                });
+            }
+            Ok(probe.ranking())
         };
         let modules: Vec<ModuleId> = match self {
             Placement::All => all.clone(),
-            Placement::Dominant => ranking()?.into_iter().take(1).collect(),
-            Placement::DominantKind(kind) => ranking()?
+            Placement::Dominant(_) => ranking()?.into_iter().take(1).collect(),
+            Placement::DominantKind(kind, _) => ranking()?
                 .into_iter()
                 .filter(|m| m.kind == *kind)
                 .take(1)
                 .collect(),
-            Placement::TopK(k) => {
+            Placement::TopK(k, _) => {
                 if *k > all.len() {
                     return Err(PlacementError::TooMany {
                         asked: *k,
@@ -169,11 +199,8 @@ impl Resolve for Placement {
                 list.dedup();
                 list
             }
-            Placement::BudgetMatched(budget) => {
-                let module = ranking()?
-                    .into_iter()
-                    .next()
-                    .ok_or_else(|| PlacementError::NeedsProbe(self.to_string()))?;
+            Placement::BudgetMatched(budget, _) => {
+                let module = ranking()?.into_iter().next().ok_or_else(needs_probe)?;
                 let (d_in, d_out) = config.module_dims(module.kind);
                 let per_rank = d_in + d_out;
                 let max_rank = d_in.min(d_out);
@@ -192,7 +219,7 @@ impl Resolve for Placement {
             }
         };
         if modules.is_empty() {
-            return Err(PlacementError::NeedsProbe(self.to_string()));
+            return Err(needs_probe());
         }
         for module in &modules {
             let (d_in, d_out) = config.module_dims(module.kind);
@@ -334,15 +361,26 @@ mod tests {
             .resolve(&config, None, 2, Variant::Lora, 0)
             .unwrap_err();
         assert!(err.to_string().contains("has 3 layers"), "{err}");
-        let err = Placement::Dominant
+        let err = Placement::Dominant(Rule::Page)
             .resolve(&config, None, 2, Variant::Lora, 0)
             .unwrap_err();
-        assert!(err.to_string().contains("needs a PAGE probe"), "{err}");
+        assert!(
+            err.to_string().contains("needs a page probe result"),
+            "{err}"
+        );
+        let err = parse("dominant@grad")
+            .unwrap()
+            .resolve(&config, Some(&probe(&config)), 2, Variant::Lora, 0)
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "placement dominant@grad reads a grad probe, but was given a page probe result"
+        );
         let err = Placement::All
             .resolve(&config, None, 17, Variant::Lora, 0)
             .unwrap_err();
         assert!(err.to_string().contains("between 1 and"), "{err}");
-        let err = Placement::TopK(99)
+        let err = Placement::TopK(99, Rule::Page)
             .resolve(&config, Some(&probe(&config)), 2, Variant::Lora, 0)
             .unwrap_err();
         assert!(err.to_string().contains("only 21"), "{err}");

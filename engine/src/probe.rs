@@ -206,6 +206,7 @@ pub fn summarise(config: &ModelConfig, per_batch: &[Vec<f64>]) -> Summary {
             kind: m.kind,
             score,
             share: share(score),
+            top_r_share: None,
         })
         .collect();
     let argmax = |values: &[f64]| -> usize {

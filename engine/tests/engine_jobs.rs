@@ -11,6 +11,7 @@ use common::files::hf_spec;
 use lorasweep_engine::adapter::{AInit, AdapterSettings, Variant};
 use lorasweep_engine::jobs::{self, DataSource, TrainJob};
 use lorasweep_engine::probe::{Estimator, ProbeSettings};
+use lorasweep_engine::rules::Rule;
 use lorasweep_engine::train::{Schedule, TrainSettings};
 
 fn job(model: &Path, out: &Path, placement: &str, variant: Variant, steps: usize) -> TrainJob {
@@ -28,6 +29,7 @@ fn job(model: &Path, out: &Path, placement: &str, variant: Variant, steps: usize
             estimator: Estimator::Expected,
             a_init: AInit::Kaiming,
             seed: 0,
+            rule: Rule::Page,
         },
         adapter: AdapterSettings {
             variant,

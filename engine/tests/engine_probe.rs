@@ -11,6 +11,7 @@ use lorasweep_engine::data::{collate, Collated};
 use lorasweep_engine::jobs::{self, DataSource};
 use lorasweep_engine::model::{ModelConfig, Transformer};
 use lorasweep_engine::probe::{self, Estimator, ProbeSettings};
+use lorasweep_engine::rules::Rule;
 
 fn settings(a_init: AInit, seed: u64) -> ProbeSettings {
     ProbeSettings {
@@ -22,6 +23,7 @@ fn settings(a_init: AInit, seed: u64) -> ProbeSettings {
         estimator: Estimator::Expected,
         a_init,
         seed,
+        rule: Rule::Page,
     }
 }
 
@@ -221,6 +223,7 @@ fn probe_job_on_a_hugging_face_directory_writes_every_field() {
             estimator,
             a_init: AInit::Kaiming,
             seed: 1,
+            rule: Rule::Page,
         };
         let result = jobs::probe(model, &data, &s, &Device::Cpu).unwrap();
         let json = serde_json::to_value(&result).unwrap();
@@ -264,6 +267,7 @@ fn probe_on_real_smollm2_estimators_agree_for_both_inits() {
             estimator: Estimator::Expected,
             a_init,
             seed: 0,
+            rule: Rule::Page,
         };
         probe::attach_probe_adapters(&mut model.transformer, &s).unwrap();
         let mut sample = vec![0.0; 7 * model.config().num_layers];
@@ -297,6 +301,7 @@ fn probe_on_real_smollm2_estimators_agree_for_both_inits() {
         estimator: Estimator::Sample,
         a_init: AInit::Gaussian,
         seed: 3,
+        rule: Rule::Page,
     };
     let result = jobs::probe(path.to_str().unwrap(), &data, &s, &Device::Cpu).unwrap();
     let json = serde_json::to_value(&result).unwrap();

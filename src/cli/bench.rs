@@ -9,13 +9,15 @@ use std::sync::Arc;
 use clap::{Args, ValueEnum};
 use lorasweep_engine::bench::{self, BenchOptions};
 use lorasweep_engine::loader;
+use lorasweep_engine::rules::Rule;
 
 /// What to time.
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum Mode {
     /// A training step: forward, backward, AdamW.
     Train,
-    /// A PAGE probe batch: adapters everywhere, forward, backward, every ‖∇B‖².
+    /// A probe batch: PAGE's (adapters everywhere, forward, backward, every ‖∇B‖²) or, with
+    /// `--rule`, another placement rule's.
     Probe,
     /// No timing: every fused kernel on the device, in f32 and bf16, forward and backward,
     /// against candle's composed ops on the CPU in f32; fails if one is out of tolerance.
@@ -76,6 +78,10 @@ pub struct BenchArgs {
     /// device synchronisation between phases.
     #[arg(long)]
     profile: bool,
+    /// Probe mode: the placement rule whose probe batch is timed (page, grad, grad-rank, act;
+    /// kappa and random time their whole-model computation).
+    #[arg(long, default_value_t = Rule::default())]
+    rule: Rule,
 }
 
 /// `lorasweep bench`.
@@ -107,6 +113,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
         lr: args.lr,
         seed: args.seed,
         profile: args.profile,
+        rule: args.rule,
     };
     lorasweep_engine::ops::use_generic_matmul(args.generic_matmul);
     lorasweep_engine::fused::force_composed(args.composed_kernels);
@@ -119,15 +126,24 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
     if let Some(path) = &args.json {
         std::fs::write(path, format!("{text}\n"))?;
     }
-    let peak = match (result.peak_alloc_gib, result.peak_mem_gib) {
-        (Some(live), Some(used)) => format!("peak {live:.1} GiB live ({used:.1} GiB used)"),
-        (Some(live), None) => format!("peak {live:.1} GiB live"),
-        (None, Some(used)) => format!("peak {used:.1} GiB used"),
-        (None, None) => "peak n/a".to_string(),
+    let peak = match (
+        result.peak_alloc_gib,
+        result.peak_mem_gib,
+        result.peak_rss_gib,
+    ) {
+        (Some(live), Some(used), _) => format!("peak {live:.1} GiB live ({used:.1} GiB used)"),
+        (Some(live), None, _) => format!("peak {live:.1} GiB live"),
+        (None, Some(used), _) => format!("peak {used:.1} GiB used"),
+        (None, None, Some(resident)) => format!("peak {resident:.2} GiB resident"),
+        (None, None, None) => "peak n/a".to_string(),
+    };
+    let what = match (args.mode, result.rule) {
+        (Mode::Probe, rule) if !rule.is_page() => format!("probe@{rule}"),
+        _ => result.mode.clone(),
     };
     println!(
-        "lorasweep {} {} {}: {:.1} ms/step (p10 {:.1}, p90 {:.1}), {:.1} k tok/s, {peak}, {:.2} TFLOP/s, {}",
-        result.mode, result.geometry, result.placement, result.step_ms_median, result.step_ms_p10, result.step_ms_p90,
+        "lorasweep {what} {} {}: {:.1} ms/step (p10 {:.1}, p90 {:.1}), {:.1} k tok/s, {peak}, {:.2} TFLOP/s, {}",
+        result.geometry, result.placement, result.step_ms_median, result.step_ms_p10, result.step_ms_p90,
         result.tokens_per_s / 1e3, result.tflops, result.device
     );
     if !result.phases_ms.is_empty() {

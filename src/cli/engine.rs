@@ -10,6 +10,7 @@ use lorasweep_engine::generate::{self, GenerationSettings};
 use lorasweep_engine::jobs::{self, DataSource, TrainJob};
 use lorasweep_engine::loader;
 use lorasweep_engine::probe::{Estimator, ProbeSettings};
+use lorasweep_engine::rules::Rule;
 use lorasweep_engine::train::{Schedule, TrainSettings};
 
 /// Where the conversations come from: `--data FILE.jsonl` or `--task NAME`.
@@ -51,6 +52,9 @@ pub struct ProbeOptions {
     /// Init of A: kaiming (PEFT default) or gaussian.
     #[arg(long = "a-init", default_value_t = AInit::default())]
     a_init: AInit,
+    /// How modules are scored: page, grad, grad-rank, act, kappa or random.
+    #[arg(long, default_value_t = Rule::default())]
+    rule: Rule,
 }
 
 impl ProbeOptions {
@@ -74,6 +78,7 @@ impl ProbeOptions {
             estimator: self.estimator,
             a_init: self.a_init,
             seed,
+            rule: self.rule,
         })
     }
 }
@@ -142,10 +147,12 @@ pub struct TrainArgs {
     model: String,
     #[command(flatten)]
     data: DataArgs,
-    /// all, dominant, dominant:KIND, top_k:N, random:N, kind:KIND, explicit:NAME[,NAME…], budget_matched:PARAMS.
+    /// all, dominant, dominant:KIND, top_k:N, random:N, kind:KIND, explicit:NAME[,NAME…], budget_matched:PARAMS;
+    /// those that read a probe optionally followed by @RULE (page, grad, grad-rank, act, kappa, random).
     #[arg(long, default_value = "all")]
     placement: String,
-    /// A probe result for PAGE placements (otherwise the probe runs first).
+    /// A probe result for placements that read one, of the placement's rule (otherwise the
+    /// probe runs first).
     #[arg(long)]
     probe: Option<PathBuf>,
     #[command(flatten)]
@@ -258,14 +265,24 @@ pub fn probe(args: ProbeArgs) -> anyhow::Result<()> {
     let result = jobs::probe(&args.model, &source, &settings, &device)?;
     lorasweep_engine::peft::write_json(&args.out, &result)
         .with_context(|| format!("writing {}", args.out.display()))?;
-    println!(
-        "dominant module: {} ({:.1}% of PAGE, argmax agrees on {:.0}% of batches; estimator {}, A init {})",
-        result.dominant,
-        100.0 * result.top1_share,
-        100.0 * result.argmax_stability,
-        args.probe.estimator,
-        args.probe.a_init
-    );
+    if settings.rule.is_page() {
+        println!(
+            "dominant module: {} ({:.1}% of PAGE, argmax agrees on {:.0}% of batches; estimator {}, A init {})",
+            result.dominant,
+            100.0 * result.top1_share,
+            100.0 * result.argmax_stability,
+            args.probe.estimator,
+            args.probe.a_init
+        );
+    } else {
+        println!(
+            "dominant module by {}: {} ({:.1}% of the scores, argmax agrees on {:.0}% of batches)",
+            settings.rule,
+            result.dominant,
+            100.0 * result.top1_share,
+            100.0 * result.argmax_stability,
+        );
+    }
     for (rank, module) in result.ranking().iter().take(5).enumerate() {
         let score = result
             .modules
@@ -288,10 +305,21 @@ pub fn probe(args: ProbeArgs) -> anyhow::Result<()> {
 pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     let device = loader::default_device();
     let schedule = args.schedule;
+    let placement = lorasweep_engine::placement::parse(&args.placement)?;
+    let rule = placement.rule();
+    if !args.probe_options.rule.is_page() && rule != Some(args.probe_options.rule) {
+        anyhow::bail!(
+            "--rule {} does not apply to --placement {}: a train run reads the rule after `@` \
+             in its placement (e.g. dominant@{})",
+            args.probe_options.rule,
+            args.placement,
+            args.probe_options.rule
+        );
+    }
     let job = TrainJob {
         model: args.model.clone(),
         data: args.data.source()?,
-        placement: lorasweep_engine::placement::parse(&args.placement)?,
+        placement,
         probe: args.probe.clone(),
         probe_settings: args
             .probe_options
@@ -362,7 +390,10 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         metrics.wall_s
     );
     if let Some(dominant) = &outcome.dominant {
-        println!("PAGE dominant module: {dominant}");
+        match rule {
+            Some(rule) if !rule.is_page() => println!("{rule} dominant module: {dominant}"),
+            _ => println!("PAGE dominant module: {dominant}"),
+        }
     }
     println!("wrote {}", args.out.display());
     Ok(())

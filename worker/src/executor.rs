@@ -1,8 +1,9 @@
 //! The engine behind a worker: runs the coordinator's probe, train and eval jobs with
 //! `lorasweep-worker`, moving their files through the coordinator (no shared filesystem).
 //!
-//! - probe: PAGE on the task's train split; `probe.json` is the artifact; the result is
-//!   cached by content (model weights, task data, probe settings and seed).
+//! - probe: PAGE or another placement rule on the task's train split; `probe.json` is the
+//!   artifact; the result is cached by content (model weights, task data — none for the rules
+//!   that read none —, probe settings and seed).
 //! - train: reads its probe dependencies' `probe.json` (averaged when there are several
 //!   seeds), trains, uploads a checkpoint every `checkpoint_every` steps and resumes from the
 //!   newest one after a lost attempt; the PEFT adapter files and `metrics.json` are artifacts.
@@ -139,6 +140,7 @@ fn probe_settings(params: &ProbeParams) -> ProbeSettings {
         estimator: params.estimator,
         a_init: params.a_init,
         seed: params.seed,
+        rule: params.rule,
     }
 }
 
@@ -194,6 +196,7 @@ impl EngineExecutor {
             argmax_stability: result.argmax_stability,
             dominant: result.dominant.clone(),
             estimator: settings.estimator,
+            rule: settings.rule,
             share_by_kind: result.share_by_kind.clone(),
             tokens: result.tokens,
             top1_share: result.top1_share,
@@ -578,7 +581,8 @@ fn to_result<T: serde::Serialize>(summary: &T) -> Value {
     serde_json::to_value(summary).unwrap_or(Value::Null)
 }
 
-/// Content key of a probe: model weights, task data, settings and seed.
+/// Content key of a probe: model weights, task data (none for a rule that reads none, so one
+/// `kappa` or `random` probe serves every task of a model), settings and seed.
 fn probe_cache_key(
     model: &str,
     data: &DataSource,
@@ -598,8 +602,11 @@ fn probe_cache_key(
         }
     };
     let model_digest = lorasweep_engine::loader::file_digest(&files).map_err(permanent)?;
-    let data_digest =
-        lorasweep_engine::data::digest_conversations(&data.conversations().map_err(engine_error)?);
+    let data_digest = if settings.rule.reads_data() {
+        lorasweep_engine::data::digest_conversations(&data.conversations().map_err(engine_error)?)
+    } else {
+        lorasweep_engine::jobs::NO_DATA.to_string()
+    };
     let mut hasher = Sha256::new();
     hasher.update(b"lorasweep.probe.v1\n");
     hasher.update(model_digest.as_bytes());

@@ -14,7 +14,9 @@ pub(crate) fn check_against(
     let modules = geometry.layers.saturating_mul(ModuleKind::ALL.len() as u32);
     let mut problems = Vec::new();
     match placement {
-        Placement::TopK(count) | Placement::Random(count) if *count as u64 > u64::from(modules) => {
+        Placement::TopK(count, _) | Placement::Random(count)
+            if *count as u64 > u64::from(modules) =>
+        {
             problems.push((
                 format!(
                     "at most {modules} modules ({model} has {} layers × 7 kinds)",
@@ -36,7 +38,7 @@ pub(crate) fn check_against(
                 }
             }
         }
-        Placement::BudgetMatched(params) => {
+        Placement::BudgetMatched(params, _) => {
             let smallest = ModuleKind::ALL
                 .iter()
                 .map(|kind| {

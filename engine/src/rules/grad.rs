@@ -1,0 +1,94 @@
+//! The `grad` and `grad-rank` rules: the gradient of the loss with respect to each frozen
+//! weight, `G = ∂L/∂W = Σ_t δ_t x_tᵀ`, on one probe batch.
+//!
+//! - `grad`: `‖G‖²_F`, what full fine-tuning would move most (no adapter involved);
+//! - `grad-rank`: `Σ_{i≤r} σ_i(G)²`, the part of that energy a rank-r update can hold (the
+//!   energy times its top-r share); see [`super::lowrank`].
+//!
+//! Frozen projections never get a weight gradient ([`crate::ops::frozen_linear`]), so `G` is
+//! formed from what a capturing rank-1 adapter (B = 0: the forward is unchanged) records: the
+//! module input `x` and the loss gradient `δ` at the module output.
+
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Tensor};
+
+use super::lowrank::{self, TopEnergy};
+use super::{batch_tensors, RuleBatch};
+use crate::adapter::Adapter;
+use crate::data::Collated;
+use crate::model::{ModuleId, Transformer};
+use crate::probe::{ProbeError, ProbeSettings};
+
+/// Scores every module on one batch: `‖G‖²_F` (`top_rank: None`) or the top-r energy of `G`
+/// with its total (`Some(r)`).
+pub(super) fn score_batch(
+    model: &Transformer,
+    batch: &Collated,
+    settings: &ProbeSettings,
+    index: usize,
+    top_rank: Option<usize>,
+) -> Result<RuleBatch, ProbeError> {
+    let (ids, targets, weights, tokens) = batch_tensors(model, batch)?;
+    let (loss, grads) = model.loss_and_grads(&ids, &targets, &weights, 1.0)?;
+    let loss_value = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+    if !loss_value.is_finite() {
+        return Err(ProbeError::NotFinite {
+            batch: index,
+            loss: loss_value,
+        });
+    }
+    let config = model.config().clone();
+    let modules = config.all_modules();
+    let mut scores = Vec::with_capacity(modules.len());
+    let mut energies = Vec::with_capacity(modules.len());
+    for (position, &module) in modules.iter().enumerate() {
+        let adapter = model
+            .projection(module)
+            .adapter()
+            .ok_or_else(|| missing(module, "no capturing adapter"))?;
+        let (delta, x) = factors(module, adapter, &grads)?;
+        match top_rank {
+            None => scores.push(lowrank::gradient_energy(&delta, &x)?),
+            Some(rank) => {
+                let seed = settings
+                    .seed
+                    .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                    .wrapping_add((index * modules.len() + position) as u64);
+                let TopEnergy { total, top } = lowrank::top_energy(&delta, &x, rank, seed)?;
+                scores.push(top);
+                energies.push(total);
+            }
+        }
+    }
+    Ok(RuleBatch {
+        scores,
+        energies: top_rank.map(|_| energies),
+        tokens,
+    })
+}
+
+/// `(δ, x)` of one module as `(N, d_out)` and `(N, d_in)` f32 matrices, `G = δᵀ·x`.
+fn factors(
+    module: ModuleId,
+    adapter: &Adapter,
+    grads: &GradStore,
+) -> Result<(Tensor, Tensor), ProbeError> {
+    let captured = adapter
+        .captured()
+        .ok_or_else(|| missing(module, "the forward recorded nothing"))?;
+    // Every projection lies on the path to the loss: a missing gradient is a bug, not a zero.
+    let delta = grads
+        .get(&captured.output_tap)
+        .ok_or_else(|| missing(module, "no loss gradient reached its output"))?;
+    let d_in = captured.input.dim(candle_core::D::Minus1)?;
+    let d_out = delta.dim(candle_core::D::Minus1)?;
+    let x = captured.input.to_dtype(DType::F32)?.reshape(((), d_in))?;
+    let delta = delta.to_dtype(DType::F32)?.reshape(((), d_out))?;
+    Ok((delta, x))
+}
+
+fn missing(module: ModuleId, what: &str) -> ProbeError {
+    ProbeError::Tensor(candle_core::Error::Msg(format!(
+        "gradient probe of {module}: {what}"
+    )))
+}
