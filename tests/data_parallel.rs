@@ -256,7 +256,7 @@ fn slots_are_gpus_or_cpu_ranks_never_both_and_run_gives_every_worker_a_gpu() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("--workers 3 with --gpus 0,1: every worker needs a GPU of its own"),
+        stderr.contains("--workers 3 with --gpus 0,1 and --workers-per-gpu 1: at most 2 workers"),
         "{stderr}"
     );
 }

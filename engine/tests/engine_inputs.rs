@@ -316,7 +316,7 @@ fn placements_outside_the_model_are_refused() {
     let err = resolve("kind:fc1", 4);
     assert!(err.contains("unknown module kind"), "{err}");
     let err = resolve("dominant", 4);
-    assert!(err.contains("needs a PAGE probe"), "{err}");
+    assert!(err.contains("needs a page probe"), "{err}");
 }
 
 #[test]
