@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::adapter::{AdapterSettings, Variant};
 use crate::data::{self, Collated, Conversation, Example};
 use crate::loader::{self, LoadedModel};
+use crate::memory::PeakRss;
 use crate::model::{ModelSource, ModuleId};
 use crate::parallel::{GradReducer, ReduceError, ThreadReducer};
 use crate::peft::{self, AdapterRecord};
@@ -118,6 +119,16 @@ pub fn load_model(spec: &str, device: &Device) -> Result<LoadedModel, JobError> 
     )?)
 }
 
+/// [`load_model`] for training or probing: the fused kernels on, whatever the device (see
+/// [`crate::fused::on_for_training`]).
+pub fn load_model_for_training(spec: &str, device: &Device) -> Result<LoadedModel, JobError> {
+    let mut model = load_model(spec, device)?;
+    model
+        .transformer
+        .set_fused_kernels(crate::fused::on_for_training());
+    Ok(model)
+}
+
 /// Tokenizes conversations, dropping those with no response token within `max_len`.
 /// Returns the examples and how many were dropped.
 pub fn encode_all(
@@ -158,23 +169,23 @@ pub fn probe(
     device: &Device,
 ) -> Result<ProbeResult, JobError> {
     let started = Instant::now();
-    let mut model = load_model(model_spec, device)?;
+    let memory = PeakRss::start();
+    let mut model = load_model_for_training(model_spec, device)?;
     let conversations = data.conversations()?;
     let data_digest = data::digest_conversations(&conversations);
     let (examples, _) = encode_all(&model, &conversations, settings.max_len)?;
     let batches = probe_batches(&examples, settings, model.tokenizer.pad_token_id());
     probe::attach_probe_adapters(&mut model.transformer, settings)?;
-    let mut per_batch = Vec::with_capacity(batches.len());
-    let mut tokens = 0;
-    for (index, batch) in batches.iter().enumerate() {
-        let scores = probe::score_batch(&model.transformer, batch, settings, index)?;
-        tokens += scores.tokens;
-        tracing::info!(batch = index + 1, of = batches.len(), "probe batch done");
-        per_batch.push(match settings.estimator {
-            probe::Estimator::Sample => scores.sample,
-            probe::Estimator::Expected => scores.expected.expect("expected scores requested"),
-        });
-    }
+    let mut batch_memory = PeakRss::start();
+    let (per_batch, tokens) =
+        probe::score_batches(&model.transformer, &batches, settings, &mut |index| {
+            tracing::info!(
+                batch = index + 1,
+                of = batches.len(),
+                batch_peak_rss_gib = batch_memory.restart().map(crate::memory::gib),
+                "probe batch done"
+            );
+        })?;
     let probe::Summary {
         modules,
         dominant,
@@ -199,6 +210,7 @@ pub fn probe(
         argmax_stability,
         tokens,
         wall_s: started.elapsed().as_secs_f64(),
+        peak_rss_gib: memory.peak_gib(),
     })
 }
 
@@ -491,7 +503,8 @@ fn train_rank(
     on_step: &mut dyn FnMut(&StepRecord) -> std::ops::ControlFlow<()>,
     reducer: Option<&dyn GradReducer>,
 ) -> Result<TrainOutcome, JobError> {
-    let mut model = load_model(&job.model, device)?;
+    let memory = PeakRss::start();
+    let mut model = load_model_for_training(&job.model, device)?;
     let modules = job.placement.resolve(
         model.config(),
         probe_result,
@@ -544,7 +557,7 @@ fn train_rank(
         path: job.out.clone(),
         reason: e.to_string(),
     })?;
-    let metrics = train::train_controlled(
+    let mut metrics = train::train_controlled(
         &model.transformer,
         &examples,
         model.tokenizer.pad_token_id(),
@@ -554,6 +567,7 @@ fn train_rank(
         on_step,
         reducer,
     )?;
+    metrics.peak_rss_gib = memory.peak_gib();
     let record = AdapterRecord {
         base_model: job.model.clone(),
         variant: job.adapter.variant,

@@ -68,8 +68,9 @@ pub struct BenchArgs {
     /// Write the result object here.
     #[arg(long)]
     json: Option<PathBuf>,
-    /// Measure the fused kernels: attention, RMSNorm, RoPE, SwiGLU, the loss and AdamW on CUDA
-    /// through candle's composed primitives instead (the path before the fused ops).
+    /// Measure the fused kernels: attention, RMSNorm, RoPE, SwiGLU, the loss and AdamW
+    /// through candle's composed primitives and autograd instead (the path before the fused
+    /// ops, on CUDA and on the CPU).
     #[arg(long)]
     composed_kernels: bool,
     /// Also time each phase of a step (forward, head + loss, backward, optimizer), with a
@@ -124,6 +125,10 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
         (Some(live), None) => format!("peak {live:.1} GiB live"),
         (None, Some(used)) => format!("peak {used:.1} GiB used"),
         (None, None) => "peak n/a".to_string(),
+    };
+    let peak = match result.peak_rss_gib {
+        Some(rss) => format!("{peak}, {rss:.2} GiB resident"),
+        None => peak,
     };
     println!(
         "lorasweep {} {} {}: {:.1} ms/step (p10 {:.1}, p90 {:.1}), {:.1} k tok/s, {peak}, {:.2} TFLOP/s, {}",

@@ -280,6 +280,9 @@ pub fn probe(args: ProbeArgs) -> anyhow::Result<()> {
             score.score
         );
     }
+    if let Some(peak) = result.peak_rss_gib {
+        println!("peak resident memory {peak:.2} GiB; {:.1} s", result.wall_s);
+    }
     println!("wrote {}", args.out.display());
     Ok(())
 }
@@ -361,6 +364,9 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         metrics.tokens_per_s,
         metrics.wall_s
     );
+    if let Some(peak) = metrics.peak_rss_gib {
+        println!("peak resident memory {peak:.2} GiB");
+    }
     if let Some(dominant) = &outcome.dominant {
         println!("PAGE dominant module: {dominant}");
     }
@@ -414,6 +420,9 @@ fn train_data_parallel(
         metrics.tokens_per_s,
         metrics.wall_s
     );
+    if let Some(peak) = metrics.peak_rss_gib {
+        println!("peak resident memory {peak:.2} GiB (this process, every rank it ran)");
+    }
     println!("wrote {}", out.display());
     Ok(())
 }
