@@ -108,3 +108,32 @@ fn status_kib(field: &str) -> Option<u64> {
         .parse()
         .ok()
 }
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::*;
+
+    /// Touches `bytes` of fresh memory (so that it is resident), then frees it.
+    fn touch_and_free(bytes: usize) {
+        let block = vec![1u8; bytes];
+        std::hint::black_box(&block);
+    }
+
+    /// A window keeps the peak it saw after another window reset the process's mark, and
+    /// `restart` returns it. Other tests run in this process too, so only lower bounds,
+    /// which their allocations cannot break, are checked.
+    #[test]
+    fn a_window_keeps_its_peak_across_another_windows_reset() {
+        const BLOCK: u64 = 256 << 20;
+        let before = current_rss_bytes().expect("VmRSS on Linux");
+        let mut outer = PeakRss::start();
+        touch_and_free(BLOCK as usize);
+        let inner = PeakRss::start();
+        assert!(inner.peak_bytes().is_some());
+        let seen = outer.restart().expect("a reading");
+        assert!(
+            seen >= before + BLOCK * 9 / 10,
+            "the window lost the block: peak {seen}, {before} before a {BLOCK}-byte block"
+        );
+    }
+}
