@@ -103,6 +103,10 @@ pub struct ProbeResult {
     pub tokens: usize,
     /// Wall time of the probe, seconds.
     pub wall_s: f64,
+    /// Peak resident memory of the process while the probe ran (loading included), GiB;
+    /// absent where it cannot be measured, and in files written before it was recorded.
+    #[serde(default)]
+    pub peak_rss_gib: Option<f64>,
 }
 
 impl ProbeResult {

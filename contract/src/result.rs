@@ -22,6 +22,11 @@ pub struct ProbeSummary {
     /// How modules were scored (left out when PAGE).
     #[serde(default, skip_serializing_if = "Rule::is_page")]
     pub rule: Rule,
+    /// Peak resident memory of the worker process while the probe ran, GiB (the memory of
+    /// jobs it ran alongside included); absent where it cannot be measured, and in results
+    /// stored before it was recorded.
+    #[serde(default)]
+    pub peak_rss_gib: Option<f64>,
     /// Share of the score per module kind.
     pub share_by_kind: BTreeMap<String, f64>,
     /// Response tokens probed.
@@ -52,6 +57,11 @@ pub struct TrainSummary {
     pub losses: Vec<f64>,
     /// The adapted modules.
     pub modules: Vec<ModuleRank>,
+    /// Peak resident memory of the worker process while the job ran (for a data-parallel job,
+    /// the process of rank 0, with every rank it ran; jobs it ran alongside included), GiB;
+    /// absent where it cannot be measured, and in results stored before it was recorded.
+    #[serde(default)]
+    pub peak_rss_gib: Option<f64>,
     /// The step a resumed run started from.
     pub resumed_from: Option<usize>,
     /// Tokens trained on.

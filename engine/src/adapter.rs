@@ -111,10 +111,21 @@ pub struct Adapter {
     a: Var,
     b: Var,
     magnitude: Option<Var>,
-    capture: Option<Mutex<Option<Captured>>>,
+    capture: Option<Capture>,
     /// Observer mode (the `act` rule): the forward adds nothing and records here the squared
     /// norm of its input at every position.
     input_norms: Option<Mutex<Option<Tensor>>>,
+}
+
+/// What a capturing adapter keeps for the probe's `expected` estimator.
+#[derive(Debug, Default)]
+struct Capture {
+    /// The last forward under autograd: its input and output tap (the backward's gradient of
+    /// the tap is `δ`).
+    forward: Mutex<Option<Captured>>,
+    /// `G = Σ δᵀx`, the full weight gradient, summed over the passes of one
+    /// [`Transformer::loss_and_grads`](crate::model::Transformer::loss_and_grads).
+    weight_grad: Mutex<Option<Tensor>>,
 }
 
 impl Adapter {
@@ -231,16 +242,69 @@ impl Adapter {
         self.parameters().iter().map(|(_, v)| v.elem_count()).sum()
     }
 
-    /// Makes the next forward passes record their input and branch output (for the probe).
+    /// Makes [`Transformer::loss_and_grads`](crate::model::Transformer::loss_and_grads) also
+    /// compute this module's full weight gradient `G = Σ δᵀx` (for the probe's `expected`
+    /// estimator), read by [`weight_grad`](Self::weight_grad).
     pub fn enable_capture(&mut self) {
-        self.capture = Some(Mutex::new(None));
+        self.capture = Some(Capture::default());
     }
 
-    /// What the last forward pass recorded, if capture is on.
-    pub fn captured(&self) -> Option<Captured> {
+    /// Whether capture is on.
+    pub fn capturing(&self) -> bool {
+        self.capture.is_some()
+    }
+
+    /// What the last forward pass under autograd recorded, if capture is on; taking it leaves
+    /// nothing recorded (its tensors hold the pass's activations).
+    pub fn take_captured(&self) -> Option<Captured> {
         self.capture
             .as_ref()
-            .and_then(|c| c.lock().ok().and_then(|guard| guard.clone()))
+            .and_then(|c| c.forward.lock().ok().and_then(|mut slot| slot.take()))
+    }
+
+    /// With capture on: the full weight gradient `G` (`d_out × d_in`, f32) of the last
+    /// [`Transformer::loss_and_grads`](crate::model::Transformer::loss_and_grads), summed over
+    /// its passes.
+    pub fn weight_grad(&self) -> Option<Tensor> {
+        self.capture
+            .as_ref()
+            .and_then(|c| c.weight_grad.lock().ok().and_then(|slot| slot.clone()))
+    }
+
+    /// Forgets the weight gradient (a new batch starts).
+    pub(crate) fn clear_weight_grad(&self) {
+        if let Some(capture) = &self.capture {
+            if let Ok(mut slot) = capture.weight_grad.lock() {
+                *slot = None;
+            }
+        }
+    }
+
+    /// With capture on, adds `δᵀx` of one pass to the weight gradient, from the module's input
+    /// `x` (`(…, d_in)`) and the loss gradient `δ` at its output (`(…, d_out)`); does nothing
+    /// otherwise.
+    pub(crate) fn add_weight_grad(
+        &self,
+        input: &Tensor,
+        delta: &Tensor,
+    ) -> candle_core::Result<()> {
+        let Some(capture) = &self.capture else {
+            return Ok(());
+        };
+        let d_in = input.dim(D::Minus1)?;
+        let d_out = delta.dim(D::Minus1)?;
+        let x = input.to_dtype(DType::F32)?.reshape(((), d_in))?;
+        let delta = delta.to_dtype(DType::F32)?.reshape(((), d_out))?;
+        let part = delta.t()?.matmul(&x)?;
+        let mut slot = capture
+            .weight_grad
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("a weight-gradient lock was poisoned".into()))?;
+        *slot = Some(match slot.take() {
+            Some(sum) => (sum + part)?,
+            None => part,
+        });
+        Ok(())
     }
 
     /// Makes the adapter an observer: from now on its forward adds nothing to the base (no
@@ -311,7 +375,7 @@ impl Adapter {
         if let Some(capture) = &self.capture {
             let tap = Var::zeros(branch.shape(), branch.dtype(), branch.device())?;
             branch = (branch + tap.as_tensor())?;
-            if let Ok(mut slot) = capture.lock() {
+            if let Ok(mut slot) = capture.forward.lock() {
                 *slot = Some(Captured {
                     input: x.clone(),
                     output_tap: tap.as_tensor().clone(),

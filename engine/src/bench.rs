@@ -187,7 +187,7 @@ pub struct BenchResult {
     #[serde(default)]
     pub peak_alloc_gib: Option<f64>,
     /// Peak resident memory of the process over warm-up and timed steps, weights included
-    /// (the CPU, on Linux: the kernel's high-water mark, reset before the steps).
+    /// (host memory: the whole footprint on the CPU); absent where it cannot be measured.
     #[serde(default)]
     pub peak_rss_gib: Option<f64>,
     /// Model TFLOP/s at the median (formula of `bench/peft_baseline.py`; 0 for the probe
@@ -226,6 +226,7 @@ pub fn run(options: &BenchOptions, device: &Device) -> Result<BenchResult, Strin
     let dtype = crate::loader::default_dtype(device);
     let err = |e: candle_core::Error| e.to_string();
     let mut model = random_model(&config, dtype, device, options.seed).map_err(err)?;
+    model.set_fused_kernels(crate::fused::on_for_training());
     let placement_text = match options.placement.strip_prefix("one:") {
         Some(rest) => {
             let (layer, kind) = rest.split_once('.').ok_or("one:LAYER.KIND expected")?;
@@ -318,33 +319,48 @@ pub fn run(options: &BenchOptions, device: &Device) -> Result<BenchResult, Strin
             false
         }
     };
-    let rss_ok = device.is_cpu() && reset_peak_rss();
+    let memory = crate::memory::PeakRss::start();
     for step in 0..total {
         let (input, target) = &batches[step % batches.len()];
         device.synchronize().map_err(err)?;
         let started = Instant::now();
         let mut phase = PhaseClock::new(options.profile, device);
-        let (loss, grads) = if model.hand_backward() {
-            let tape = model.forward_tape(input).map_err(err)?;
-            phase.lap("forward").map_err(err)?;
-            let (loss, grad_last) = model
-                .head_loss_and_grad(tape.last(), target, &weights, 1.0)
-                .map_err(err)?;
-            phase.lap("head_loss").map_err(err)?;
-            let grads = model.backward_tape(tape, grad_last).map_err(err)?;
-            phase.lap("backward").map_err(err)?;
-            (loss, grads)
-        } else {
-            let hidden = model.hidden_states(input, 0, None).map_err(err)?;
-            phase.lap("forward").map_err(err)?;
-            let loss = model
-                .loss_from_hidden(&hidden, target, &weights)
-                .map_err(err)?;
-            phase.lap("head_loss").map_err(err)?;
-            let grads = loss.backward().map_err(err)?;
-            phase.lap("backward").map_err(err)?;
-            (loss, grads)
-        };
+        // The batch in the passes training runs it in (`Transformer::loss_and_grads`), each
+        // phase's time summed over them.
+        let mut loss = 0.0;
+        let mut grads = candle_core::backprop::GradStore::default();
+        for pass in model.row_passes(&weights).map_err(err)? {
+            let rows = |t: &Tensor| pass.rows_of(t).map_err(err);
+            let (input, target, weights) = (rows(input)?, rows(target)?, rows(&weights)?);
+            let (pass_loss, pass_grads) = if model.hand_backward() {
+                let tape = model.forward_tape(&input).map_err(err)?;
+                phase.lap("forward").map_err(err)?;
+                let (loss, grad_last) = model
+                    .head_loss_and_grad(tape.last(), &target, &weights, pass.share)
+                    .map_err(err)?;
+                phase.lap("head_loss").map_err(err)?;
+                let grads = model.backward_tape(tape, grad_last).map_err(err)?;
+                phase.lap("backward").map_err(err)?;
+                (loss, grads)
+            } else {
+                let hidden = model.hidden_states(&input, 0, None).map_err(err)?;
+                phase.lap("forward").map_err(err)?;
+                let loss = (model
+                    .loss_from_hidden(&hidden, &target, &weights)
+                    .map_err(err)?
+                    * pass.share)
+                    .map_err(err)?;
+                phase.lap("head_loss").map_err(err)?;
+                let grads = loss.backward().map_err(err)?;
+                phase.lap("backward").map_err(err)?;
+                (loss, grads)
+            };
+            loss += pass_loss
+                .to_dtype(DType::F32)
+                .and_then(|l| l.to_scalar::<f32>())
+                .map_err(err)? as f64;
+            grads.extend(pass_grads).map_err(err)?;
+        }
         if options.mode == "probe" {
             // Read every ‖∇B‖², as the probe does.
             let grads_b: Vec<Option<&Tensor>> = model
@@ -388,11 +404,7 @@ pub fn run(options: &BenchOptions, device: &Device) -> Result<BenchResult, Strin
                 phase_times.entry(name).or_default().push(ms);
             }
         }
-        losses.push(
-            loss.to_dtype(DType::F32)
-                .and_then(|l| l.to_scalar::<f32>())
-                .map_err(err)? as f64,
-        );
+        losses.push(loss);
         device.synchronize().map_err(err)?;
         if step >= options.warmup {
             times.push(started.elapsed().as_secs_f64() * 1e3);
@@ -438,7 +450,7 @@ pub fn run(options: &BenchOptions, device: &Device) -> Result<BenchResult, Strin
         tokens_per_s: (options.batch * options.seq_len) as f64 / (median / 1e3),
         peak_mem_gib: None,
         peak_alloc_gib,
-        peak_rss_gib: if rss_ok { peak_rss_gib() } else { None },
+        peak_rss_gib: memory.peak_gib(),
         tflops: flops / (median / 1e3) / 1e12,
         flops_per_step: flops,
         rule: options.rule,
@@ -495,7 +507,7 @@ fn rule_probe(
         })
         .collect();
     let peak_alloc_ok = loader::reset_peak_allocated(device).is_ok();
-    let rss_ok = device.is_cpu() && reset_peak_rss();
+    let memory = crate::memory::PeakRss::start();
     let mut times = Vec::new();
     let mut probe_scores = Vec::new();
     for step in 0..options.warmup + options.steps {
@@ -548,7 +560,7 @@ fn rule_probe(
         tokens_per_s: tokens / (median / 1e3),
         peak_mem_gib: None,
         peak_alloc_gib,
-        peak_rss_gib: if rss_ok { peak_rss_gib() } else { None },
+        peak_rss_gib: memory.peak_gib(),
         tflops: 0.0,
         flops_per_step: 0.0,
         steps: options.steps,
@@ -562,22 +574,9 @@ fn rule_probe(
     })
 }
 
-/// Resets the process's resident-set high-water mark (Linux: `5` into `/proc/self/clear_refs`);
-/// false where that is not possible.
-fn reset_peak_rss() -> bool {
-    std::fs::write("/proc/self/clear_refs", "5").is_ok()
-}
-
-/// The process's resident-set high-water mark since the last reset (`VmHWM`), in GiB.
-fn peak_rss_gib() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|line| line.starts_with("VmHWM:"))?;
-    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib / (1u64 << 20) as f64)
-}
-
 /// Times the phases of one step when profiling: each lap synchronises the device first, so
-/// the time is the phase's device work, not just its launches.
+/// the time is the phase's device work, not just its launches. Laps of one name (a phase of
+/// each pass of the batch) add up.
 struct PhaseClock<'a> {
     device: Option<&'a Device>,
     last: Instant,
@@ -599,8 +598,11 @@ impl<'a> PhaseClock<'a> {
         };
         device.synchronize()?;
         let now = Instant::now();
-        self.laps
-            .push((name.to_string(), (now - self.last).as_secs_f64() * 1e3));
+        let ms = (now - self.last).as_secs_f64() * 1e3;
+        match self.laps.iter_mut().find(|(lap, _)| lap == name) {
+            Some((_, total)) => *total += ms,
+            None => self.laps.push((name.to_string(), ms)),
+        }
         self.last = now;
         Ok(())
     }

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::adapter::{AdapterSettings, Variant};
 use crate::data::{self, Collated, Conversation, Example};
 use crate::loader::{self, LoadedModel};
+use crate::memory::PeakRss;
 use crate::model::{ModelSource, ModuleId};
 use crate::parallel::{GradReducer, ReduceError, ThreadReducer};
 use crate::peft::{self, AdapterRecord};
@@ -119,6 +120,16 @@ pub fn load_model(spec: &str, device: &Device) -> Result<LoadedModel, JobError> 
     )?)
 }
 
+/// [`load_model`] for training or probing: the fused kernels on, whatever the device (see
+/// [`crate::fused::on_for_training`]).
+pub fn load_model_for_training(spec: &str, device: &Device) -> Result<LoadedModel, JobError> {
+    let mut model = load_model(spec, device)?;
+    model
+        .transformer
+        .set_fused_kernels(crate::fused::on_for_training());
+    Ok(model)
+}
+
 /// Tokenizes conversations, dropping those with no response token within `max_len`.
 /// Returns the examples and how many were dropped.
 pub fn encode_all(
@@ -161,7 +172,8 @@ pub fn probe(
     device: &Device,
 ) -> Result<ProbeResult, JobError> {
     let started = Instant::now();
-    let mut model = load_model(model_spec, device)?;
+    let memory = PeakRss::start();
+    let mut model = load_model_for_training(model_spec, device)?;
     let (data_label, data_digest, per_batch, top_r_share, tokens) = if settings.rule.reads_data() {
         let conversations = data.conversations()?;
         let data_digest = data::digest_conversations(&conversations);
@@ -211,6 +223,7 @@ pub fn probe(
         argmax_stability,
         tokens,
         wall_s: started.elapsed().as_secs_f64(),
+        peak_rss_gib: memory.peak_gib(),
     })
 }
 
@@ -264,31 +277,34 @@ fn score_batches(
     batches: &[Collated],
     settings: &ProbeSettings,
 ) -> Result<BatchScores, JobError> {
-    let mut per_batch = Vec::with_capacity(batches.len());
-    let mut tokens = 0;
+    // Each batch's tensors are freed before the next: its progress line says how much
+    // memory that batch took at its peak.
+    let mut batch_memory = PeakRss::start();
+    let mut progress = |index: usize| {
+        tracing::info!(
+            batch = index + 1,
+            of = batches.len(),
+            rule = %settings.rule,
+            batch_peak_rss_gib = batch_memory.restart().map(crate::memory::gib),
+            "probe batch done"
+        );
+    };
     if settings.rule == Rule::Page {
         probe::attach_probe_adapters(model, settings)?;
-        for (index, batch) in batches.iter().enumerate() {
-            let scores = probe::score_batch(model, batch, settings, index)?;
-            tokens += scores.tokens;
-            tracing::info!(batch = index + 1, of = batches.len(), "probe batch done");
-            per_batch.push(match settings.estimator {
-                probe::Estimator::Sample => scores.sample,
-                probe::Estimator::Expected => scores.expected.expect("expected scores requested"),
-            });
-        }
+        let (per_batch, tokens) = probe::score_batches(model, batches, settings, &mut progress)?;
         return Ok((per_batch, None, tokens));
     }
     let prepared = rules::prepare(model, settings)?;
     let mut scored = Vec::with_capacity(batches.len());
+    let mut tokens = 0;
     for (index, batch) in batches.iter().enumerate() {
         let scores = prepared.score_batch(model, batch, settings, index)?;
         tokens += scores.tokens;
-        tracing::info!(batch = index + 1, of = batches.len(), rule = %settings.rule, "probe batch done");
         scored.push(scores);
+        progress(index);
     }
     let top_r_share = rules::top_r_shares(&scored);
-    per_batch.extend(scored.into_iter().map(|batch| batch.scores));
+    let per_batch = scored.into_iter().map(|batch| batch.scores).collect();
     Ok((per_batch, top_r_share, tokens))
 }
 
@@ -587,7 +603,8 @@ fn train_rank(
     on_step: &mut dyn FnMut(&StepRecord) -> std::ops::ControlFlow<()>,
     reducer: Option<&dyn GradReducer>,
 ) -> Result<TrainOutcome, JobError> {
-    let mut model = load_model(&job.model, device)?;
+    let memory = PeakRss::start();
+    let mut model = load_model_for_training(&job.model, device)?;
     let modules = job.placement.resolve(
         model.config(),
         probe_result,
@@ -640,7 +657,7 @@ fn train_rank(
         path: job.out.clone(),
         reason: e.to_string(),
     })?;
-    let metrics = train::train_controlled(
+    let mut metrics = train::train_controlled(
         &model.transformer,
         &examples,
         model.tokenizer.pad_token_id(),
@@ -650,6 +667,7 @@ fn train_rank(
         on_step,
         reducer,
     )?;
+    metrics.peak_rss_gib = memory.peak_gib();
     let record = AdapterRecord {
         base_model: job.model.clone(),
         variant: job.adapter.variant,

@@ -15,6 +15,7 @@ pub mod fused;
 pub mod generate;
 pub mod jobs;
 pub mod loader;
+pub mod memory;
 pub mod model;
 pub mod ops;
 pub mod parallel;

@@ -285,6 +285,7 @@ mod tests {
             argmax_stability,
             tokens: 0,
             wall_s: 0.0,
+            peak_rss_gib: None,
         }
     }
 

@@ -4,11 +4,13 @@
 //! `∇_B L = s·G·Aᵀ` with `G = ∇_W L = Σ_t δ_t x_tᵀ`. PAGE of a module is `‖∇_B L‖²_F` averaged
 //! over probe batches. Two estimators:
 //! - `sample`: attach real adapters (A drawn from its init, seeded) and read `‖∇_B L‖²`;
-//! - `expected`: its expectation over A, `s²·r·σ_A²·‖G‖²_F`, with `G` formed one module at a
-//!   time from the captured module input `x` and output gradient `δ`.
+//! - `expected`: its expectation over A, `s²·r·σ_A²·‖G‖²_F`, with `G` formed in the backward
+//!   from each module's input `x` and output gradient `δ`, summed over the batch's passes
+//!   ([`Transformer::loss_and_grads`] runs a batch in passes of a few rows to bound memory).
 //!
 //! One forward/backward per batch with a rank-`r` adapter on every candidate module gives both;
-//! no optimizer and no full-weight gradient of every module at once is ever held.
+//! no optimizer is held. The `expected` estimator holds every module's `G` (f32) until the
+//! batch ends: the model's projection weights once more (0.4 GB for SmolLM2-135M).
 
 use std::collections::BTreeMap;
 
@@ -119,8 +121,9 @@ pub fn score_batch(
     sample.extend(crate::ops::squared_norms(&grads_b)?);
     for (&module, adapter) in modules.iter().zip(&adapters) {
         if let Some(expected) = expected.as_mut() {
-            expected.push(expected_energy(&config, module, adapter, &grads, settings)?);
+            expected.push(expected_energy(&config, module, adapter, settings)?);
         }
+        adapter.clear_weight_grad();
     }
     Ok(BatchScores {
         sample,
@@ -129,41 +132,45 @@ pub fn score_batch(
     })
 }
 
-/// `s²·r·σ_A²·‖G‖²_F` for one module, with `G = δᵀx` formed from the captured tensors in
-/// whichever order is cheaper: `G` itself (`N·d_in·d_out`) or the Gram identity
-/// `‖δᵀx‖² = Σ (δδᵀ) ⊙ (xxᵀ)` (`N²·(d_in + d_out)`).
+/// Scores `batches` in turn (see [`score_batch`]): the chosen estimator's per-module scores of
+/// each batch, and the response tokens of all. `on_batch(index)` runs after each batch, once
+/// its tensors are freed (for progress and memory readings).
+pub fn score_batches(
+    model: &Transformer,
+    batches: &[Collated],
+    settings: &ProbeSettings,
+    on_batch: &mut dyn FnMut(usize),
+) -> Result<(Vec<Vec<f64>>, usize), ProbeError> {
+    let mut per_batch = Vec::with_capacity(batches.len());
+    let mut tokens = 0;
+    for (index, batch) in batches.iter().enumerate() {
+        let scores = score_batch(model, batch, settings, index)?;
+        tokens += scores.tokens;
+        per_batch.push(match (settings.estimator, scores.expected) {
+            (Estimator::Expected, Some(expected)) => expected,
+            _ => scores.sample,
+        });
+        on_batch(index);
+    }
+    Ok((per_batch, tokens))
+}
+
+/// `s²·r·σ_A²·‖G‖²_F` for one module, with `G = Σ δᵀx` the module's full weight gradient,
+/// which [`Transformer::loss_and_grads`] formed for the capturing adapter.
 fn expected_energy(
     config: &ModelConfig,
     module: ModuleId,
     adapter: &Adapter,
-    grads: &candle_core::backprop::GradStore,
     settings: &ProbeSettings,
 ) -> Result<f64, ProbeError> {
-    let captured = adapter
-        .captured()
-        .expect("capture is enabled for the expected estimator");
     // Every projection lies on the path to the loss: a missing gradient is a bug, not a zero.
-    let Some(delta) = grads.get(&captured.output_tap) else {
+    let Some(g) = adapter.weight_grad() else {
         return Err(ProbeError::Tensor(candle_core::Error::Msg(format!(
-            "no loss gradient reached the output of {module}"
+            "no weight gradient was formed for {module} (is capture on?)"
         ))));
     };
-    let (d_in, d_out) = config.module_dims(module.kind);
-    let x = captured.input.to_dtype(DType::F32)?.reshape(((), d_in))?;
-    let delta = delta.to_dtype(DType::F32)?.reshape(((), d_out))?;
-    let n = x.dim(0)?;
-    let g_norm_sq = if n * n * (d_in + d_out) < n * d_in * d_out {
-        let gram_x = x.matmul(&x.t()?)?;
-        let gram_d = delta.matmul(&delta.t()?)?;
-        (gram_x * gram_d)?.sum_all()?.to_scalar::<f32>()? as f64
-    } else {
-        delta
-            .t()?
-            .matmul(&x)?
-            .sqr()?
-            .sum_all()?
-            .to_scalar::<f32>()? as f64
-    };
+    let g_norm_sq = g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+    let (d_in, _) = config.module_dims(module.kind);
     let s = adapter.scale();
     let variance = settings.a_init.variance(d_in, settings.rank);
     Ok(s * s * settings.rank as f64 * variance * g_norm_sq)

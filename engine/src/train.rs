@@ -127,6 +127,11 @@ pub struct TrainMetrics {
     pub wall_s: f64,
     /// Step the run resumed from, if any.
     pub resumed_from: Option<usize>,
+    /// Peak resident memory of the process over the job (loading included), GiB: set by
+    /// [`crate::jobs`]; absent where it cannot be measured, and in files written before it
+    /// was recorded.
+    #[serde(default)]
+    pub peak_rss_gib: Option<f64>,
 }
 
 /// Why training stopped early.
@@ -500,6 +505,7 @@ fn run_training(
         tokens_per_s: tokens as f64 / wall_s.max(1e-9),
         wall_s,
         resumed_from,
+        peak_rss_gib: None,
     })
 }
 

@@ -160,7 +160,7 @@ fn act_is_the_mean_squared_input_norm_times_the_weight_energy() {
     assert_eq!(scored.tokens as f64, tokens);
     for (index, module) in model.config().all_modules().into_iter().enumerate() {
         let projection = model.projection(module);
-        let input = projection.adapter().unwrap().captured().unwrap().input;
+        let input = projection.adapter().unwrap().take_captured().unwrap().input;
         let d_in = input.dim(2).unwrap();
         let rows = input.reshape(((), d_in)).unwrap().to_vec2::<f32>().unwrap();
         let mean: f64 = rows

@@ -70,8 +70,9 @@ pub struct BenchArgs {
     /// Write the result object here.
     #[arg(long)]
     json: Option<PathBuf>,
-    /// Measure the fused kernels: attention, RMSNorm, RoPE, SwiGLU, the loss and AdamW on CUDA
-    /// through candle's composed primitives instead (the path before the fused ops).
+    /// Measure the fused kernels: attention, RMSNorm, RoPE, SwiGLU, the loss and AdamW
+    /// through candle's composed primitives and autograd instead (the path before the fused
+    /// ops, on CUDA and on the CPU).
     #[arg(long)]
     composed_kernels: bool,
     /// Also time each phase of a step (forward, head + loss, backward, optimizer), with a
@@ -140,6 +141,10 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
     let what = match (args.mode, result.rule) {
         (Mode::Probe, rule) if !rule.is_page() => format!("probe@{rule}"),
         _ => result.mode.clone(),
+    };
+    let peak = match result.peak_rss_gib {
+        Some(rss) => format!("{peak}, {rss:.2} GiB resident"),
+        None => peak,
     };
     println!(
         "lorasweep {what} {} {}: {:.1} ms/step (p10 {:.1}, p90 {:.1}), {:.1} k tok/s, {peak}, {:.2} TFLOP/s, {}",

@@ -297,6 +297,9 @@ pub fn probe(args: ProbeArgs) -> anyhow::Result<()> {
             score.score
         );
     }
+    if let Some(peak) = result.peak_rss_gib {
+        println!("peak resident memory {peak:.2} GiB; {:.1} s", result.wall_s);
+    }
     println!("wrote {}", args.out.display());
     Ok(())
 }
@@ -389,6 +392,9 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         metrics.tokens_per_s,
         metrics.wall_s
     );
+    if let Some(peak) = metrics.peak_rss_gib {
+        println!("peak resident memory {peak:.2} GiB");
+    }
     if let Some(dominant) = &outcome.dominant {
         match rule {
             Some(rule) if !rule.is_page() => println!("{rule} dominant module: {dominant}"),
@@ -445,6 +451,9 @@ fn train_data_parallel(
         metrics.tokens_per_s,
         metrics.wall_s
     );
+    if let Some(peak) = metrics.peak_rss_gib {
+        println!("peak resident memory {peak:.2} GiB (this process, every rank it ran)");
+    }
     println!("wrote {}", out.display());
     Ok(())
 }

@@ -197,6 +197,7 @@ impl EngineExecutor {
             dominant: result.dominant.clone(),
             estimator: settings.estimator,
             rule: settings.rule,
+            peak_rss_gib: result.peak_rss_gib,
             share_by_kind: result.share_by_kind.clone(),
             tokens: result.tokens,
             top1_share: result.top1_share,
@@ -326,6 +327,7 @@ impl EngineExecutor {
                     rank: *rank,
                 })
                 .collect(),
+            peak_rss_gib: metrics.peak_rss_gib,
             resumed_from: metrics.resumed_from,
             tokens: metrics.tokens,
             tokens_per_s: metrics.tokens_per_s,

@@ -13,6 +13,9 @@ use crate::adapter::Adapter;
 use crate::ops;
 
 mod backward;
+mod passes;
+
+pub use passes::{RowPass, CPU_TOKENS_PER_PASS};
 
 /// A frozen linear projection with an optional bias and an optional adapter.
 #[derive(Debug)]
@@ -172,6 +175,9 @@ pub struct Transformer {
     device: Device,
     /// Whether the hot ops run as the fused kernels of [`crate::fused`].
     fused: bool,
+    /// The most tokens [`loss_and_grads`](Self::loss_and_grads) runs through the model at
+    /// once (whole rows of the batch; at least one row); `None`: the whole batch in one pass.
+    tokens_per_pass: Option<usize>,
 }
 
 /// The weights a transformer is built from, keyed by Hugging Face names
@@ -253,6 +259,7 @@ impl Transformer {
             dtype,
             device: device.clone(),
             fused: crate::fused::default_on(device),
+            tokens_per_pass: passes::default_tokens_per_pass(device),
         })
     }
 

@@ -7,14 +7,13 @@
 //!
 //! Frozen projections never get a weight gradient ([`crate::ops::frozen_linear`]), so `G` is
 //! formed from what a capturing rank-1 adapter (B = 0: the forward is unchanged) records: the
-//! module input `x` and the loss gradient `δ` at the module output.
+//! module input `x` and the loss gradient `δ` at the module output, `G = δᵀx` summed over the
+//! passes of [`Transformer::loss_and_grads`] (each pass's activations freed before the next).
 
-use candle_core::backprop::GradStore;
-use candle_core::{DType, Tensor};
+use candle_core::DType;
 
 use super::lowrank::{self, TopEnergy};
 use super::{batch_tensors, RuleBatch};
-use crate::adapter::Adapter;
 use crate::data::Collated;
 use crate::model::{ModuleId, Transformer};
 use crate::probe::{ProbeError, ProbeSettings};
@@ -29,7 +28,7 @@ pub(super) fn score_batch(
     top_rank: Option<usize>,
 ) -> Result<RuleBatch, ProbeError> {
     let (ids, targets, weights, tokens) = batch_tensors(model, batch)?;
-    let (loss, grads) = model.loss_and_grads(&ids, &targets, &weights, 1.0)?;
+    let (loss, _) = model.loss_and_grads(&ids, &targets, &weights, 1.0)?;
     let loss_value = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
     if !loss_value.is_finite() {
         return Err(ProbeError::NotFinite {
@@ -46,15 +45,19 @@ pub(super) fn score_batch(
             .projection(module)
             .adapter()
             .ok_or_else(|| missing(module, "no capturing adapter"))?;
-        let (delta, x) = factors(module, adapter, &grads)?;
+        // Every projection lies on the path to the loss: a missing gradient is a bug, not a zero.
+        let g = adapter
+            .weight_grad()
+            .ok_or_else(|| missing(module, "no weight gradient was formed"))?;
+        adapter.clear_weight_grad();
         match top_rank {
-            None => scores.push(lowrank::gradient_energy(&delta, &x)?),
+            None => scores.push(f64::from(g.sqr()?.sum_all()?.to_scalar::<f32>()?)),
             Some(rank) => {
                 let seed = settings
                     .seed
                     .wrapping_mul(0x9E37_79B9_7F4A_7C15)
                     .wrapping_add((index * modules.len() + position) as u64);
-                let TopEnergy { total, top } = lowrank::top_energy(&delta, &x, rank, seed)?;
+                let TopEnergy { total, top } = lowrank::formed_top_energy(&g, rank, seed)?;
                 scores.push(top);
                 energies.push(total);
             }
@@ -65,26 +68,6 @@ pub(super) fn score_batch(
         energies: top_rank.map(|_| energies),
         tokens,
     })
-}
-
-/// `(δ, x)` of one module as `(N, d_out)` and `(N, d_in)` f32 matrices, `G = δᵀ·x`.
-fn factors(
-    module: ModuleId,
-    adapter: &Adapter,
-    grads: &GradStore,
-) -> Result<(Tensor, Tensor), ProbeError> {
-    let captured = adapter
-        .captured()
-        .ok_or_else(|| missing(module, "the forward recorded nothing"))?;
-    // Every projection lies on the path to the loss: a missing gradient is a bug, not a zero.
-    let delta = grads
-        .get(&captured.output_tap)
-        .ok_or_else(|| missing(module, "no loss gradient reached its output"))?;
-    let d_in = captured.input.dim(candle_core::D::Minus1)?;
-    let d_out = delta.dim(candle_core::D::Minus1)?;
-    let x = captured.input.to_dtype(DType::F32)?.reshape(((), d_in))?;
-    let delta = delta.to_dtype(DType::F32)?.reshape(((), d_out))?;
-    Ok((delta, x))
 }
 
 fn missing(module: ModuleId, what: &str) -> ProbeError {

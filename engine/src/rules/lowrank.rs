@@ -91,23 +91,106 @@ pub fn top_energy(delta: &Tensor, x: &Tensor, rank: usize, seed: u64) -> Result<
     })
 }
 
+/// The energy of a formed gradient `G` (`d_out × d_in`, any float dtype) and of its top `rank`
+/// singular values: [`top_energy`] when `G` itself is at hand (the probe's passes sum it, so
+/// its factors are gone), exact or by the same range finder and seed.
+pub fn formed_top_energy(g: &Tensor, rank: usize, seed: u64) -> Result<TopEnergy> {
+    let g = g.to_dtype(DType::F32)?;
+    let total = f64::from(g.sqr()?.sum_all()?.to_scalar::<f32>()?);
+    let (d_out, d_in) = g.dims2()?;
+    let smaller = d_out.min(d_in);
+    let top = if rank >= smaller {
+        total
+    } else if smaller <= EXACT_SIDE {
+        let gram = if d_out <= d_in {
+            g.matmul(&g.t()?)?
+        } else {
+            g.t()?.matmul(&g)?
+        };
+        top_eigenvalue_sum(&gram, rank)?
+    } else {
+        range_finder_top(
+            Gradient::Formed(&g),
+            d_out,
+            d_in,
+            rank,
+            seed,
+            g.device(),
+        )?
+    };
+    Ok(TopEnergy {
+        total,
+        top: top.min(total),
+    })
+}
+
+/// A gradient as the range finder meets it: through its factors or formed.
+#[derive(Clone, Copy)]
+enum Gradient<'a> {
+    /// `G = δᵀ·X`.
+    Factors { delta: &'a Tensor, x: &'a Tensor },
+    /// `G` itself.
+    Formed(&'a Tensor),
+}
+
+impl Gradient<'_> {
+    /// `G·M` (through the factors: `δᵀ(X·M)`, never `G` itself).
+    fn times(self, m: &Tensor) -> Result<Tensor> {
+        match self {
+            Gradient::Factors { delta, x } => delta.t()?.matmul(&x.matmul(m)?),
+            Gradient::Formed(g) => g.matmul(m),
+        }
+    }
+
+    /// `Gᵀ·M` (through the factors: `Xᵀ(δ·M)`).
+    fn times_transposed(self, m: &Tensor) -> Result<Tensor> {
+        match self {
+            Gradient::Factors { delta, x } => x.t()?.matmul(&delta.matmul(m)?),
+            Gradient::Formed(g) => g.t()?.matmul(m),
+        }
+    }
+
+    /// `Qᵀ·G` (through the factors: `(δ·Q)ᵀ·X`).
+    fn projected(self, q: &Tensor) -> Result<Tensor> {
+        match self {
+            Gradient::Factors { delta, x } => delta.matmul(q)?.t()?.matmul(x),
+            Gradient::Formed(g) => q.t()?.matmul(g),
+        }
+    }
+}
+
 /// The randomized range finder's `Σ_{i≤r} σ_i²` of `δᵀ·X`.
 fn randomized_top(delta: &Tensor, x: &Tensor, rank: usize, seed: u64) -> Result<f64> {
-    let device = x.device();
     let (d_out, d_in) = (delta.dim(1)?, x.dim(1)?);
+    range_finder_top(
+        Gradient::Factors { delta, x },
+        d_out,
+        d_in,
+        rank,
+        seed,
+        x.device(),
+    )
+}
+
+/// The randomized range finder on a `d_out × d_in` gradient.
+fn range_finder_top(
+    g: Gradient<'_>,
+    d_out: usize,
+    d_in: usize,
+    rank: usize,
+    seed: u64,
+    device: &Device,
+) -> Result<f64> {
     let columns = (rank + OVERSAMPLE).min(d_out.min(d_in));
     let omega = gaussian(d_in, columns, seed, device)?;
-    // G·M = δᵀ(X·M) and Gᵀ·M = Xᵀ(δ·M), never G itself.
-    let times_g = |m: &Tensor| delta.t()?.matmul(&x.matmul(m)?);
-    let times_gt = |m: &Tensor| x.t()?.matmul(&delta.matmul(m)?);
-    let mut y = times_g(&omega)?;
+    let mut y = g.times(&omega)?;
     for _ in 0..POWER_ITERATIONS {
-        let z = orthonormal(&times_gt(&orthonormal(&y)?)?)?;
-        y = times_g(&z)?;
+        let z = orthonormal(&g.times_transposed(&orthonormal(&y)?)?)?;
+        y = g.times(&z)?;
     }
     let q = orthonormal(&y)?;
-    // B = Qᵀ·G = (δ·Q)ᵀ·X, columns × d_in; its Gram B·Bᵀ is columns × columns.
-    let b = delta.matmul(&q)?.t()?.matmul(x)?;
+    // B = Qᵀ·G, columns × d_in; its Gram B·Bᵀ is columns × columns.
+    let b = g.projected(&q)?;
     top_eigenvalue_sum(&b.matmul(&b.t()?)?, rank)
 }
 
@@ -218,5 +301,24 @@ mod tests {
         let all = top_energy(&delta, &x, 8, 0).unwrap();
         assert_eq!(all.top, all.total);
         assert_eq!(all.share(), 1.0);
+    }
+
+    #[test]
+    fn the_formed_gradient_gives_what_its_factors_give() {
+        // Exact (small side ≤ EXACT_SIDE) and range-finder paths, same seed.
+        for (n, d_out, d_in, rank) in [(50, 30, 40, 4), (400, 200, 260, 8), (400, 300, 150, 16)] {
+            let delta = factor(n, d_out, 0.97, 7);
+            let x = factor(n, d_in, 0.95, 8);
+            let g = delta.t().unwrap().matmul(&x).unwrap();
+            let factors = top_energy(&delta, &x, rank, 11).unwrap();
+            let formed = formed_top_energy(&g, rank, 11).unwrap();
+            assert!((formed.total - factors.total).abs() <= 1e-4 * factors.total);
+            assert!(
+                (formed.top - factors.top).abs() <= 1e-3 * factors.top,
+                "{n}×{d_out}×{d_in} r={rank}: {} vs {}",
+                formed.top,
+                factors.top
+            );
+        }
     }
 }

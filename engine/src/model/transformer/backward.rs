@@ -1,4 +1,4 @@
-//! A hand-written backward pass for training LoRA-style adapters on CUDA.
+//! A hand-written backward pass for training LoRA-style adapters, on CUDA and on the CPU.
 //!
 //! candle's autograd keeps every intermediate of the forward alive until the step ends, and in
 //! backward starts each gradient from a zero tensor it then adds into — for every node,
@@ -8,13 +8,15 @@
 //! needs (a [`Tape`]), and the backward is written out for the architecture: each gradient is
 //! computed once, into its own buffer, and dropped as soon as the layer below has used it.
 //!
-//! It covers what training and the sample-estimator probe run: the fused kernels on, adapters
-//! whose forward is the plain low-rank branch (LoRA, rsLoRA, LoRA+, PiSSA, MiLoRA). DoRA and
-//! the probe's capturing adapters keep candle's autograd ([`Transformer::hand_backward`]).
-//! Tested against autograd on the same model, loss and every adapter gradient.
+//! It covers what training and both probe estimators run: the fused kernels on, adapters whose
+//! forward is the plain low-rank branch (LoRA, rsLoRA, LoRA+, PiSSA, MiLoRA), the probe's
+//! capturing adapters among them (their full weight gradient `δᵀx` is formed here, from the
+//! projection's input and output gradient). DoRA keeps candle's autograd
+//! ([`Transformer::hand_backward`]). Tested against autograd on the same model, loss and every
+//! adapter gradient.
 
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 
 use super::{attention_scale, DecoderLayer, FusedAttention, Projection, Transformer};
 use crate::fused;
@@ -63,8 +65,10 @@ impl Tape {
 }
 
 impl Transformer {
-    /// Whether [`loss_and_grads`](Self::loss_and_grads) applies: the fused kernels are on
-    /// and every adapter's forward is the plain low-rank branch.
+    /// Whether [`loss_and_grads`](Self::loss_and_grads) runs the hand-written backward: the
+    /// fused kernels are on and every adapter's forward is the plain low-rank branch (no DoRA
+    /// magnitude; a probe's capturing adapters are plain here, their weight gradient is formed
+    /// in the backward).
     pub fn hand_backward(&self) -> bool {
         self.fused
             && self
@@ -72,25 +76,18 @@ impl Transformer {
                 .iter()
                 .flat_map(|layer| layer.projections.iter())
                 .filter_map(|p| p.adapter.as_ref())
-                .all(|adapter| adapter.plain_branch())
+                .all(|adapter| adapter.magnitude().is_none())
     }
 
-    /// The weighted mean cross-entropy of [`loss`](Self::loss), times `loss_scale`, and the
-    /// gradient of that with respect to every adapter parameter (keyed by its variable): by the
-    /// hand-written backward where it applies ([`hand_backward`](Self::hand_backward)), by
-    /// candle's autograd otherwise.
-    pub fn loss_and_grads(
+    /// One pass of [`loss_and_grads`](Self::loss_and_grads) through the hand-written
+    /// backward.
+    pub(crate) fn hand_loss_and_grads(
         &self,
         input_ids: &Tensor,
         targets: &Tensor,
         weights: &Tensor,
         loss_scale: f64,
     ) -> Result<(Tensor, GradStore)> {
-        if !self.hand_backward() {
-            let loss = (self.loss(input_ids, targets, weights)? * loss_scale)?;
-            let grads = loss.backward()?;
-            return Ok((loss, grads));
-        }
         let tape = self.forward_tape(input_ids)?;
         let (loss, grad_last) =
             self.head_loss_and_grad(&tape.last, targets, weights, loss_scale)?;
@@ -210,9 +207,10 @@ impl Transformer {
     }
 
     /// The backward through the taped layers, from the gradient of the last residual stream;
-    /// returns the gradients of every adapter's `A` and `B`.
+    /// returns the gradients of every adapter's `A` and `B` (and adds each capturing adapter's
+    /// weight gradient to it).
     pub(crate) fn backward_tape(&self, tape: Tape, grad_last: Tensor) -> Result<GradStore> {
-        let mut grads = empty_grad_store(&self.device)?;
+        let mut grads = GradStore::default();
         let Tape {
             batch,
             seq_len: t,
@@ -350,6 +348,7 @@ fn project_backward(
             candle_core::bail!("hand-written backward: an adapted projection's input was not kept")
         };
         let (a, b) = (adapter.a().as_tensor(), adapter.b().as_tensor());
+        adapter.add_weight_grad(input, grad_out)?;
         let (grad_x, grad_a, grad_b) =
             fused::lora_branch_backward(input, a, b, adapter.scale(), grad_out)?;
         grad_in = (grad_in + grad_x)?;
@@ -357,15 +356,6 @@ fn project_backward(
         grads.insert(b, grad_b);
     }
     Ok(grad_in)
-}
-
-/// An empty gradient store. candle has no public constructor; the backward of a tensor with
-/// no graph is a store holding only that tensor's own unit gradient, which is removed.
-fn empty_grad_store(device: &Device) -> Result<GradStore> {
-    let seed = Tensor::zeros((), DType::F32, device)?;
-    let mut store = seed.backward()?;
-    store.remove(&seed);
-    Ok(store)
 }
 
 #[cfg(test)]
