@@ -24,7 +24,7 @@ use crate::ids::{JobId, SweepId, WorkerId};
 use crate::scheduler::{Decision, SchedulerConfig, Snapshot};
 
 pub use migrations::SCHEMA_VERSION;
-pub use sqlite::SqliteStore;
+pub use sqlite::{IntegrityReport, SqliteStore};
 
 /// Why a store call failed.
 #[derive(Debug, thiserror::Error)]

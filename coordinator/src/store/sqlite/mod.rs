@@ -31,12 +31,14 @@ use crate::ids::{JobId, SweepId, WorkerId};
 use crate::scheduler::{Decision, SchedulerConfig, Snapshot};
 
 mod artifacts;
+mod check;
 mod leasing;
 mod metrics;
 mod reports;
 mod rows;
 mod sweeps;
 
+pub use check::IntegrityReport;
 use leasing::upsert_worker;
 use reports::{lease_state, stale_reason};
 use rows::job_record;
