@@ -389,16 +389,27 @@ impl CoordinatorClient {
         };
         let (sender, receiver) = tokio::sync::mpsc::channel::<pb::UploadChunk>(4);
         let owned = path.to_path_buf();
+        // The chaos test's broken link: half the bytes, then the stream ends.
+        let mut budget = if crate::faults::take_upload_abort(lease.worker.as_str()) {
+            tracing::warn!(name, "LORASWEEP_FAULTS: this upload stops midway");
+            size / 2
+        } else {
+            u64::MAX
+        };
         let reader = tokio::task::spawn_blocking(move || {
             if sender.blocking_send(header).is_err() {
                 return Ok(());
             }
-            crate::service::artifacts::read_chunks(&owned, |data| {
+            crate::service::artifacts::read_chunks(&owned, |mut data| {
+                let whole = budget >= data.len() as u64;
+                data.truncate(budget.min(data.len() as u64) as usize);
+                budget -= data.len() as u64;
                 sender
                     .blocking_send(pb::UploadChunk {
                         part: Some(pb::upload_chunk::Part::Data(data)),
                     })
                     .is_ok()
+                    && whole
             })
         });
         let response = self

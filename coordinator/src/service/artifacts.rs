@@ -46,6 +46,20 @@ pub enum UploadError {
     },
 }
 
+impl UploadError {
+    /// Whether the disk (or the user's quota) is full: the same upload may succeed once space
+    /// is freed.
+    pub fn is_disk_full(&self) -> bool {
+        matches!(
+            self,
+            UploadError::Io { source, .. } if matches!(
+                source.kind(),
+                std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+            )
+        )
+    }
+}
+
 /// The path of an artifact relative to the artifact directory.
 pub fn relative_path(job: u64, epoch: u64, name: &str) -> String {
     format!("jobs/{job}/e{epoch}/{name}")
@@ -100,6 +114,9 @@ pub fn receive_upload(
                 });
             }
             hasher.update(&chunk);
+            if let Some(full) = crate::faults::disk_full() {
+                return Err(io_error(&temporary)(full));
+            }
             file.write_all(&chunk).map_err(io_error(&temporary))?;
         }
         if received != declared.size {
@@ -226,6 +243,32 @@ mod tests {
             0,
             "no temporary files left"
         );
+    }
+
+    #[test]
+    fn a_full_disk_is_told_apart_from_a_bad_upload() {
+        // What the kernel answers when a disk is full.
+        let full = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .and_then(|mut file| file.write_all(b"x"))
+            .unwrap_err();
+        let error = UploadError::Io {
+            path: "tmp/x.part".to_string(),
+            source: full,
+        };
+        assert!(error.is_disk_full(), "{error}");
+        let error = UploadError::Io {
+            path: "tmp/x.part".to_string(),
+            source: std::io::Error::from(std::io::ErrorKind::PermissionDenied),
+        };
+        assert!(!error.is_disk_full());
+        let error = UploadError::SizeMismatch {
+            name: "a".to_string(),
+            received: 1,
+            declared: 2,
+        };
+        assert!(!error.is_disk_full());
     }
 
     #[test]

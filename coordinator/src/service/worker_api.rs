@@ -238,7 +238,17 @@ impl WorkerService for WorkerApi {
         writer
             .await
             .map_err(|error| Status::internal(format!("upload task failed: {error}")))?
-            .map_err(|error| Status::data_loss(error.to_string()))?;
+            .map_err(|error| {
+                if error.is_disk_full() {
+                    // Retryable: the worker waits and sends it again once space is freed.
+                    tracing::error!(%error, "the artifact directory is full; upload refused");
+                    Status::resource_exhausted(format!(
+                        "the coordinator's artifact directory is full: {error}"
+                    ))
+                } else {
+                    Status::data_loss(error.to_string())
+                }
+            })?;
         let record = ArtifactRecord {
             info: ArtifactInfo {
                 job: lease.job,
