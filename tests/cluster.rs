@@ -6,6 +6,8 @@
 //! The sweeps train a tiny Hugging Face model (written by the tests) on a fixture chat file,
 //! so each scenario takes seconds on two cores.
 
+#[path = "common/cluster.rs"]
+mod cluster;
 #[path = "../engine/tests/common/files.rs"]
 mod files;
 #[path = "common/process.rs"]
@@ -15,162 +17,16 @@ mod sweep;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use cluster::Cluster;
 use process::{bin, Proc};
 
 const TOKEN: &str = "cluster-test-token-0123456789";
-
-/// A test's folder: the model, the data, the sweep, the token, logs and state.
-struct Cluster {
-    dir: tempfile::TempDir,
-    address: Option<String>,
-    /// `Some((ca, server name))` once the coordinator serves TLS.
-    tls: Option<(PathBuf, String)>,
-}
-
-impl Cluster {
-    fn new() -> Cluster {
-        let dir = sweep::folder(TOKEN);
-        Cluster {
-            dir,
-            address: None,
-            tls: None,
-        }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    fn url(&self) -> String {
-        let address = self.address.as_deref().expect("coordinator started");
-        match &self.tls {
-            Some((_, name)) => {
-                let port = address.rsplit(':').next().unwrap();
-                format!("https://{name}:{port}")
-            }
-            None => format!("http://{address}"),
-        }
-    }
-
-    /// The client flags of this cluster: coordinator, token and, with TLS, the CA.
-    fn client_flags(&self, command: &mut Command) {
-        command
-            .args(["--coordinator", &self.url()])
-            .arg("--token-file")
-            .arg(self.path("token"));
-        if let Some((ca, _)) = &self.tls {
-            command.arg("--ca").arg(ca);
-        }
-    }
-
-    /// Starts a coordinator on `listen` (port 0 picks one) and waits until it serves.
-    fn coordinator(&mut self, listen: &str, log: &str) -> Proc {
-        self.coordinator_with(listen, log, &[])
-    }
-
-    fn coordinator_with(&mut self, listen: &str, log: &str, extra: &[&Path]) -> Proc {
-        let addr_file = self.path("address");
-        let _ = std::fs::remove_file(&addr_file);
-        let mut command = bin();
-        command
-            .arg("coordinator")
-            .args(["--listen", listen])
-            .arg("--db")
-            .arg(self.path("state.db"))
-            .arg("--token-file")
-            .arg(self.path("token"))
-            .arg("--addr-file")
-            .arg(&addr_file)
-            .args(["--lease-ttl-secs", "3", "--heartbeat-secs", "1"])
-            .args(extra);
-        let mut process = Proc::spawn("coordinator", command, self.path(log));
-        let started = Instant::now();
-        while !addr_file.exists() {
-            if let Some(status) = process.child.try_wait().unwrap() {
-                panic!("the coordinator exited ({status}):\n{}", process.log());
-            }
-            assert!(started.elapsed() < Duration::from_secs(30), "no address");
-            sleep(Duration::from_millis(25));
-        }
-        self.address = Some(std::fs::read_to_string(&addr_file).unwrap());
-        process
-    }
-
-    fn worker(&self, id: &str) -> Proc {
-        let mut command = bin();
-        command.arg("worker");
-        self.client_flags(&mut command);
-        command
-            .args(["--worker-id", id])
-            .arg("--work-dir")
-            .arg(self.path(&format!("work-{id}")));
-        Proc::spawn(id, command, self.path(&format!("{id}.log")))
-    }
-
-    fn client(&self, args: &[&str]) -> Output {
-        let mut command = bin();
-        command.args(args);
-        self.client_flags(&mut command);
-        command.output().unwrap()
-    }
-
-    fn submit(&self, sweep: &str) -> String {
-        let file = self.path("sweep.yaml");
-        std::fs::write(&file, sweep).unwrap();
-        let out = self.client(&["submit", file.to_str().unwrap()]);
-        assert!(
-            out.status.success(),
-            "submit failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap().trim().to_string()
-    }
-
-    fn status(&self, sweep: &str) -> Value {
-        let out = self.client(&["status", sweep, "--format", "json"]);
-        assert!(
-            out.status.success(),
-            "status failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap()
-    }
-
-    /// Polls the sweep until `done` says so; panics with the logs after `limit`.
-    fn wait_for(
-        &self,
-        sweep: &str,
-        what: &str,
-        limit: Duration,
-        logs: &[&Proc],
-        mut done: impl FnMut(&Value) -> bool,
-    ) -> Value {
-        let started = Instant::now();
-        loop {
-            let status = self.status(sweep);
-            if done(&status) {
-                return status;
-            }
-            if started.elapsed() > limit {
-                let logs: Vec<String> = logs
-                    .iter()
-                    .map(|process| format!("--- {} ---\n{}", process.name, process.log()))
-                    .collect();
-                panic!(
-                    "waited {limit:?} for {what}; status: {status:#}\n{}",
-                    logs.join("\n")
-                );
-            }
-            sleep(Duration::from_millis(100));
-        }
-    }
-}
 
 /// A sweep over the tiny model and the fixture chat file beside it, by relative paths (taken
 /// from the sweep file's folder); `train` is the YAML of the train mapping.
@@ -227,7 +83,7 @@ fn starts(logs: &[String]) -> BTreeMap<String, usize> {
 
 #[test]
 fn a_sweep_runs_across_a_coordinator_and_two_workers() {
-    let mut cluster = Cluster::new();
+    let mut cluster = Cluster::new(TOKEN);
     let coordinator = cluster.coordinator("127.0.0.1:0", "coordinator.log");
     let one = cluster.worker("w1");
     let two = cluster.worker("w2");
@@ -274,7 +130,7 @@ fn a_sweep_runs_across_a_coordinator_and_two_workers() {
 
 #[test]
 fn a_worker_killed_mid_training_leaves_the_job_to_another_that_resumes_it() {
-    let mut cluster = Cluster::new();
+    let mut cluster = Cluster::new(TOKEN);
     let coordinator = cluster.coordinator("127.0.0.1:0", "coordinator.log");
     let mut first = cluster.worker("w1");
     coordinator.wait_registered(&["w1"]);
@@ -322,7 +178,7 @@ fn a_worker_killed_mid_training_leaves_the_job_to_another_that_resumes_it() {
 
 #[test]
 fn a_coordinator_killed_and_restarted_loses_nothing_and_reruns_nothing() {
-    let mut cluster = Cluster::new();
+    let mut cluster = Cluster::new(TOKEN);
     let mut coordinator = cluster.coordinator("127.0.0.1:0", "coordinator-1.log");
     let address = cluster.address.clone().unwrap();
     let worker = cluster.worker("w1");
@@ -373,7 +229,7 @@ fn a_coordinator_killed_and_restarted_loses_nothing_and_reruns_nothing() {
 
 #[test]
 fn a_wrong_token_is_refused_clearly() {
-    let mut cluster = Cluster::new();
+    let mut cluster = Cluster::new(TOKEN);
     let coordinator = cluster.coordinator("127.0.0.1:0", "coordinator.log");
     std::fs::write(cluster.path("wrong"), "not-the-token").unwrap();
     let file = cluster.path("sweep.yaml");
@@ -501,7 +357,7 @@ fn certificates(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
 
 #[test]
 fn a_sweep_runs_over_tls_and_clients_without_the_ca_are_refused() {
-    let mut cluster = Cluster::new();
+    let mut cluster = Cluster::new(TOKEN);
     let (ca, cert, key) = certificates(cluster.dir.path());
     let coordinator = cluster.coordinator_with(
         "127.0.0.1:0",
@@ -564,7 +420,7 @@ fn run_command(cluster: &Cluster, out: &Path) -> Command {
 
 #[test]
 fn run_resumes_after_ctrl_c_and_redoes_nothing_once_finished() {
-    let cluster = Cluster::new();
+    let cluster = Cluster::new(TOKEN);
     std::fs::write(
         cluster.path("sweep.yaml"),
         sweep(
@@ -587,6 +443,7 @@ fn run_resumes_after_ctrl_c_and_redoes_nothing_once_finished() {
         dir: tempfile::tempdir().unwrap(),
         address: None,
         tls: None,
+        env: Vec::new(),
     };
     std::fs::write(observer.path("token"), "").unwrap();
     loop {
@@ -684,7 +541,7 @@ fn run_resumes_after_ctrl_c_and_redoes_nothing_once_finished() {
 
 #[test]
 fn run_stops_with_a_clear_error_when_every_worker_dies() {
-    let cluster = Cluster::new();
+    let cluster = Cluster::new(TOKEN);
     std::fs::write(
         cluster.path("sweep.yaml"),
         sweep(
