@@ -16,8 +16,8 @@ use lorasweep_engine::data::{collate, Example};
 use lorasweep_engine::memory::PeakRss;
 use lorasweep_engine::model::{ModuleId, Transformer};
 use lorasweep_engine::probe::{self, Estimator, ProbeSettings};
-use lorasweep_engine::train::{self, TrainSettings};
 use lorasweep_engine::rules::Rule;
+use lorasweep_engine::train::{self, TrainSettings};
 use rand::{Rng, SeedableRng};
 
 const BATCHES: usize = 8;

@@ -109,14 +109,7 @@ pub fn formed_top_energy(g: &Tensor, rank: usize, seed: u64) -> Result<TopEnergy
         };
         top_eigenvalue_sum(&gram, rank)?
     } else {
-        range_finder_top(
-            Gradient::Formed(&g),
-            d_out,
-            d_in,
-            rank,
-            seed,
-            g.device(),
-        )?
+        range_finder_top(Gradient::Formed(&g), d_out, d_in, rank, seed, g.device())?
     };
     Ok(TopEnergy {
         total,
