@@ -210,6 +210,13 @@ impl Run {
     }
 }
 
+/// A line on the test's standard error past the harness's capture, so that CI's log shows
+/// the seed and the summary of a passing run too.
+fn say(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
 fn signal(process: &Proc, signal: i32) {
     // SAFETY: kill(2) on a child we started and have not reaped.
     unsafe {
@@ -317,7 +324,9 @@ fn exactly_once_holds_under_kills_stops_restarts_broken_uploads_and_a_full_disk(
         .ok()
         .and_then(|text| text.parse().ok())
         .unwrap_or_else(|| rand::random::<u64>() % 1_000_000);
-    eprintln!("chaos: seed {seed} (replay with LORASWEEP_CHAOS_SEED={seed})");
+    say(&format!(
+        "chaos: seed {seed} (replay with LORASWEEP_CHAOS_SEED={seed})"
+    ));
     let started = Instant::now();
 
     // The fault-free run.
@@ -483,7 +492,7 @@ fn exactly_once_holds_under_kills_stops_restarts_broken_uploads_and_a_full_disk(
         }
     }
 
-    eprintln!(
+    say(&format!(
         "chaos: seed {seed}; faults injected {} ({} worker kills, {} worker stops, {} coordinator \
          restarts, {} broken uploads, {} full disks with {} uploads refused); jobs {jobs}; \
          fault-free run {calm_seconds:.0} s, chaotic run {chaos_seconds:.0} s; {late} jobs stopped \
@@ -497,7 +506,7 @@ fn exactly_once_holds_under_kills_stops_restarts_broken_uploads_and_a_full_disk(
         disk_full_refusals,
         check.trim(),
         violations.len()
-    );
+    ));
     assert!(injected.total() >= MIN_FAULTS, "{injected:?}");
     assert!(
         violations.is_empty(),

@@ -71,24 +71,11 @@ pub fn top_energy(delta: &Tensor, x: &Tensor, rank: usize, seed: u64) -> Result<
     let total = gradient_energy(delta, x)?;
     let (delta, x) = (delta.to_dtype(DType::F32)?, x.to_dtype(DType::F32)?);
     let (d_out, d_in) = (delta.dim(1)?, x.dim(1)?);
-    let smaller = d_out.min(d_in);
-    let top = if rank >= smaller {
-        total
-    } else if smaller <= EXACT_SIDE {
-        let g = delta.t()?.matmul(&x)?;
-        let gram = if d_out <= d_in {
-            g.matmul(&g.t()?)?
-        } else {
-            g.t()?.matmul(&g)?
-        };
-        top_eigenvalue_sum(&gram, rank)?
-    } else {
-        randomized_top(&delta, &x, rank, seed)?
+    let g = Gradient::Factors {
+        delta: &delta,
+        x: &x,
     };
-    Ok(TopEnergy {
-        total,
-        top: top.min(total),
-    })
+    top_of(g, total, (d_out, d_in), rank, seed, x.device())
 }
 
 /// The energy of a formed gradient `G` (`d_out × d_in`, any float dtype) and of its top `rank`
@@ -97,11 +84,26 @@ pub fn top_energy(delta: &Tensor, x: &Tensor, rank: usize, seed: u64) -> Result<
 pub fn formed_top_energy(g: &Tensor, rank: usize, seed: u64) -> Result<TopEnergy> {
     let g = g.to_dtype(DType::F32)?;
     let total = f64::from(g.sqr()?.sum_all()?.to_scalar::<f32>()?);
-    let (d_out, d_in) = g.dims2()?;
+    let dims = g.dims2()?;
+    top_of(Gradient::Formed(&g), total, dims, rank, seed, g.device())
+}
+
+/// The top-`rank` energy of a `d_out × d_in` gradient of energy `total`: all of it when the
+/// rank covers the smaller side, exactly from the smaller Gram matrix up to [`EXACT_SIDE`],
+/// else by the range finder.
+fn top_of(
+    g: Gradient<'_>,
+    total: f64,
+    (d_out, d_in): (usize, usize),
+    rank: usize,
+    seed: u64,
+    device: &Device,
+) -> Result<TopEnergy> {
     let smaller = d_out.min(d_in);
     let top = if rank >= smaller {
         total
     } else if smaller <= EXACT_SIDE {
+        let g = g.formed()?;
         let gram = if d_out <= d_in {
             g.matmul(&g.t()?)?
         } else {
@@ -109,7 +111,7 @@ pub fn formed_top_energy(g: &Tensor, rank: usize, seed: u64) -> Result<TopEnergy
         };
         top_eigenvalue_sum(&gram, rank)?
     } else {
-        range_finder_top(Gradient::Formed(&g), d_out, d_in, rank, seed, g.device())?
+        range_finder_top(g, d_out, d_in, rank, seed, device)?
     };
     Ok(TopEnergy {
         total,
@@ -127,6 +129,14 @@ enum Gradient<'a> {
 }
 
 impl Gradient<'_> {
+    /// `G` itself (formed from the factors where it is small enough to be exact).
+    fn formed(self) -> Result<Tensor> {
+        match self {
+            Gradient::Factors { delta, x } => delta.t()?.matmul(x),
+            Gradient::Formed(g) => Ok(g.clone()),
+        }
+    }
+
     /// `G·M` (through the factors: `δᵀ(X·M)`, never `G` itself).
     fn times(self, m: &Tensor) -> Result<Tensor> {
         match self {
@@ -150,19 +160,6 @@ impl Gradient<'_> {
             Gradient::Formed(g) => q.t()?.matmul(g),
         }
     }
-}
-
-/// The randomized range finder's `Σ_{i≤r} σ_i²` of `δᵀ·X`.
-fn randomized_top(delta: &Tensor, x: &Tensor, rank: usize, seed: u64) -> Result<f64> {
-    let (d_out, d_in) = (delta.dim(1)?, x.dim(1)?);
-    range_finder_top(
-        Gradient::Factors { delta, x },
-        d_out,
-        d_in,
-        rank,
-        seed,
-        x.device(),
-    )
 }
 
 /// The randomized range finder on a `d_out × d_in` gradient.
