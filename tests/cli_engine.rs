@@ -387,3 +387,92 @@ fn probe_train_generate_on_real_smollm2() {
         unmerged.trim()
     );
 }
+
+/// `lorasweep tasks batches` on the tiny model and the fixture chat: the JSONL lines as a
+/// baseline reads them.
+fn batches_file(model: &str, work: &Path, name: &str, extra: &[&str]) -> Vec<serde_json::Value> {
+    let out = work.join(name);
+    let data = fixture("chat.jsonl");
+    let mut args = vec!["tasks", "batches", "--model", model, "--data", &data];
+    args.extend_from_slice(&["--max-len", "48", "--out", out.to_str().unwrap()]);
+    args.extend_from_slice(extra);
+    succeeds(&args);
+    std::fs::read_to_string(&out)
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect()
+}
+
+fn rows(line: &serde_json::Value, field: &str) -> Vec<Vec<u64>> {
+    serde_json::from_value(line[field].clone()).unwrap()
+}
+
+#[test]
+fn tasks_batches_writes_the_steps_a_train_job_and_a_probe_take() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(&dir.path().join("model"), "llama");
+    let train = ["--steps", "3", "--batch-size", "2", "--grad-accum", "2"];
+    let lines = batches_file(&model, dir.path(), "train.jsonl", &train);
+    // One line per micro-batch, in order.
+    let order: Vec<(u64, u64)> = lines
+        .iter()
+        .map(|line| {
+            (
+                line["step"].as_u64().unwrap(),
+                line["micro"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(order, [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1)]);
+    for line in &lines {
+        let (ids, targets, mask) = (rows(line, "ids"), rows(line, "targets"), rows(line, "mask"));
+        assert_eq!(ids.len(), 2, "{line}");
+        for ((ids, targets), mask) in ids.iter().zip(&targets).zip(&mask) {
+            assert!(ids.len() <= 48 && ids.len() == targets.len() && ids.len() == mask.len());
+            // Prompt tokens are not counted, response tokens are, and each counted target is
+            // the next input token.
+            assert!(mask.contains(&0) && mask.contains(&1), "{mask:?}");
+            for t in 0..ids.len() - 1 {
+                if mask[t] == 1 {
+                    assert_eq!(targets[t], ids[t + 1], "position {t}");
+                }
+            }
+        }
+    }
+    // The order is the seed's: the same seed writes the same file, another seed another order.
+    assert_eq!(
+        lines,
+        batches_file(&model, dir.path(), "again.jsonl", &train)
+    );
+    let reseeded = [&train[..], &["--seed", "5"]].concat();
+    assert_ne!(
+        lines,
+        batches_file(&model, dir.path(), "seed5.jsonl", &reseeded)
+    );
+    // The probe's batches: one line per batch.
+    let probe = batches_file(
+        &model,
+        dir.path(),
+        "probe.jsonl",
+        &["--probe", "--batches", "3", "--batch-size", "2"],
+    );
+    assert_eq!(probe.len(), 3);
+    assert!(probe.iter().all(|line| line["micro"] == 0));
+    let data = fixture("chat.jsonl");
+    let out = dir.path().join("bad.jsonl");
+    let err = fails(&[
+        "tasks",
+        "batches",
+        "--model",
+        &model,
+        "--data",
+        &data,
+        "--steps",
+        "0",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(err.contains("--steps must be at least 1"), "{err}");
+    assert!(!out.exists(), "nothing written on an error");
+}
