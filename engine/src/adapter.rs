@@ -115,6 +115,9 @@ pub struct Adapter {
     /// Observer mode (the `act` rule): the forward adds nothing and records here the squared
     /// norm of its input at every position.
     input_norms: Option<Mutex<Option<Tensor>>>,
+    /// For inference only: the forward reads A, B and the magnitude detached, so it builds no
+    /// autograd graph (which the KV cache would otherwise keep alive, step after step).
+    inference: bool,
 }
 
 /// What a capturing adapter keeps for the probe's `expected` estimator.
@@ -170,6 +173,7 @@ impl Adapter {
             magnitude,
             capture: None,
             input_norms: None,
+            inference: false,
         };
         Ok((adapter, residual))
     }
@@ -194,7 +198,32 @@ impl Adapter {
                 .transpose()?,
             capture: None,
             input_norms: None,
+            inference: false,
         })
+    }
+
+    /// The adapter for inference only (generation, evaluation): its forward tracks no
+    /// gradient. Without this, every decoded token's activations stay reachable from the KV
+    /// cache through the graph of A and B.
+    pub fn for_inference(mut self) -> Self {
+        self.inference = true;
+        self
+    }
+
+    /// A, B and the DoRA magnitude as the forward reads them: detached for inference.
+    fn factors(&self) -> (Tensor, Tensor, Option<Tensor>) {
+        let read = |var: &Var| {
+            if self.inference {
+                var.as_tensor().detach()
+            } else {
+                var.as_tensor().clone()
+            }
+        };
+        (
+            read(&self.a),
+            read(&self.b),
+            self.magnitude.as_ref().map(read),
+        )
     }
 
     /// The variant.
@@ -339,8 +368,8 @@ impl Adapter {
         if !self.plain_branch() {
             return self.forward(x, base, weight);
         }
-        let branch =
-            crate::fused::lora_branch(x, self.a.as_tensor(), self.b.as_tensor(), self.scale)?;
+        let (a, b, _) = self.factors();
+        let branch = crate::fused::lora_branch(x, &a, &b, self.scale)?;
         base + branch
     }
 
@@ -364,8 +393,9 @@ impl Adapter {
             return Ok(base.clone());
         }
         let dtype = x.dtype();
-        let a = self.a.as_tensor().to_dtype(dtype)?;
-        let b = self.b.as_tensor().to_dtype(dtype)?;
+        let (a_full, b_full, magnitude) = self.factors();
+        let a = a_full.to_dtype(dtype)?;
+        let b = b_full.to_dtype(dtype)?;
         // Rows flattened (plain matmuls, no broadcast copies of A and B in backward) and the
         // scale applied to the rank-r intermediate rather than the full-width output.
         let d_in = x.dim(candle_core::D::Minus1)?;
@@ -383,15 +413,15 @@ impl Adapter {
             }
         }
         let summed = (base + &branch)?;
-        let Some(magnitude) = &self.magnitude else {
+        let Some(magnitude) = magnitude else {
             return Ok(summed);
         };
         // DoRA: the column norm of the adapted weight is treated as a constant (detached), as
         // the paper's section 4.3 and PEFT do, so no gradient flows through it.
-        let delta = (self.b.as_tensor().matmul(self.a.as_tensor())? * self.scale)?;
+        let delta = (b_full.matmul(&a_full)? * self.scale)?;
         let adapted = (weight.to_dtype(DType::F32)? + delta)?;
         let norm = row_norms(&adapted)?.detach();
-        let ratio = magnitude.as_tensor().div(&norm)?.to_dtype(dtype)?;
+        let ratio = magnitude.div(&norm)?.to_dtype(dtype)?;
         summed.broadcast_mul(&ratio)
     }
 
@@ -533,6 +563,40 @@ fn svd_init(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_adapter_for_inference_builds_no_graph_and_computes_the_same() {
+        let device = Device::Cpu;
+        let weight = Tensor::randn(0f32, 0.1, (6, 5), &device).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 5), &device).unwrap();
+        let base = x.broadcast_matmul(&weight.t().unwrap()).unwrap();
+        for magnitude in [None, Some(Tensor::ones(6, DType::F32, &device).unwrap())] {
+            let a = Tensor::randn(0f32, 0.3, (2, 5), &device).unwrap();
+            let b = Tensor::randn(0f32, 0.3, (6, 2), &device).unwrap();
+            let variant = if magnitude.is_some() {
+                Variant::Dora
+            } else {
+                Variant::Lora
+            };
+            let trainable =
+                Adapter::from_parts(variant, 2.0, a.clone(), b.clone(), magnitude.clone()).unwrap();
+            let inference = Adapter::from_parts(variant, 2.0, a, b, magnitude)
+                .unwrap()
+                .for_inference();
+            let tracked = trainable.forward(&x, &base, &weight).unwrap();
+            let grads = tracked.sum_all().unwrap().backward().unwrap();
+            assert!(grads.get(trainable.a().as_tensor()).is_some());
+            let plain = inference.forward(&x, &base, &weight).unwrap();
+            let grads = plain.sum_all().unwrap().backward().unwrap();
+            assert!(
+                grads.get(inference.a().as_tensor()).is_none()
+                    && grads.get(inference.b().as_tensor()).is_none(),
+                "{variant}: the inference forward tracked A or B"
+            );
+            let difference = (tracked - plain).unwrap().abs().unwrap().max_all().unwrap();
+            assert_eq!(difference.to_scalar::<f32>().unwrap(), 0.0);
+        }
+    }
 
     fn settings(variant: Variant) -> AdapterSettings {
         AdapterSettings {

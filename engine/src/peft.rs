@@ -203,8 +203,9 @@ pub fn save(
     Ok(())
 }
 
-/// Loads a PEFT LoRA/DoRA adapter directory onto `model` (whose weights must be the original
-/// base weights). Returns the modules it attached.
+/// Loads a PEFT LoRA/DoRA adapter directory onto `model` for inference (the adapters track no
+/// gradient; see [`Adapter::for_inference`]). The model's weights must be the original base
+/// weights. Returns the modules it attached.
 pub fn load(dir: &Path, model: &mut Transformer) -> Result<Vec<ModuleId>, PeftError> {
     let config_path = dir.join("adapter_config.json");
     let text = std::fs::read_to_string(&config_path).map_err(|source| PeftError::Io {
@@ -323,7 +324,8 @@ pub fn load(dir: &Path, model: &mut Transformer) -> Result<Vec<ModuleId>, PeftEr
         .map_err(|e| PeftError::Invalid {
             path: weights_path.clone(),
             reason: e.to_string(),
-        })?;
+        })?
+        .for_inference();
         model.projection_mut(module).attach(adapter, None);
     }
     Ok(modules.into_iter().collect())
