@@ -14,6 +14,7 @@
 
 use std::collections::BTreeMap;
 
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor};
 
 use crate::adapter::{Adapter, AdapterSettings, Variant};
@@ -80,19 +81,29 @@ pub fn attach_probe_adapters(
     Ok(())
 }
 
-/// One probe batch: forward, backward, and the PAGE of every module.
-pub fn score_batch(
+/// A batch's ids, targets and loss weights on the model's device, and its response tokens.
+pub(crate) fn batch_tensors(
     model: &Transformer,
     batch: &Collated,
-    settings: &ProbeSettings,
-    index: usize,
-) -> Result<BatchScores, ProbeError> {
+) -> Result<(Tensor, Tensor, Tensor, usize), ProbeError> {
     let device = model.device();
     let shape = (batch.batch, batch.seq_len);
     let ids = Tensor::from_slice(&batch.ids, shape, device)?;
     let targets = Tensor::from_slice(&batch.targets, shape, device)?;
     let weights = Tensor::from_slice(&batch.weights, shape, device)?;
     let tokens = batch.weights.iter().filter(|&&w| w > 0.0).count();
+    Ok((ids, targets, weights, tokens))
+}
+
+/// The forward and backward of probe batch `index` ([`Transformer::loss_and_grads`]): the
+/// gradients and the batch's response tokens, or [`ProbeError::NotFinite`] for a loss that is
+/// not finite.
+pub(crate) fn loss_and_grads(
+    model: &Transformer,
+    batch: &Collated,
+    index: usize,
+) -> Result<(GradStore, usize), ProbeError> {
+    let (ids, targets, weights, tokens) = batch_tensors(model, batch)?;
     let (loss, grads) = model.loss_and_grads(&ids, &targets, &weights, 1.0)?;
     let loss_value = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
     if !loss_value.is_finite() {
@@ -101,6 +112,17 @@ pub fn score_batch(
             loss: loss_value,
         });
     }
+    Ok((grads, tokens))
+}
+
+/// One probe batch: forward, backward, and the PAGE of every module.
+pub fn score_batch(
+    model: &Transformer,
+    batch: &Collated,
+    settings: &ProbeSettings,
+    index: usize,
+) -> Result<BatchScores, ProbeError> {
+    let (grads, tokens) = loss_and_grads(model, batch, index)?;
     let config = model.config().clone();
     let mut sample = Vec::new();
     let mut expected = (settings.estimator == Estimator::Expected).then(Vec::new);

@@ -9,10 +9,10 @@
 
 use candle_core::{DType, Tensor};
 
-use super::{batch_tensors, RuleBatch};
+use super::RuleBatch;
 use crate::data::Collated;
 use crate::model::Transformer;
-use crate::probe::ProbeError;
+use crate::probe::{batch_tensors, ProbeError};
 
 /// `‖W‖²_F` of every candidate module, in `config.all_modules()` order.
 pub(super) fn weight_energies(model: &Transformer) -> Result<Vec<f64>, ProbeError> {

@@ -10,10 +10,8 @@
 //! module input `x` and the loss gradient `δ` at the module output, `G = δᵀx` summed over the
 //! passes of [`Transformer::loss_and_grads`] (each pass's activations freed before the next).
 
-use candle_core::DType;
-
 use super::lowrank::{self, TopEnergy};
-use super::{batch_tensors, RuleBatch};
+use super::RuleBatch;
 use crate::data::Collated;
 use crate::model::{ModuleId, Transformer};
 use crate::probe::{ProbeError, ProbeSettings};
@@ -27,15 +25,8 @@ pub(super) fn score_batch(
     index: usize,
     top_rank: Option<usize>,
 ) -> Result<RuleBatch, ProbeError> {
-    let (ids, targets, weights, tokens) = batch_tensors(model, batch)?;
-    let (loss, _) = model.loss_and_grads(&ids, &targets, &weights, 1.0)?;
-    let loss_value = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
-    if !loss_value.is_finite() {
-        return Err(ProbeError::NotFinite {
-            batch: index,
-            loss: loss_value,
-        });
-    }
+    // The gradients that matter are the weight gradients the capturing adapters formed.
+    let (_, tokens) = crate::probe::loss_and_grads(model, batch, index)?;
     let config = model.config().clone();
     let modules = config.all_modules();
     let mut scores = Vec::with_capacity(modules.len());

@@ -24,8 +24,6 @@ pub mod random;
 
 use std::path::Path;
 
-use candle_core::Tensor;
-
 use crate::adapter::{Adapter, AdapterSettings, Variant};
 use crate::data::Collated;
 use crate::model::Transformer;
@@ -166,18 +164,4 @@ pub fn top_r_shares(batches: &[RuleBatch]) -> Option<Vec<f64>> {
             })
             .collect(),
     )
-}
-
-/// A batch's ids, targets and loss weights on the model's device, and its response tokens.
-fn batch_tensors(
-    model: &Transformer,
-    batch: &Collated,
-) -> Result<(Tensor, Tensor, Tensor, usize), ProbeError> {
-    let device = model.device();
-    let shape = (batch.batch, batch.seq_len);
-    let ids = Tensor::from_slice(&batch.ids, shape, device)?;
-    let targets = Tensor::from_slice(&batch.targets, shape, device)?;
-    let weights = Tensor::from_slice(&batch.weights, shape, device)?;
-    let tokens = batch.weights.iter().filter(|&&w| w > 0.0).count();
-    Ok((ids, targets, weights, tokens))
 }
