@@ -58,10 +58,10 @@ fn check(
             "{table} row {row} refers to a missing {parent} row"
         ));
     }
-    type JobRow = (i64, String, String, i64, i64, i64, Option<i64>, bool, i64);
+    type JobRow = (i64, String, String, i64, i64, Option<i64>, bool, i64);
     let jobs: Vec<JobRow> = transaction
         .prepare(
-            "SELECT j.id, j.key, j.state, j.attempts, j.max_attempts, j.epoch, j.finished_ms,
+            "SELECT j.id, j.key, j.state, j.attempts, j.max_attempts, j.finished_ms,
                     j.result IS NOT NULL,
                     (SELECT COUNT(*) FROM leases l WHERE l.job_id = j.id AND l.epoch = j.epoch)
              FROM jobs j ORDER BY j.id",
@@ -76,12 +76,11 @@ fn check(
                 row.get(5)?,
                 row.get(6)?,
                 row.get(7)?,
-                row.get(8)?,
             ))
         })?
         .collect::<rusqlite::Result<_>>()?;
     report.jobs = jobs.len() as u64;
-    for (id, key, state, attempts, max_attempts, _epoch, finished, has_result, leases) in jobs {
+    for (id, key, state, attempts, max_attempts, finished, has_result, leases) in jobs {
         let job = format!("job {id} ({key})");
         let Some(state) = JobState::from_name(&state) else {
             report
