@@ -1,8 +1,8 @@
 //! Placements: which modules get an adapter, and their one grammar.
 //!
 //! ```text
-//! all | dominant[@RULE] | dominant:KIND[@RULE] | top_k:N[@RULE] | random:N | kind:KIND
-//!     | explicit:NAME[,NAME…] | budget_matched:PARAMS[@RULE]
+//! all | dominant[@RULE] | dominant:KIND[@RULE] | top_k:N[@RULE] | ranked:N[@RULE]
+//!     | random:N | kind:KIND | explicit:NAME[,NAME…] | budget_matched:PARAMS[@RULE]
 //! KIND   = q_proj | k_proj | v_proj | o_proj | gate_proj | up_proj | down_proj
 //! NAME   = layers.L.self_attn.{q,k,v,o}_proj | layers.L.mlp.{gate,up,down}_proj
 //! PARAMS = an integer, optionally with a k or M suffix (50k, 1.5M)
@@ -15,13 +15,14 @@
 //! | `dominant` | the argmax of the rule's score, PAGE by default (DomLoRA) |
 //! | `dominant:KIND` | the argmax among one kind, e.g. `dominant:down_proj` |
 //! | `top_k:N` | the N highest scores |
+//! | `ranked:N` | the one module the rule ranks N-th (`ranked:1` is the argmax) |
 //! | `random:N` | N modules drawn uniformly, seeded (the control) |
 //! | `kind:KIND` | one kind in every layer |
 //! | `explicit:NAME[,NAME…]` | the listed modules, e.g. `layers.3.mlp.down_proj` |
 //! | `budget_matched:PARAMS` | the argmax, at the rank whose trainable parameters come closest to PARAMS |
 //!
-//! The four placements that read a probe take the rule that scores the modules after `@`
-//! (`dominant@grad`, `top_k:4@act`, `dominant:down_proj@page`); without it they read PAGE, and
+//! The five placements that read a probe take the rule that scores the modules after `@`
+//! (`dominant@grad`, `top_k:4@act`, `ranked:3@kappa`, `dominant:down_proj@page`); without it they read PAGE, and
 //! a PAGE placement prints without `@page`, so the forms written before rules existed keep
 //! their text (and their job keys).
 
@@ -41,6 +42,9 @@ pub enum Placement {
     DominantKind(ModuleKind, Rule),
     /// The N modules with the highest scores.
     TopK(usize, Rule),
+    /// The one module ranked N-th (1 = the argmax): the single-module adapters of a
+    /// validity panel.
+    Ranked(usize, Rule),
     /// N modules drawn at random with the train seed (the control).
     Random(usize),
     /// One module kind in every layer.
@@ -98,9 +102,9 @@ pub enum PlacementSyntaxError {
     },
 }
 
-const GRAMMAR: &str = "a placement: all, dominant, dominant:KIND, top_k:N, random:N, kind:KIND, \
-                       explicit:NAME[,NAME…] or budget_matched:PARAMS (the ones that read a \
-                       probe optionally followed by @RULE)";
+const GRAMMAR: &str = "a placement: all, dominant, dominant:KIND, top_k:N, ranked:N, random:N, \
+                       kind:KIND, explicit:NAME[,NAME…] or budget_matched:PARAMS (the ones \
+                       that read a probe optionally followed by @RULE)";
 
 impl fmt::Display for PlacementSyntaxError {
     fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -138,7 +142,7 @@ impl fmt::Display for PlacementSyntaxError {
             Self::RuleWithoutProbe { placement } => write!(
                 formatter,
                 "`@RULE` only after a placement that reads a probe (dominant, dominant:KIND, \
-                 top_k:N, budget_matched:PARAMS), not after `{placement}`"
+                 top_k:N, ranked:N, budget_matched:PARAMS), not after `{placement}`"
             ),
         }
     }
@@ -153,6 +157,7 @@ impl fmt::Display for Placement {
             Placement::Dominant(_) => write!(formatter, "dominant"),
             Placement::DominantKind(kind, _) => write!(formatter, "dominant:{kind}"),
             Placement::TopK(count, _) => write!(formatter, "top_k:{count}"),
+            Placement::Ranked(position, _) => write!(formatter, "ranked:{position}"),
             Placement::Random(count) => write!(formatter, "random:{count}"),
             Placement::Kind(kind) => write!(formatter, "kind:{kind}"),
             Placement::Explicit(names) => {
@@ -247,6 +252,7 @@ impl Placement {
             ("dominant", None) => Ok(Placement::Dominant(rule)),
             ("dominant", Some(argument)) => Ok(Placement::DominantKind(kind_of(argument)?, rule)),
             ("top_k", Some(argument)) => Ok(Placement::TopK(count_of(argument)?, rule)),
+            ("ranked", Some(argument)) => Ok(Placement::Ranked(count_of(argument)?, rule)),
             ("random", Some(argument)) => Ok(Placement::Random(count_of(argument)?)),
             ("kind", Some(argument)) => Ok(Placement::Kind(kind_of(argument)?)),
             ("explicit", Some(argument)) => {
@@ -269,7 +275,7 @@ impl Placement {
                 Some(count) if count >= 1 => Ok(Placement::BudgetMatched(count, rule)),
                 _ => Err(PlacementSyntaxError::BadBudget),
             },
-            ("top_k" | "random" | "kind" | "explicit" | "budget_matched", None) => {
+            ("top_k" | "ranked" | "random" | "kind" | "explicit" | "budget_matched", None) => {
                 Err(PlacementSyntaxError::MissingArgument {
                     head: head.to_string(),
                 })
@@ -294,6 +300,7 @@ impl Placement {
             Placement::Dominant(rule)
             | Placement::DominantKind(_, rule)
             | Placement::TopK(_, rule)
+            | Placement::Ranked(_, rule)
             | Placement::BudgetMatched(_, rule) => Some(*rule),
             Placement::All | Placement::Random(_) | Placement::Kind(_) | Placement::Explicit(_) => {
                 None
@@ -308,6 +315,7 @@ impl Placement {
             Placement::All
             | Placement::Dominant(_)
             | Placement::TopK(..)
+            | Placement::Ranked(..)
             | Placement::Random(_) => Some(ModuleKind::ALL.to_vec()),
             Placement::DominantKind(kind, _) | Placement::Kind(kind) => Some(vec![*kind]),
             Placement::Explicit(names) => {
@@ -355,6 +363,8 @@ mod tests {
             "dominant:down_proj@kappa",
             "top_k:4@act",
             "top_k:2@grad-rank",
+            "ranked:3",
+            "ranked:12@act",
             "budget_matched:50000@random",
         ] {
             let placement = Placement::parse(text).unwrap();
@@ -440,6 +450,8 @@ mod tests {
             ("random:2@grad", "not after `random:2`"),
             ("kind:q_proj@act", "`@RULE` only after a placement that reads a probe"),
             ("top_k:0@grad", "a module count ≥ 1 after `top_k:`"),
+            ("ranked:0", "a module count ≥ 1 after `ranked:`"),
+            ("ranked", "`ranked:N` with a module count N"),
             ("dominant@grad@act", "not `grad@act`"),
         ];
         for (text, expected) in cases {
@@ -453,6 +465,7 @@ mod tests {
         assert!(Placement::Dominant(Rule::Page).needs_probe());
         assert!(Placement::DominantKind(ModuleKind::DownProj, Rule::Grad).needs_probe());
         assert!(Placement::TopK(2, Rule::Act).needs_probe());
+        assert!(Placement::Ranked(2, Rule::Random).needs_probe());
         assert!(Placement::BudgetMatched(10_000, Rule::Kappa).needs_probe());
         assert!(!Placement::All.needs_probe());
         assert!(!Placement::Random(1).needs_probe());

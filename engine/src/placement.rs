@@ -6,6 +6,7 @@
 //! | `dominant` | the argmax of the rule's score, PAGE by default (DomLoRA) |
 //! | `dominant:KIND` | the argmax among one kind, e.g. `dominant:down_proj` |
 //! | `top_k:N` | the N highest scores |
+//! | `ranked:N` | the one module the rule ranks N-th (`ranked:1` is the argmax) |
 //! | `random:N` | N modules drawn uniformly, seeded (the control) |
 //! | `kind:KIND` | one kind in every layer |
 //! | `explicit:NAME[,NAME…]` | the listed modules, e.g. `layers.3.mlp.down_proj` |
@@ -28,7 +29,7 @@ pub use lorasweep_contract::{Placement, Rule};
 #[derive(Debug, thiserror::Error)]
 pub enum PlacementError {
     /// Not in the grammar.
-    #[error("invalid placement {found:?}: {reason} (expected all, dominant, dominant:KIND, top_k:N, random:N, kind:KIND, explicit:NAME[,NAME…] or budget_matched:PARAMS, those that read a probe optionally followed by @RULE)")]
+    #[error("invalid placement {found:?}: {reason} (expected all, dominant, dominant:KIND, top_k:N, ranked:N, random:N, kind:KIND, explicit:NAME[,NAME…] or budget_matched:PARAMS, those that read a probe optionally followed by @RULE)")]
     Syntax {
         /// The text given.
         found: String,
@@ -170,6 +171,15 @@ impl Resolve for Placement {
                     });
                 }
                 ranking()?.into_iter().take(*k).collect()
+            }
+            Placement::Ranked(position, _) => {
+                if *position > all.len() {
+                    return Err(PlacementError::TooMany {
+                        asked: *position,
+                        available: all.len(),
+                    });
+                }
+                ranking()?.into_iter().skip(position - 1).take(1).collect()
             }
             Placement::Random(n) => {
                 if *n > all.len() {
@@ -338,6 +348,16 @@ mod tests {
             vec![(ModuleId::parse("layers.2.self_attn.q_proj").unwrap(), 2)]
         );
         assert_eq!(resolve("top_k:2").len(), 2);
+        // Scores rise with the module index: the second highest is the one before the last.
+        assert_eq!(resolve("ranked:1"), resolve("dominant"));
+        assert_eq!(
+            resolve("ranked:2"),
+            vec![(ModuleId::parse("layers.2.mlp.up_proj").unwrap(), 2)]
+        );
+        assert_eq!(
+            resolve("ranked:21"),
+            vec![(ModuleId::parse("layers.0.self_attn.q_proj").unwrap(), 2)]
+        );
         assert_eq!(resolve("kind:down_proj").len(), 3);
         let random = resolve("random:4");
         assert_eq!(random.len(), 4);
@@ -385,5 +405,9 @@ mod tests {
             .resolve(&config, Some(&probe(&config)), 2, Variant::Lora, 0)
             .unwrap_err();
         assert!(err.to_string().contains("only 21"), "{err}");
+        let err = Placement::Ranked(22, Rule::Page)
+            .resolve(&config, Some(&probe(&config)), 2, Variant::Lora, 0)
+            .unwrap_err();
+        assert!(err.to_string().contains("asks for 22 modules"), "{err}");
     }
 }

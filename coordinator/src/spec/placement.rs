@@ -14,7 +14,7 @@ pub(crate) fn check_against(
     let modules = geometry.layers.saturating_mul(ModuleKind::ALL.len() as u32);
     let mut problems = Vec::new();
     match placement {
-        Placement::TopK(count, _) | Placement::Random(count)
+        Placement::TopK(count, _) | Placement::Ranked(count, _) | Placement::Random(count)
             if *count as u64 > u64::from(modules) =>
         {
             problems.push((
