@@ -9,7 +9,10 @@
 //!   one seed;
 //! - one train job per sweep point, depending on the probes of its rule and probe settings
 //!   (every seed: the engine uses their mean score) when its placement reads a probe;
-//! - one eval job per train job, and one eval of the base model.
+//! - one eval job per train job, and one eval of the base model;
+//! - with `report.validity`, the panel's single-module train jobs ([`validity_points`]),
+//!   their probes and evals, planned like the sweep's own (a panel job equal to a sweep
+//!   point's, e.g. `dominant@grad` at the first point's settings, is that job).
 //!
 //! A job's key is a content hash of its kind, model, task and parameters, so the same sweep
 //! always gives the same keys, and two points that resolve to the same job share it.
@@ -21,7 +24,7 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use std::collections::{HashMap, HashSet};
 
-use crate::spec::{ProbeSettings, Sweep, SweepPoint, TaskRef, Variant};
+use crate::spec::{Placement, ProbeSettings, Sweep, SweepPoint, TaskRef, Variant};
 
 /// Hex digits of the sha256 kept in a key (64 bits).
 const KEY_HEX_DIGITS: usize = 16;
@@ -76,7 +79,8 @@ pub struct JobGraph {
 impl JobGraph {
     /// Expands a sweep into its jobs.
     pub fn plan(sweep: &Sweep) -> JobGraph {
-        let points = sweep.points();
+        let mut points = sweep.points();
+        points.extend(validity_points(sweep));
         let mut probes = Collector::default();
         let mut trains = Collector::default();
         let mut evals = Collector::default();
@@ -190,6 +194,45 @@ impl Collector {
             self.jobs.push(job);
         }
     }
+}
+
+/// The validity panel's points (none without `report.validity`): for each train seed of the
+/// sweep (in first-seen order), each rule of the panel and each position k in 1..=panel, the
+/// sweep's first point with one adapter on the module the rule ranks k-th (`dominant@RULE`
+/// for k = 1, so the panel shares the sweep's own DomLoRA jobs at those settings, then
+/// `ranked:k@RULE`). The `random` rule's ranking is a seeded draw: its top `panel` are the
+/// panel's random modules. Modules that several rules rank high are trained once per rule
+/// that ranks them (the graph is planned before any probe runs); the report averages them.
+pub fn validity_points(sweep: &Sweep) -> Vec<SweepPoint> {
+    let Some(validity) = &sweep.report.validity else {
+        return Vec::new();
+    };
+    let points = sweep.points();
+    let Some(first) = points.first() else {
+        return Vec::new();
+    };
+    let mut seeds: Vec<u64> = Vec::new();
+    for point in &points {
+        if !seeds.contains(&point.train.seed) {
+            seeds.push(point.train.seed);
+        }
+    }
+    let mut panel = Vec::new();
+    for &seed in &seeds {
+        for &rule in &validity.rules {
+            for position in 1..=validity.panel {
+                let mut point = first.clone();
+                point.train.seed = seed;
+                point.train.placement = if position == 1 {
+                    Placement::Dominant(rule)
+                } else {
+                    Placement::Ranked(position, rule)
+                };
+                panel.push(point);
+            }
+        }
+    }
+    panel
 }
 
 /// The PAGE probe settings: every probe setting (alpha: the one in effect) and the seeds

@@ -476,3 +476,57 @@ fn text_without_a_folder_keeps_paths_unchecked() {
          <submitted>:1:1: tasks: expected a `tasks` key (a list of tasks), found no such key"
     );
 }
+
+bad_file!(
+    validity_panel_too_big,
+    (
+        9,
+        21,
+        "report.validity.panel",
+        "at most the 210 modules of smollm2-135m",
+        "211"
+    )
+);
+
+bad_file!(
+    validity_bad_rules,
+    (
+        9,
+        25,
+        "report.baseline.placement",
+        "one of the values the sweep gives `placement`: all, dominant",
+        "dominant:q_proj"
+    ),
+    (
+        12,
+        19,
+        "report.validity.rules[1]",
+        "a placement rule (page, grad, grad-rank, act, kappa, random)",
+        "`grads` (did you mean `grad`?)"
+    ),
+    (
+        12,
+        26,
+        "report.validity.rules[2]",
+        "each rule once",
+        "page again"
+    )
+);
+
+bad_file!(
+    validity_no_panel,
+    (
+        6,
+        29,
+        "report.validity.panels",
+        "one of the keys panel, rules",
+        "unknown key `panels` (did you mean `panel`?)"
+    ),
+    (
+        6,
+        13,
+        "report.validity.panel",
+        "`panel`: how many modules",
+        "no `panel`"
+    )
+);

@@ -268,12 +268,14 @@ fn every_rule_gets_its_own_probe_keeping_only_what_it_reads() {
     // Per task: page (probe.always and `dominant`), grad, grad-rank, act, kappa, random.
     assert_eq!(probes.len(), 4 * 6, "{:#?}", probes.values());
     let trains = by_kind(&graph, JobKind::Train);
-    assert_eq!(trains.len(), 4 * 8 * 2);
+    // 16 sweep points and the validity panel's 6 rules × 8 modules × 2 seeds, 12 of which are
+    // the sweep's own `dominant@RULE` points.
+    assert_eq!(trains.len(), 4 * (8 * 2 + 6 * 8 * 2 - 12));
     for train in trains {
         let placement = train.params["placement"].as_str().unwrap();
         let wanted = match placement.split_once('@') {
             Some((_, rule)) => rule,
-            None if placement == "dominant" => "page",
+            None if placement == "dominant" || placement.starts_with("ranked:") => "page",
             None => {
                 assert!(train.deps.is_empty() && train.params.get("probe").is_none());
                 continue;
@@ -327,4 +329,61 @@ fn every_rule_gets_its_own_probe_keeping_only_what_it_reads() {
         .map(|(rule, rank)| (rule.to_string(), *rank))
         .collect();
     assert_eq!(ranks, expected);
+}
+
+#[test]
+fn the_validity_panel_adds_ranked_single_module_jobs() {
+    let text = "version: 1\nname: panel\nmodels: [smollm2-135m]\ntasks: [math]\n\
+                sweep: {grid: {placement: [all, \"dominant@grad\"], seed: [0, 1]}}\n\
+                report: {validity: {panel: 3}}\n";
+    let sweep = Sweep::from_yaml_str(text, "panel.yaml", None).unwrap();
+    let validity = sweep.report.validity.as_ref().unwrap();
+    let rules: Vec<&str> = validity.rules.iter().map(|rule| rule.name()).collect();
+    assert_eq!(
+        rules,
+        ["page", "grad", "random"],
+        "PAGE, the sweep's rules, random last"
+    );
+    let graph = JobGraph::plan(&sweep);
+    let trains = by_kind(&graph, JobKind::Train);
+    // 4 sweep points and 3 rules × 3 modules × 2 seeds, dominant@grad at seeds 0 and 1 shared.
+    assert_eq!(trains.len(), 4 + 18 - 2);
+    assert_eq!(by_kind(&graph, JobKind::Eval).len(), trains.len() + 1);
+    // page (probe.always and the panel's), grad, random: one probe each.
+    let probes = by_kind(&graph, JobKind::Probe);
+    assert_eq!(probes.len(), 3, "{probes:#?}");
+    let mut placements: BTreeSet<(String, u64)> = BTreeSet::new();
+    for train in &trains {
+        let placement = train.params["placement"].as_str().unwrap().to_string();
+        let seed = train.params["seed"].as_u64().unwrap();
+        assert!(
+            placements.insert((placement.clone(), seed)),
+            "{placement} twice"
+        );
+        if placement != "all" {
+            assert_eq!(train.deps.len(), 1, "{placement} reads its rule's probe");
+        }
+    }
+    for seed in [0, 1] {
+        for placement in [
+            "dominant",
+            "ranked:2",
+            "ranked:3",
+            "dominant@grad",
+            "ranked:2@grad",
+            "ranked:3@grad",
+            "dominant@random",
+            "ranked:2@random",
+            "ranked:3@random",
+        ] {
+            assert!(
+                placements.contains(&(placement.to_string(), seed)),
+                "{placement} at seed {seed} missing"
+            );
+        }
+    }
+    // Without `report.validity` the panel is not planned.
+    let plain = text.replace("report: {validity: {panel: 3}}\n", "");
+    let sweep = Sweep::from_yaml_str(&plain, "plain.yaml", None).unwrap();
+    assert_eq!(by_kind(&JobGraph::plan(&sweep), JobKind::Train).len(), 4);
 }

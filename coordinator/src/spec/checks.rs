@@ -1,13 +1,13 @@
 //! Checks across sections, run once every section read cleanly: each sweep point against
-//! the models it runs on, and the report baseline against the points.
+//! the models it runs on. (The report section, read after them, is in `report`.)
 
 use std::collections::{HashMap, HashSet};
 
-use super::fields::{read_value, Field, FieldValue, ProbeField, TrainField};
-use super::placement::{self, ModuleKind, Placement};
-use super::raw::{self, find, key_path, Context, Entry};
+use super::fields::{Field, ProbeField, TrainField};
+use super::placement::{self, ModuleKind};
+use super::raw::Context;
 use super::validate::{AxisOrigins, Origin};
-use super::{Baseline, ModelGeometry, ReportSettings, Sweep, Variant};
+use super::{ModelGeometry, Sweep};
 
 /// Where a field's value at a point came from: its axis value, its fixed value, or nowhere
 /// (a default).
@@ -123,122 +123,4 @@ pub(crate) fn check_points(
             }
         }
     }
-}
-
-/// The default baseline: vanilla LoRA on every module, when the sweep has such points.
-fn default_baseline(sweep: &Sweep) -> Option<Baseline> {
-    let baseline = Baseline {
-        fields: vec![
-            (TrainField::Placement, FieldValue::Placement(Placement::All)),
-            (TrainField::Variant, FieldValue::Variant(Variant::Lora)),
-        ],
-    };
-    sweep
-        .points()
-        .iter()
-        .any(|point| baseline.matches(&point.train))
-        .then_some(baseline)
-}
-
-pub(crate) fn read_report(
-    context: &mut Context,
-    entry: Option<&Entry>,
-    sweep: &Sweep,
-) -> Option<ReportSettings> {
-    let Some(entry) = entry else {
-        return Some(ReportSettings {
-            baseline: default_baseline(sweep),
-        });
-    };
-    let entries = raw::mapping(
-        context,
-        &entry.value,
-        "report",
-        "a mapping of report settings",
-        &["baseline"],
-    )?;
-    let Some(baseline_entry) = find(entries, "baseline") else {
-        return Some(ReportSettings {
-            baseline: default_baseline(sweep),
-        });
-    };
-    let allowed: Vec<&str> = TrainField::ALL.iter().map(|field| field.name()).collect();
-    let baseline_node = &baseline_entry.value;
-    let fields = raw::mapping(
-        context,
-        baseline_node,
-        "report.baseline",
-        "a mapping of train fields to the baseline's values",
-        &allowed,
-    )?;
-    if fields.is_empty() {
-        context.error(
-            baseline_node.loc,
-            "report.baseline",
-            "at least one train field, e.g. {placement: all, variant: lora}",
-            "an empty mapping",
-        );
-        return None;
-    }
-    let points = sweep.points();
-    let mut baseline = Baseline { fields: Vec::new() };
-    let mut ok = true;
-    for field_entry in fields {
-        let Some(field) = TrainField::from_name(&field_entry.key) else {
-            ok = false; // reported as an unknown key
-            continue;
-        };
-        let path = key_path("report.baseline", &field_entry.key);
-        let Some(value) = read_value(
-            context,
-            &field_entry.value,
-            &path,
-            Field::Train(field).kind(),
-        ) else {
-            ok = false;
-            continue;
-        };
-        let mut taken: Vec<FieldValue> = Vec::new();
-        for point in &points {
-            let point_value = field.get(&point.train);
-            if !taken.contains(&point_value) {
-                taken.push(point_value);
-            }
-        }
-        if !taken.contains(&value) {
-            let listed: Vec<String> = taken.iter().map(ToString::to_string).collect();
-            context.error(
-                field_entry.value.loc,
-                &path,
-                format!(
-                    "one of the values the sweep gives `{field}`: {}",
-                    listed.join(", ")
-                ),
-                format!("{value}"),
-            );
-            ok = false;
-            continue;
-        }
-        baseline.fields.push((field, value));
-    }
-    if !ok {
-        return None;
-    }
-    if !points.iter().any(|point| baseline.matches(&point.train)) {
-        let described: Vec<String> = baseline
-            .fields
-            .iter()
-            .map(|(field, value)| format!("{field} {value}"))
-            .collect();
-        context.error(
-            baseline_node.loc,
-            "report.baseline",
-            "a baseline that matches at least one sweep point",
-            format!("no point with {}", described.join(", ")),
-        );
-        return None;
-    }
-    Some(ReportSettings {
-        baseline: Some(baseline),
-    })
 }

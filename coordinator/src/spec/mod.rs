@@ -23,10 +23,11 @@ mod fields;
 mod models;
 mod placement;
 mod raw;
+mod report;
 mod validate;
 
 pub use fields::{Field, FieldValue, ProbeField, TrainField};
-pub use lorasweep_contract::{AInit, Estimator, Metric, NamedTask, Schedule, Variant};
+pub use lorasweep_contract::{AInit, Estimator, Metric, NamedTask, Rule, Schedule, Variant};
 pub use models::{Architecture, ModelGeometry, ModelRef, PackagedModel, TaskRef};
 pub use placement::{ModuleKind, ModuleName, Placement};
 
@@ -264,6 +265,22 @@ impl Baseline {
 pub struct ReportSettings {
     /// The baseline rows; `None` when the sweep has none (no paired differences).
     pub baseline: Option<Baseline>,
+    /// The validity panel (`report.validity`); `None` when the sweep asks for none.
+    pub validity: Option<Validity>,
+}
+
+/// Does a rule's ranking predict the gain training realises? Single-module adapters on a
+/// panel of modules (each rule's top `panel` and `panel` more drawn at random), trained with
+/// the settings of the sweep's first point and each train seed of the sweep, so the report
+/// can set every rule's scores against the gains (see [`crate::graph::validity_points`]).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Validity {
+    /// Modules taken from the top of each rule's ranking (and drawn at random).
+    pub panel: usize,
+    /// The rules whose rankings fill the panel, in file order: `validity.rules`, or by default
+    /// PAGE and every rule a placement of the sweep reads; `random` (the `panel` random
+    /// modules) always comes last.
+    pub rules: Vec<Rule>,
 }
 
 /// One sweep axis: a field and the values it takes.

@@ -8,10 +8,11 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use super::axes::read_axes;
-use super::checks::{check_points, read_report};
+use super::checks::check_points;
 use super::fields::{read_value, Field, ProbeField, TrainField};
 use super::models::{read_hf_geometry, resolve, ModelRef, PackagedModel, TaskRef};
 use super::raw::{self, find, index_path, key_path, Context, Entry, Loc, Node, Value};
+use super::report::read_report;
 use super::{
     EvalSettings, ProbeSettings, ReportSettings, Resources, Sweep, SweepAxes, TrainSettings,
     SPEC_VERSION,
@@ -128,7 +129,10 @@ pub(crate) fn build(root: &Node, context: &mut Context, base_dir: Option<&Path>)
         eval,
         axes,
         resources,
-        report: ReportSettings { baseline: None },
+        report: ReportSettings {
+            baseline: None,
+            validity: None,
+        },
     };
     if context.error_count() > 0 {
         return None;
