@@ -2,7 +2,9 @@
 //! placements (one per rule, `all` and the `random:1` control) and its train seeds, on the
 //! tiny model and the fixture chat file instead of SmolLM2 and the four tasks, through
 //! `lorasweep run` with its own coordinator and workers. Every rule's probe runs as a job, and
-//! every `dominant@RULE` adapter sits on the argmax of that rule's probe.
+//! every `dominant@RULE` adapter sits on the argmax of that rule's probe. With a validity
+//! panel of 3, every `ranked:K@RULE` adapter sits on its rule's K-th module and the report
+//! has the validity table and plot.
 
 #[path = "../engine/tests/common/files.rs"]
 mod files;
@@ -14,7 +16,9 @@ mod sweep;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
+use lorasweep_coordinator::graph::JobGraph;
 use lorasweep_coordinator::spec::Sweep;
+use lorasweep_engine::probe::ProbeResult;
 use serde_json::Value;
 
 fn experiment() -> PathBuf {
@@ -73,7 +77,7 @@ fn a_reduced_placement_rules_sweep_runs_end_to_end() {
          eval: {{limit: 2, max_new_tokens: 4, batch_size: 2}}\n\
          sweep:\n  grid:\n    placement: [{}]\n    seed: [{}]\n\
          resources: {{max_attempts: 2}}\n\
-         report: {{baseline: {{placement: all}}}}\n",
+         report: {{baseline: {{placement: all}}, validity: {{panel: 3}}}}\n",
         list.join(", "),
         seed_list.join(", ")
     );
@@ -107,12 +111,19 @@ fn a_reduced_placement_rules_sweep_runs_end_to_end() {
     let probe_count = rows.iter().filter(|row| row["kind"] == "probe").count();
     assert_eq!(probe_count, 6, "one probe per rule: {probes:#?}");
     let trains: Vec<&Value> = rows.iter().filter(|row| row["kind"] == "train").collect();
-    assert_eq!(trains.len(), placements.len() * seeds.len());
+    // The sweep's points and the validity panel (6 rules × 3 modules × each seed, the
+    // `dominant@RULE` ones shared with the sweep's).
+    let planned = JobGraph::plan(&Sweep::from_file(&file).unwrap()).counts();
+    assert_eq!(
+        planned.train,
+        placements.len() * seeds.len() + 6 * 2 * seeds.len()
+    );
+    assert_eq!(trains.len(), planned.train);
     for train in trains {
         let placement = train["train.placement"].as_str().unwrap();
         let rule = match placement.split_once('@') {
             Some((_, rule)) => rule,
-            None if placement == "dominant" => "page",
+            None if placement == "dominant" || placement.starts_with("ranked:") => "page",
             None => {
                 assert!(train["dominant"].is_null(), "{train:#}");
                 continue;
@@ -126,6 +137,80 @@ fn a_reduced_placement_rules_sweep_runs_end_to_end() {
     }
     assert_eq!(
         rows.iter().filter(|row| row["kind"] == "eval").count(),
-        placements.len() * seeds.len() + 1
+        planned.train + 1
     );
+    panel_adapters_sit_where_their_rule_ranks(&out.join("report/data"));
+
+    // The validity table: a row per (task, rule), the plot, and no panel rows among the
+    // configurations.
+    let markdown = std::fs::read_to_string(out.join("report/report.md")).unwrap();
+    let section = markdown
+        .split("## Does the ranking predict the gain?")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no validity section:\n{markdown}"));
+    for rule in ["page", "grad", "grad-rank", "act", "kappa", "random"] {
+        let row = section
+            .lines()
+            .find(|line| line.contains(&format!(" | {rule} | ")))
+            .unwrap_or_else(|| panic!("no validity row for {rule}:\n{section}"));
+        // 14 modules of the tiny model; every rule's panel modules compared (at least its 3).
+        let cells: Vec<&str> = row.split(" | ").collect();
+        assert_eq!(cells[2], "1", "probe seeds: {row}");
+        let compared: usize = cells[3].parse().unwrap();
+        assert!((3..=14).contains(&compared), "{row}");
+        assert_ne!(cells[4], "–", "τ-b: {row}");
+        assert!(
+            cells[8] == "0/2" || cells[8] == "1/2" || cells[8] == "2/2",
+            "{row}"
+        );
+    }
+    assert!(
+        !markdown.contains("ranked:"),
+        "panel rows in the configuration tables"
+    );
+    let plot_path = std::fs::read_dir(out.join("report"))
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .find(|path| {
+            let name = path.file_name().unwrap().to_string_lossy();
+            name.starts_with("validity_") && name.ends_with(".svg")
+        })
+        .expect("the validity plot");
+    assert!(section.contains(&*plot_path.file_name().unwrap().to_string_lossy()));
+    let plot = std::fs::read_to_string(&plot_path).unwrap();
+    assert!(
+        plot.contains("<svg") && plot.contains("grad-rank"),
+        "{plot}"
+    );
+}
+
+/// Every panel train job's one module is the module its rule's probe ranks where the
+/// placement says (`dominant@RULE` first, `ranked:K@RULE` K-th), read from the report's data.
+fn panel_adapters_sit_where_their_rule_ranks(data: &std::path::Path) {
+    let stored: Value =
+        serde_json::from_str(&std::fs::read_to_string(data.join("sweep.json")).unwrap()).unwrap();
+    let mut checked = 0;
+    for job in stored["jobs"].as_array().unwrap() {
+        let placement = job["params"]["placement"].as_str().unwrap_or_default();
+        let position = match placement.split('@').next().unwrap() {
+            "dominant" => 1,
+            body => match body.strip_prefix("ranked:") {
+                Some(k) => k.parse::<usize>().unwrap(),
+                None => continue,
+            },
+        };
+        let probe_id = job["deps"][0].as_u64().unwrap();
+        let probe: ProbeResult = serde_json::from_str(
+            &std::fs::read_to_string(data.join(format!("probes/job-{probe_id}.json"))).unwrap(),
+        )
+        .unwrap();
+        let module = job["result"]["modules"][0]["name"].as_str().unwrap();
+        assert_eq!(
+            probe.ranking()[position - 1].to_string(),
+            module,
+            "{placement}: not the module its rule ranks {position}"
+        );
+        checked += 1;
+    }
+    assert!(checked >= 6 * 3 * 2, "only {checked} panel jobs checked");
 }

@@ -10,7 +10,8 @@
 //!
 //! Files: `report.md`, `report.html` (self-contained, plots inlined), `results.csv` and
 //! `results.json` (one row per job), `page_<model>_<task>.svg` (PAGE heatmaps) and
-//! `score_<model>_<task>.svg` (score against trainable parameters).
+//! `score_<model>_<task>.svg` (score against trainable parameters) and, with a validity
+//! panel, `validity_<model>_<task>.svg` (realised gain against each rule's ranking).
 
 pub mod aggregate;
 pub mod html;
@@ -43,6 +44,14 @@ pub fn render(report: &Report) -> Result<BTreeMap<String, String>> {
             ) {
                 svgs.insert(file.clone(), svg);
             }
+        }
+    }
+    for model in &report.validity {
+        for task in &model.tasks {
+            svgs.insert(
+                task.plot_file.clone(),
+                plots::validity_svg(&model.model, task)?,
+            );
         }
     }
     let blocks = tables::document(report);

@@ -1,6 +1,6 @@
 //! SVG plots, drawn with plotters' SVG backend (text is left to the viewer's fonts, so no
-//! font library is needed): the PAGE heatmap of one (model, task) and the score against
-//! trainable parameters of one (model, task).
+//! font library is needed): the PAGE heatmap of one (model, task), the score against
+//! trainable parameters of one (model, task) and the validity panel of one (model, task).
 
 use anyhow::{anyhow, Result};
 use plotters::coord::ranged1d::SegmentValue;
@@ -8,7 +8,7 @@ use plotters::prelude::*;
 
 use lorasweep_contract::ModuleKind;
 
-use super::aggregate::{PageTask, TaskGroup};
+use super::aggregate::{PageTask, TaskGroup, ValidityTask};
 use super::tables::{direction, thousands};
 
 const FONT: &str = "sans-serif";
@@ -372,6 +372,105 @@ pub fn score_plot_svg(group: &TaskGroup) -> Result<String> {
                 &what,
                 legend_area.draw(&Circle::new((17, legend_y), radius, colour.filled())),
             )?;
+            drawn(
+                &what,
+                legend_area.draw(&Text::new(label, (34, legend_y - 7), (FONT, 13))),
+            )?;
+            legend_y += 22;
+        }
+        drawn(&what, root.present())?;
+    }
+    Ok(svg)
+}
+
+/// The validity panel of one (model, task): each panel module's realised gain against its
+/// place in each rule's ranking (x = the fraction of all modules the rule scores below it,
+/// 1 = the rule's top), one colour per rule, the zero-gain line dashed.
+pub fn validity_svg(model: &str, task: &ValidityTask) -> Result<String> {
+    let what = format!("the validity plot of {model} on {}", task.task);
+    let gains: Vec<f64> = task
+        .rules
+        .iter()
+        .flat_map(|rule| rule.points.iter().map(|point| point.2))
+        .collect();
+    let (mut bottom, mut top) = gains.iter().fold((0.0f64, 0.0f64), |(low, high), gain| {
+        (low.min(*gain), high.max(*gain))
+    });
+    let pad = ((top - bottom) * 0.1).max(1e-3);
+    bottom -= pad;
+    top += pad;
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (880, 440)).into_drawing_area();
+        drawn(&what, root.fill(&WHITE))?;
+        let (plot_area, legend_area) = root.split_horizontally(640);
+        let mut chart = drawn(
+            &what,
+            ChartBuilder::on(&plot_area)
+                .caption(
+                    format!(
+                        "{model} · {}: realised gain against the rule's ranking",
+                        task.task
+                    ),
+                    (FONT, 17),
+                )
+                .margin(14)
+                .x_label_area_size(52)
+                .y_label_area_size(70)
+                .build_cartesian_2d(-0.03f64..1.03f64, bottom..top),
+        )?;
+        drawn(
+            &what,
+            chart
+                .configure_mesh()
+                .x_desc("place in the rule's ranking (1 = its top module)")
+                .y_desc(format!("gain in {} over the base model", task.metric))
+                .x_label_formatter(&|value| format!("{value:.1}"))
+                .y_label_formatter(&|value| format!("{value:+.3}"))
+                .axis_desc_style((FONT, 15))
+                .label_style((FONT, 12))
+                .light_line_style(RGBColor(235, 235, 235))
+                .draw(),
+        )?;
+        let grey = RGBColor(90, 90, 90);
+        drawn(
+            &what,
+            chart.draw_series(DashedLineSeries::new(
+                [(-0.03, 0.0), (1.03, 0.0)],
+                8,
+                5,
+                ShapeStyle::from(&grey).stroke_width(1),
+            )),
+        )?;
+        if gains.is_empty() {
+            drawn(
+                &what,
+                plot_area.draw(&Text::new(
+                    "no panel adapter has a score yet",
+                    (200, 220),
+                    (FONT, 16),
+                )),
+            )?;
+        }
+        let mut legend_y = 40;
+        for (index, rule) in task.rules.iter().enumerate() {
+            let colour = SERIES_COLOURS[index % SERIES_COLOURS.len()].to_rgba();
+            drawn(
+                &what,
+                chart.draw_series(
+                    rule.points
+                        .iter()
+                        .map(|(_, place, gain)| Circle::new((*place, *gain), 4, colour.filled())),
+                ),
+            )?;
+            drawn(
+                &what,
+                legend_area.draw(&Circle::new((17, legend_y), 5, colour.filled())),
+            )?;
+            let label = match rule.tau {
+                Some(tau) => format!("{} (τ-b {tau:+.2})", rule.rule),
+                None => rule.rule.clone(),
+            };
             drawn(
                 &what,
                 legend_area.draw(&Text::new(label, (34, legend_y - 7), (FONT, 13))),

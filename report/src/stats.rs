@@ -4,6 +4,7 @@
 //! Kendall's τ-b between two score vectors; ranks with ties.
 
 use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
 /// The mean of the values; `None` when there are none.
@@ -210,6 +211,59 @@ pub fn kendall_tau_b(first: &[f64], second: &[f64]) -> Option<f64> {
         return None;
     }
     Some((concordant - discordant) as f64 / denominator)
+}
+
+/// Fewest pairs for which [`kendall_tau_p`] gives a p-value: below it, even a perfect
+/// ranking cannot reach p < 0.05 two-sided (with 5 pairs the two perfect orders of 120 give
+/// p = 1/60, so 5 is the least that can).
+pub const TAU_MIN_PAIRS: usize = 5;
+
+/// Seeded shuffles of [`kendall_tau_p`] beyond 8 pairs (each costs a τ-b, O(n²)): p is
+/// known to about ±0.005 near 0.05.
+pub const TAU_DRAWS: usize = 4_000;
+
+/// Two-sided permutation p-value of Kendall's τ-b = 0: the second vector is shuffled
+/// against the first, and p is the share of orders whose |τ-b| is at least the observed one
+/// (all n! orders when n ≤ 8, else [`TAU_DRAWS`] seeded shuffles, p = (1 + hits) /
+/// (1 + draws)). `None` below [`TAU_MIN_PAIRS`] pairs or when τ-b is undefined.
+pub fn kendall_tau_p(first: &[f64], second: &[f64]) -> Option<f64> {
+    let count = first.len().min(second.len());
+    if count < TAU_MIN_PAIRS {
+        return None;
+    }
+    let observed = kendall_tau_b(&first[..count], &second[..count])?.abs() - 1e-12;
+    let mut shuffled = second[..count].to_vec();
+    let at_least = |order: &[f64]| {
+        kendall_tau_b(&first[..count], order).is_some_and(|tau| tau.abs() >= observed)
+    };
+    if count <= 8 {
+        // Heap's algorithm: every order once.
+        let (mut hits, mut total) = (usize::from(at_least(&shuffled)), 1usize);
+        let mut counters = vec![0usize; count];
+        let mut index = 0;
+        while index < count {
+            if counters[index] < index {
+                let other = if index % 2 == 0 { 0 } else { counters[index] };
+                shuffled.swap(other, index);
+                hits += usize::from(at_least(&shuffled));
+                total += 1;
+                counters[index] += 1;
+                index = 0;
+            } else {
+                counters[index] = 0;
+                index += 1;
+            }
+        }
+        return Some(hits as f64 / total as f64);
+    }
+    let mut generator = StdRng::seed_from_u64(PERMUTATION_SEED);
+    let hits = (0..TAU_DRAWS)
+        .filter(|_| {
+            shuffled.shuffle(&mut generator);
+            at_least(&shuffled)
+        })
+        .count();
+    Some((1 + hits) as f64 / (1 + TAU_DRAWS) as f64)
 }
 
 /// Ranks of the values, 1 for the best; tied values share the mean of their ranks.
@@ -434,6 +488,34 @@ mod tests {
         let tied = kendall_tau_b(&[1.0, 1.0, 2.0], &[1.0, 2.0, 3.0]).unwrap();
         assert!((tied - 2.0 / 6f64.sqrt()).abs() < 1e-12);
         assert_eq!(kendall_tau_b(&[1.0, 1.0], &[1.0, 2.0]), None);
+    }
+
+    #[test]
+    fn tau_permutation_p_is_exact_for_small_panels() {
+        let first = [1.0, 2.0, 3.0, 4.0, 5.0];
+        // A perfect order: 2 of the 120 orders (itself and its reverse) reach |τ| = 1.
+        assert!(close(kendall_tau_p(&first, &first).unwrap(), 2.0 / 120.0));
+        assert!(close(
+            kendall_tau_p(&first, &[5.0, 4.0, 3.0, 2.0, 1.0]).unwrap(),
+            2.0 / 120.0
+        ));
+        // τ = 0 is reached or beaten by every order.
+        assert!(close(
+            kendall_tau_p(&first, &[3.0, 1.0, 5.0, 4.0, 2.0]).unwrap_or(1.0),
+            1.0
+        ));
+        assert_eq!(
+            kendall_tau_p(&first[..4], &first[..4]),
+            None,
+            "too few pairs"
+        );
+        assert_eq!(kendall_tau_p(&first, &[1.0; 5]), None, "constant");
+        // Sampled beyond 8 pairs: a perfect order of 12 is far below 0.05, a reversal too.
+        let long: Vec<f64> = (0..12).map(f64::from).collect();
+        let p = kendall_tau_p(&long, &long).unwrap();
+        assert!(p < 0.001, "{p}");
+        let reversed: Vec<f64> = long.iter().rev().copied().collect();
+        assert_eq!(kendall_tau_p(&long, &reversed), Some(p));
     }
 
     #[test]

@@ -7,8 +7,9 @@ use serde_json::{Map, Value};
 
 use super::aggregate::{
     plain, Comparison, ConfigRow, JobTable, ModelSummary, PageModel, Report, ScoreCell, TaskGroup,
+    ValidityModel,
 };
-use super::stats::{EXACT_MAX_PAIRS, MIN_PAIRS_FOR_LABEL, PERMUTATION_DRAWS};
+use super::stats::{self, EXACT_MAX_PAIRS, MIN_PAIRS_FOR_LABEL, PERMUTATION_DRAWS};
 
 /// A score with four decimals.
 pub fn score_text(value: f64) -> String {
@@ -452,6 +453,112 @@ fn page_blocks(model: &PageModel, blocks: &mut Vec<Block>) {
     }
 }
 
+/// The validity panel of a model: one row per (task, rule), then each task's plot.
+fn validity_blocks(model: &ValidityModel, blocks: &mut Vec<Block>) {
+    blocks.push(Block::Heading(
+        2,
+        format!("Does the ranking predict the gain? · {}", model.model),
+    ));
+    blocks.push(Block::Paragraph(vec![text(format!(
+        "Single-module adapters on a panel of modules (each rule's top modules and as many drawn at random), trained like the sweep's first point with each seed. Gain: the task metric minus the base model's (negated when lower is better), mean over seeds. τ-b: Kendall's rank correlation between the rule's probe score and the realised gain over the panel (+1: the rule orders the panel exactly as training did); p: a two-sided permutation test of τ-b = 0, Holm-adjusted over the rules of a task; below {} modules there is no p (too few modules to tell). Best's rank: where the module with the highest realised gain sits in the rule's ranking of every module. Top-1 hits: seeds whose best panel module is the rule's top module (one seed cannot tell a rule from luck). τ-b (loss): the same against the held-out loss reduction, where the eval reports a loss.",
+        stats::TAU_MIN_PAIRS
+    ))]));
+    let header = [
+        "task",
+        "rule",
+        "probe seeds",
+        "modules",
+        "τ-b (gain)",
+        "p (Holm)",
+        "verdict",
+        "best's rank",
+        "top-1 hits",
+        "τ-b (loss)",
+    ]
+    .map(str::to_string)
+    .to_vec();
+    let mut rows = Vec::new();
+    for task in &model.tasks {
+        let raw: Vec<f64> = task.rules.iter().filter_map(|rule| rule.tau_p).collect();
+        let mut adjusted = stats::holm(&raw).into_iter();
+        for rule in &task.rules {
+            let holm_p = rule.tau_p.and_then(|_| adjusted.next());
+            let verdict = match (rule.tau, holm_p) {
+                (None, _) if rule.probe_seeds == 0 => "no probe result".to_string(),
+                (None, _) => "τ undefined".to_string(),
+                (Some(_), None) => "too few modules to tell".to_string(),
+                (Some(tau), Some(p)) if p < 0.05 && tau > 0.0 => "* predicts".to_string(),
+                (Some(_), Some(p)) if p < 0.05 => "* ranks against".to_string(),
+                (Some(_), Some(_)) => "no evidence".to_string(),
+            };
+            rows.push(vec![
+                task.task.clone(),
+                rule.rule.clone(),
+                rule.probe_seeds.to_string(),
+                rule.modules.to_string(),
+                optional(rule.tau, |tau| format!("{tau:+.3}")),
+                optional(holm_p, p_text),
+                verdict,
+                optional(rule.best_rank.map(|rank| rank as f64), |rank| {
+                    format!("{rank:.0}")
+                }),
+                if rule.top1_seeds == 0 {
+                    "–".to_string()
+                } else if rule.top1_seeds == 1 {
+                    format!("{}/1 (too few seeds to tell)", rule.top1_hits)
+                } else {
+                    format!("{}/{}", rule.top1_hits, rule.top1_seeds)
+                },
+                optional(rule.loss_tau, |tau| format!("{tau:+.3}")),
+            ]);
+        }
+    }
+    blocks.push(Block::Table(header, rows));
+    let mut notes = Vec::new();
+    for task in &model.tasks {
+        let best = task.modules.first();
+        let leader = task
+            .rules
+            .iter()
+            .filter_map(|rule| Some((rule, rule.tau?)))
+            .max_by(|a, b| a.1.total_cmp(&b.1));
+        let mut note = format!(
+            "{}: {} panel modules scored over {} seed(s), base {} {}",
+            task.task,
+            task.modules.len(),
+            task.seeds.len(),
+            task.metric,
+            optional(task.base, score_text),
+        );
+        if let Some(best) = best {
+            note.push_str(&format!(
+                "; realised best {} (gain {:+.4})",
+                best.module, best.gain
+            ));
+        }
+        if let Some((rule, tau)) = leader {
+            note.push_str(&format!("; highest τ-b: {} ({tau:+.3})", rule.rule));
+        }
+        if task.missing > 0 {
+            note.push_str(&format!(
+                "; {} panel adapters not scored (pending or failed)",
+                task.missing
+            ));
+        }
+        notes.push(note);
+    }
+    blocks.push(Block::List(notes));
+    for task in &model.tasks {
+        blocks.push(Block::Image(
+            task.plot_file.clone(),
+            format!(
+                "Realised gain against each rule's ranking, {} on {}",
+                model.model, task.task
+            ),
+        ));
+    }
+}
+
 /// "How to read this": what the comparison cell says and why it often gives no label.
 fn how_to_read() -> Vec<Block> {
     let minimum = MIN_PAIRS_FOR_LABEL;
@@ -510,6 +617,9 @@ pub fn document(report: &Report) -> Vec<Block> {
     }
     for model in report.page.iter().filter(|model| !model.tasks.is_empty()) {
         page_blocks(model, &mut blocks);
+    }
+    for model in &report.validity {
+        validity_blocks(model, &mut blocks);
     }
     blocks
 }

@@ -156,7 +156,7 @@ pub struct SummaryRow {
 
 /// The task's metric name and whether higher is better: a named task's own metric, else
 /// the eval job's `metric` (a user task's, `loss` by default).
-fn task_metric(task: &str, evals: &[&JobResult]) -> (String, bool) {
+pub(super) fn task_metric(task: &str, evals: &[&JobResult]) -> (String, bool) {
     let metric = NamedTask::from_name(task)
         .map(NamedTask::metric)
         .or_else(|| {
@@ -529,42 +529,12 @@ pub(super) fn model_summary(model: &str, groups: &[TaskGroup]) -> ModelSummary {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use lorasweep_coordinator::domain::{
-        JobRecord, Progress, SweepRecord, SweepResults, Timestamp,
-    };
-    use lorasweep_coordinator::graph::JobKey;
+    use lorasweep_coordinator::domain::{SweepRecord, SweepResults, Timestamp};
     use lorasweep_coordinator::ids::SweepId;
 
     use crate::aggregate::build;
+    use crate::aggregate::test_job as job;
     use crate::snapshot::ReportInput;
-    fn job(id: u64, kind: JobKind, params: Value, deps: Vec<u64>, result: Value) -> JobResult {
-        JobResult {
-            job: JobRecord {
-                id: JobId(id),
-                sweep: SweepId(1),
-                key: JobKey(format!("{}-{id}", kind.name())),
-                kind,
-                model: "m".to_string(),
-                task: "chat".to_string(),
-                params,
-                deps: deps.into_iter().map(JobId).collect(),
-                gpus: 1,
-                state: JobState::Succeeded,
-                attempts: 1,
-                max_attempts: 1,
-                epoch: 1,
-                last_error: None,
-                result: Some(result),
-                workers: Vec::new(),
-                progress: Progress::default(),
-                queued_at: Timestamp(0),
-                started_at: Some(Timestamp(0)),
-                finished_at: Some(Timestamp(1000)),
-            },
-            artifacts: Vec::new(),
-        }
-    }
-
     /// Two placements × two ranks × `seeds` seeds on the chat task (a loss), no sweep file:
     /// the default baseline (vanilla LoRA) applies, matched at the same rank.
     fn ranked_input(seeds: u64) -> ReportInput {

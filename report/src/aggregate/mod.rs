@@ -9,16 +9,18 @@
 //!   with the baseline and the summary across tasks;
 //! - `page`: the PAGE findings (merged probes, Kendall's τ, argmax agreement);
 //! - `jobs`: the tidy per-job table and its result columns;
+//! - `validity`: the validity panel (each rule's ranking against the realised gains);
 //! - `params`: parameters flattened to dotted keys, the varying train fields, labels,
 //!   lenient reads of stored parameters and file-name parts.
 //!
 //! Every public item is re-exported here, so `crate::aggregate::X` is the path to use.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use serde::Serialize;
 
 use lorasweep_coordinator::domain::{JobResult, JobState};
+use lorasweep_coordinator::graph::{canonical_json, JobKind};
 use lorasweep_coordinator::ids::JobId;
 use lorasweep_coordinator::spec::Sweep;
 
@@ -28,6 +30,7 @@ mod configs;
 mod jobs;
 mod page;
 mod params;
+mod validity;
 
 pub use configs::{
     Comparison, ConfigRow, ModelSummary, ScoreCell, SeedScore, SummaryRow, TaskGroup,
@@ -35,11 +38,13 @@ pub use configs::{
 pub use jobs::JobTable;
 pub use page::{PageModel, PageTask, TauPair};
 pub use params::{file_part, plain};
+pub use validity::{PanelModule, RuleValidity, ValidityModel, ValidityTask};
 
 use configs::{model_summary, task_group};
 use jobs::job_table;
 use page::page_model;
 use params::{baseline_overrides, varying_fields};
+use validity::{panel_only_trains, validity_model};
 
 /// The aggregated report.
 #[derive(Debug, Clone, Serialize)]
@@ -54,6 +59,8 @@ pub struct Report {
     pub summaries: Vec<ModelSummary>,
     /// The PAGE findings per model.
     pub page: Vec<PageModel>,
+    /// The validity panels per model (empty unless the sweep sets `report.validity`).
+    pub validity: Vec<ValidityModel>,
     /// One row per job (written as `results.csv` and `results.json`).
     #[serde(skip)]
     pub jobs: JobTable,
@@ -84,18 +91,52 @@ pub struct SweepOverview {
 pub fn build(input: &ReportInput) -> Report {
     let jobs = &input.results.jobs;
     let by_id: HashMap<JobId, &JobResult> = jobs.iter().map(|job| (job.job.id, job)).collect();
-    let spec = Sweep::from_yaml_str(
+    // As the coordinator read it: relative paths from the file's folder, not looked for here
+    // (a sweep of local models does not validate without its folder).
+    let file_name = &input.results.sweep.file_name;
+    let spec = Sweep::from_submitted(
         &input.results.sweep.spec_yaml,
-        &input.results.sweep.file_name,
-        None,
+        file_name,
+        Some(
+            std::path::Path::new(file_name)
+                .parent()
+                .unwrap_or(std::path::Path::new(".")),
+        ),
     )
     .ok();
     let baseline_overrides = baseline_overrides(spec.as_ref());
-    let fields = varying_fields(jobs);
+    // The configuration tables leave out the validity panel's own jobs (its table shows them).
+    let panel_only = panel_only_trains(spec.as_ref());
+    let panel_ids: HashSet<JobId> = jobs
+        .iter()
+        .filter(|job| {
+            job.job.kind == JobKind::Train && panel_only.contains(&canonical_json(&job.job.params))
+        })
+        .map(|job| job.job.id)
+        .collect();
+    let table_jobs: Vec<JobResult> = jobs
+        .iter()
+        .filter(|job| {
+            let panel_eval = job.job.kind == JobKind::Eval
+                && job.job.deps.iter().any(|dep| panel_ids.contains(dep));
+            !panel_ids.contains(&job.job.id) && !panel_eval
+        })
+        .cloned()
+        .collect();
+    let fields = varying_fields(&table_jobs);
     let pairs = model_task_pairs(jobs);
     let groups: Vec<TaskGroup> = pairs
         .iter()
-        .map(|(model, task)| task_group(model, task, jobs, &by_id, &fields, &baseline_overrides))
+        .map(|(model, task)| {
+            task_group(
+                model,
+                task,
+                &table_jobs,
+                &by_id,
+                &fields,
+                &baseline_overrides,
+            )
+        })
         .collect();
     let models: Vec<String> = unique(pairs.iter().map(|(model, _)| model.clone()));
     let summaries = models
@@ -105,6 +146,17 @@ pub fn build(input: &ReportInput) -> Report {
     let page = models
         .iter()
         .map(|model| page_model(model, jobs, &input.probes))
+        .collect();
+    let validity = models
+        .iter()
+        .filter_map(|model| {
+            let tasks: Vec<String> = pairs
+                .iter()
+                .filter(|(of, _)| of == model)
+                .map(|(_, task)| task.clone())
+                .collect();
+            validity_model(model, &tasks, spec.as_ref(), jobs, &input.probes)
+        })
         .collect();
     Report {
         sweep: overview(input),
@@ -118,6 +170,7 @@ pub fn build(input: &ReportInput) -> Report {
         groups,
         summaries,
         page,
+        validity,
         jobs: job_table(jobs, &by_id),
     }
 }
@@ -164,4 +217,43 @@ fn is_unsuccessful(state: JobState) -> bool {
         state,
         JobState::Failed | JobState::Skipped | JobState::Cancelled
     )
+}
+
+/// A succeeded job of sweep 1 on model `m`, task `chat`, for the tests of the parts.
+#[cfg(test)]
+pub(crate) fn test_job(
+    id: u64,
+    kind: JobKind,
+    params: serde_json::Value,
+    deps: Vec<u64>,
+    result: serde_json::Value,
+) -> JobResult {
+    use lorasweep_coordinator::domain::{JobRecord, Progress, Timestamp};
+    use lorasweep_coordinator::graph::JobKey;
+    use lorasweep_coordinator::ids::SweepId;
+    JobResult {
+        job: JobRecord {
+            id: JobId(id),
+            sweep: SweepId(1),
+            key: JobKey(format!("{}-{id}", kind.name())),
+            kind,
+            model: "m".to_string(),
+            task: "chat".to_string(),
+            params,
+            deps: deps.into_iter().map(JobId).collect(),
+            gpus: 1,
+            state: JobState::Succeeded,
+            attempts: 1,
+            max_attempts: 1,
+            epoch: 1,
+            last_error: None,
+            result: Some(result),
+            workers: Vec::new(),
+            progress: Progress::default(),
+            queued_at: Timestamp(0),
+            started_at: Some(Timestamp(0)),
+            finished_at: Some(Timestamp(1000)),
+        },
+        artifacts: Vec::new(),
+    }
 }

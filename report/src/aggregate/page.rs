@@ -107,7 +107,7 @@ fn probe_identity(job: &JobRecord) -> String {
 }
 
 /// Mean PAGE over seeds, shares recomputed, as the engine merges probes for training.
-fn merge_probes(probes: &[&ProbeResult]) -> Option<Vec<ModuleScore>> {
+pub(super) fn merge_probes(probes: &[&ProbeResult]) -> Option<Vec<ModuleScore>> {
     let first = probes.first()?;
     let mut merged = first.modules.clone();
     for probe in &probes[1..] {
